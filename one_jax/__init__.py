@@ -1,0 +1,1 @@
+"""one_jax: ONE and two-stage cooperative networks in JAX/Flax."""

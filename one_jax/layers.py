@@ -1,0 +1,82 @@
+"""Layers with the reference (PyTorch) initialisation and BatchNorm semantics.
+
+Kept in one place so that every model, the converter and the speed work agree on
+parameter names ('kernel', 'bias', 'scale', 'mean', 'var') and numerics.
+"""
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Reference conv init: normal(0, sqrt(2 / (k * k * out_channels))) == He, fan-out, untruncated.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_linear_kernel_init(key, shape, dtype=jnp.float32):
+  """PyTorch nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); kernel is [in, out]."""
+  bound = 1.0 / jnp.sqrt(shape[0])
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def conv(features: int, kernel_size: int, stride: int = 1, name: Optional[str] = None):
+  """Bias-free NHWC convolution with PyTorch's symmetric padding (k // 2)."""
+  pad = kernel_size // 2
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False,
+                 kernel_init=conv_kernel_init, name=name)
+
+
+class Dense(nn.Module):
+  """nn.Linear with PyTorch's default init for both kernel and bias."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1]
+    kernel = self.param("kernel", torch_linear_kernel_init, (fan_in, self.features))
+    bound = 1.0 / jnp.sqrt(fan_in)
+    bias = self.param("bias", lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound),
+                      (self.features,))
+    return x @ kernel + bias
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over all axes but the last, with PyTorch's semantics.
+
+  Differs from flax.linen.BatchNorm where the reference differs: the running variance
+  is updated with the *unbiased* batch variance (n / (n - 1)), as torch.nn.BatchNorm does.
+  With `axis_name` set, statistics are averaged over that mapped axis (synchronised
+  BatchNorm), so N devices with a global batch give the numbers of one device.
+  """
+  use_running_average: bool
+  axis_name: Optional[str] = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,))
+    bias = self.param("bias", nn.initializers.zeros, (features,))
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      reduce_axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axis=reduce_axes)
+      mean_sq = jnp.mean(jnp.square(xf), axis=reduce_axes)
+      count = x.size // features
+      if self.axis_name is not None and not self.is_initializing():
+        mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+        count = count * jax.lax.psum(1, self.axis_name)
+      var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        unbiased = var * (count / max(count - 1, 1)) if isinstance(count, int) else (
+            var * count / jnp.maximum(count - 1, 1))
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+    inv = jax.lax.rsqrt(var + self.epsilon) * scale
+    return (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)

@@ -1,0 +1,99 @@
+"""The ONE loss (DESIGN.md section 3) and the baseline's cross-entropy.
+
+    L = sum_b CE(z_b, y) + CE(e, y) + w(epoch) * sum_b T^2 KL(softmax(sg(e)/T) || softmax(z_b/T))
+
+KL follows the reference exactly: the teacher probabilities get +1e-7 before the log
+(and are not renormalised), summed over classes, averaged over the batch.
+"""
+from typing import Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+REFERENCE_TEACHER_EPS = 1e-7
+
+
+def kl_weight(epoch, rampup_epochs: float = 80.0):
+  """Sigmoid-shaped ramp-up exp(-5 (1 - clip(epoch / R, 0, 1))^2); R = 0 gives 1."""
+  if rampup_epochs <= 0:
+    return jnp.ones_like(jnp.asarray(epoch, jnp.float32))
+  phase = 1.0 - jnp.clip(jnp.asarray(epoch, jnp.float32) / rampup_epochs, 0.0, 1.0)
+  return jnp.exp(-5.0 * phase * phase)
+
+
+def _mean_over_examples(values, weights):
+  """Mean over examples; `weights` (0/1) leaves out padding examples when given."""
+  if weights is None:
+    return jnp.mean(values)
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def cross_entropy(logits, labels, weights=None):
+  """Mean softmax cross-entropy with integer labels, as torch.nn.CrossEntropyLoss."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  return _mean_over_examples(nll, weights)
+
+
+def distillation_kl(student_logits, teacher_logits, temperature: float,
+                    teacher_eps: float = REFERENCE_TEACHER_EPS, weights=None):
+  """T^2 * KL(softmax(teacher/T) + eps || softmax(student/T)), summed over classes."""
+  teacher = jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  teacher = teacher + teacher_eps
+  log_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  per_example = jnp.sum(teacher * (jnp.log(teacher) - log_student), axis=-1)
+  return temperature ** 2 * _mean_over_examples(per_example, weights)
+
+
+def one_loss(output, labels, *, epoch, temperature: float = 3.0, rampup_epochs: float = 80.0,
+             kl_scale: float = 1.0, ensemble_ce: bool = True, stop_gradient: bool = True,
+             active_branches: Optional[Sequence[bool]] = None,
+             teacher_eps: float = REFERENCE_TEACHER_EPS,
+             weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """The ONE objective for a models.OneOutput; returns (loss, named terms).
+
+  Args:
+    output: models.OneOutput (branch_logits [B, N, C], gate [N, B], ensemble_logits [N, C]).
+    labels: int [N].
+    epoch: the (possibly fractional) epoch for the KL ramp-up.
+    temperature: T of the distillation softmax.
+    rampup_epochs: R of the ramp-up; 0 disables it (weight 1).
+    kl_scale: a constant multiplier on the KL term (0 turns distillation off).
+    ensemble_ce: include CE(ensemble, y).
+    stop_gradient: the teacher is a constant in the KL term (the reference's behaviour).
+    active_branches: optional static mask; inactive branches are left out of every term.
+    teacher_eps: added to the teacher probabilities before the log (reference: 1e-7).
+    weights: optional per-example 0/1 weights (padding), [N].
+
+  Terms: 'ce_branch_b' per branch, 'ce_branches' (their sum), 'ce_ensemble', 'kl' (the
+  unweighted sum over branches), 'kl_weight' (w(epoch) * kl_scale) and 'loss'.
+  """
+  num_branches = output.branch_logits.shape[0]
+  active = [True] * num_branches if active_branches is None else list(active_branches)
+  teacher = output.ensemble_logits
+  if stop_gradient:
+    teacher = jax.lax.stop_gradient(teacher)
+  terms = {}
+  ce_sum = jnp.zeros((), jnp.float32)
+  kl_sum = jnp.zeros((), jnp.float32)
+  for b in range(num_branches):
+    if not active[b]:
+      continue
+    ce_b = cross_entropy(output.branch_logits[b], labels, weights)
+    terms[f"ce_branch_{b}"] = ce_b
+    ce_sum = ce_sum + ce_b
+    kl_sum = kl_sum + distillation_kl(output.branch_logits[b], teacher, temperature,
+                                      teacher_eps, weights)
+  ce_ens = cross_entropy(output.ensemble_logits, labels, weights)
+  weight = kl_weight(epoch, rampup_epochs) * kl_scale
+  loss = ce_sum + weight * kl_sum
+  if ensemble_ce:
+    loss = loss + ce_ens
+  terms.update(ce_branches=ce_sum, ce_ensemble=ce_ens, kl=kl_sum, kl_weight=weight, loss=loss)
+  return loss, terms
+
+
+def baseline_loss(logits, labels, weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """The baseline ResNet's objective: cross-entropy only."""
+  ce = cross_entropy(logits, labels, weights)
+  return ce, {"ce": ce, "loss": ce}
