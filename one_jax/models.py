@@ -138,8 +138,8 @@ class _ScanBranch(Branch):
 class Gate(nn.Module):
   """Global mean pool -> Dense(B) -> BatchNorm -> ReLU -> (+ offset) -> softmax over B.
 
-  The offset is a per-branch log-weight in the non-trainable 'gate_offset' collection;
-  inactive branches (mask False) get weight exactly 0.
+  The offset is a per-branch log-weight (OneResNet keeps it in the non-trainable
+  'gate_offset' collection); inactive branches (mask False) get weight exactly 0.
   """
   num_branches: int
   train: bool = False
@@ -147,13 +147,11 @@ class Gate(nn.Module):
   active_branches: Optional[Tuple[bool, ...]] = None
 
   @nn.compact
-  def __call__(self, x):
-    offset = self.variable("gate_offset", "log_weight",
-                           lambda: jnp.zeros((self.num_branches,), jnp.float32))
+  def __call__(self, x, log_weight_offset):
     x = jnp.mean(x, axis=(1, 2))
     x = layers.Dense(self.num_branches, name="dense")(x)
     x = nn.relu(layers.BatchNorm(not self.train, self.axis_name, name="bn")(x))
-    x = x + offset.value
+    x = x + log_weight_offset
     if self.active_branches is not None:
       x = jnp.where(jnp.asarray(self.active_branches), x, -jnp.inf)
     return jax.nn.softmax(x, axis=-1)
@@ -242,7 +240,10 @@ class OneResNet(nn.Module):
     branch_logits = stacked_branches(
         self.depth, self.num_classes, self.num_branches, resolve_branch_impl(self.branch_impl),
         train, self.axis_name, name="branches")(x)
-    gate = Gate(self.num_branches, train, self.axis_name, self.active_branches, name="gate")(x)
+    offset = self.variable("gate_offset", "log_weight",
+                           lambda: jnp.zeros((self.num_branches,), jnp.float32))
+    gate = Gate(self.num_branches, train, self.axis_name, self.active_branches,
+                name="gate")(x, offset.value)
     ensemble = jnp.einsum("nb,bnc->nc", gate, branch_logits)
     return OneOutput(branch_logits=branch_logits, gate=gate, ensemble_logits=ensemble)
 
