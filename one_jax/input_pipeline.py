@@ -1,0 +1,486 @@
+"""Input pipeline: CIFAR-10/100 and SVHN from TFDS, a local .npz, or synthetic data (DESIGN.md 5).
+
+Sources are random-access: len(source) and source[i] -> {'image': uint8 [H, W, 3], 'label': int}.
+Batches are built with grain from a per-epoch permutation of example indices, so that
+
+  * the global order of an epoch and the augmentation of every example depend only on
+    (seed, epoch, position in the epoch), never on the number of processes: N processes with
+    one global batch see exactly the batches one process would see, process p taking rows
+    [p * local, (p + 1) * local) of each;
+  * resuming at step k of an epoch yields exactly the batches k, k+1, ... of that epoch.
+
+Augmentation and normalisation are vectorised per batch in numpy (a per-example Python
+transform costs more than the model on small images) and run ahead of the consumer in grain's
+prefetch threads.
+"""
+import dataclasses
+import io
+import os
+import zipfile
+import zlib
+from typing import Any, Iterator, Optional, Tuple
+
+import grain
+import numpy as np
+
+# Normalisation of the reference (torchvision Normalize after ToTensor's scaling to [0, 1]).
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2023, 0.1994, 0.2010)
+CROP_PADDING = 4   # random crop back to the image size after this much zero padding per side
+
+DATASETS = ("cifar10", "cifar100", "svhn", "synthetic")
+# Our dataset name -> (TFDS name, number of classes).
+TFDS_DATASETS = {"cifar10": ("cifar10", 10), "cifar100": ("cifar100", 100),
+                 "svhn": ("svhn_cropped", 10)}
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+PACKED_NPZ_KEYS = ("jpeg_train", "offsets_train", "y_train", "jpeg_test", "offsets_test", "y_test")
+
+_NPZ_LAYOUT = ("x_train, y_train, x_test, y_test (uint8 [N, H, W, 3] images, integer labels) "
+               "or the packed JPEG layout (jpeg_*, offsets_*, y_*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  num_classes: int
+  num_train: int
+  num_test: int
+  image_shape: tuple  # (H, W, 3), (32, 32, 3) for every built-in dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation and augmentation (vectorised over a batch).
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+  """uint8 [..., 3] -> float32 (x / 255 - MEAN) / STD, as one multiply-add per element."""
+  std = np.asarray(STD, np.float32)
+  scale = np.float32(1.0 / 255.0) / std
+  shift = -np.asarray(MEAN, np.float32) / std
+  out = np.multiply(images, scale, dtype=np.float32)
+  out += shift
+  return out
+
+
+def random_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
+                     padding: int = CROP_PADDING) -> np.ndarray:
+  """Crops each image at offsets[i] = (dy, dx) of its zero-padded copy, then mirrors it if flips[i].
+
+  Equal to torchvision's RandomCrop(size, padding) + RandomHorizontalFlip with the given
+  random draws; offsets lie in [0, 2 * padding].
+  """
+  n, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  out = np.empty_like(images)
+  for i, (dy, dx) in enumerate(offsets.tolist()):
+    out[i] = padded[i, dy:dy + h, dx:dx + w]
+  out[flips] = out[flips, :, ::-1]
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources.
+
+
+class ArraySource:
+  """Examples held in memory as arrays; batches are gathered with one fancy index (fast path)."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    # Read-only views: batches are gathered concurrently in threads; the caller's arrays stay
+    # writable.
+    self.images = np.asarray(images).view()
+    self.labels = np.asarray(labels).astype(np.int32).reshape(-1)
+    if len(self.images) != len(self.labels):
+      raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels: they must match")
+    self.images.flags.writeable = False
+    self.labels.flags.writeable = False
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict:
+    return {"image": self.images[index], "label": int(self.labels[index])}
+
+  def gather(self, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    return self.images[indices], self.labels[indices]
+
+
+class TfdsSource:
+  """A TFDS data source reduced to {'image', 'label'} (drops 'id', 'coarse_label', ...)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    example = self.source[int(index)]
+    return {"image": np.asarray(example["image"], np.uint8), "label": int(example["label"])}
+
+
+def _gather(source, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """Images [n, H, W, 3] uint8 and labels [n] int32 of source[indices], vectorised when possible."""
+  if isinstance(source, ArraySource):
+    return source.gather(indices)
+  examples = [source[int(i)] for i in indices]
+  images = np.stack([np.asarray(e["image"], np.uint8) for e in examples])
+  labels = np.array([int(e["label"]) for e in examples], np.int32)
+  return images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets from a config.
+
+
+def get_datasets(config) -> Tuple[Any, Any, DatasetInfo]:
+  """(train source, test source, DatasetInfo) for config.dataset / config.npz_path.
+
+  A non-empty config.npz_path takes precedence over config.dataset: the .npz is the data, with
+  config.num_classes classes. Otherwise 'synthetic' is generated from config.seed and the
+  others are read from TFDS (never downloaded here).
+  """
+  dataset = getattr(config, "dataset", "cifar10")
+  npz_path = getattr(config, "npz_path", "") or ""
+  num_classes = getattr(config, "num_classes", None)
+  if dataset not in DATASETS:
+    raise ValueError(f"config.dataset={dataset!r} is unknown: use one of {', '.join(DATASETS)} "
+                     "(or --config.npz_path=FILE.npz for local arrays)")
+  _check_positive("config.num_classes", num_classes)
+  if npz_path:
+    train, test = load_npz(npz_path, num_classes)
+    name = os.path.splitext(os.path.basename(npz_path))[0]
+  elif dataset == "synthetic":
+    train, test = synthetic_sources(
+        getattr(config, "synthetic_train_size", 1024), getattr(config, "synthetic_test_size", 256),
+        num_classes, getattr(config, "seed", 0))
+    name = "synthetic"
+  else:
+    tfds_name, dataset_classes = TFDS_DATASETS[dataset]
+    if num_classes != dataset_classes:
+      raise ValueError(f"config.num_classes={num_classes} but {dataset} has {dataset_classes} "
+                       f"classes: set --config.num_classes={dataset_classes}")
+    data_dir = getattr(config, "data_dir", "") or None
+    train, test = (TfdsSource(load_tfds(tfds_name, split, data_dir)) for split in ("train", "test"))
+    name = dataset
+  if not len(train) or not len(test):
+    raise ValueError(f"dataset {name!r} has {len(train)} training and {len(test)} test examples: "
+                     "both splits need at least one")
+  info = DatasetInfo(name=name, num_classes=num_classes, num_train=len(train), num_test=len(test),
+                     image_shape=_image_shape(train))
+  return train, test, info
+
+
+def load_tfds(name: str, split: str, data_dir=None):
+  """tfds.data_source(download=False); a dataset that is not prepared gets one clear error.
+
+  Never downloads: runs may be on machines without internet, and a silent multi-GB
+  download is worse than a message saying how to prepare the data.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow, optional)
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # pylint: disable=broad-except  (tfds raises many types here)
+    where = data_dir or tfds.core.constants.DATA_DIR
+    cause = (str(e).strip().splitlines() or [""])[0]
+    raise RuntimeError(
+        f"TFDS dataset {name!r} (split {split!r}) is not prepared in ArrayRecord format under "
+        f"{where} and is never downloaded here: on a machine with internet run `python -c "
+        f"\"import tensorflow_datasets as tfds; tfds.data_source('{name}', download=True)\"` "
+        f"(or `tfds build {name} --file_format=array_record`) and copy its {name}/ directory into "
+        f"{where} (or point --config.data_dir at its parent), or train on a local file with "
+        f"--config.npz_path=FILE.npz [{type(e).__name__}: {cause}]") from e
+
+
+def load_npz(path: str, num_classes: int) -> Tuple[ArraySource, ArraySource]:
+  """Train and test sources from an .npz of arrays or of packed JPEGs, validated."""
+  if not os.path.isfile(path):
+    raise ValueError(f"npz_path={path!r} does not exist: pass an .npz file with {_NPZ_LAYOUT}")
+  try:
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+      raise ValueError("it holds a single array")
+    with data:
+      splits = _read_npz_splits(path, data)
+  except (OSError, zipfile.BadZipFile, zlib.error, EOFError, ValueError) as e:
+    if isinstance(e, _NpzError):
+      raise
+    raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {e}): "
+                     f"write one with np.savez holding {_NPZ_LAYOUT}") from e
+  (x_train, y_train), (x_test, y_test) = splits
+  for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+    _check_split(path, split, x, y, num_classes)
+  if x_train.shape[1:] != x_test.shape[1:]:
+    raise ValueError(f"{path}: x_train images are {x_train.shape[1:]} but x_test images are "
+                     f"{x_test.shape[1:]}: both splits must have one image shape")
+  return ArraySource(x_train, y_train), ArraySource(x_test, y_test)
+
+
+class _NpzError(ValueError):
+  """A validation error of an .npz that was read fine (its message is already complete)."""
+
+
+def _read_npz_splits(path, data):
+  """[(x_train, y_train), (x_test, y_test)] from either layout; names missing keys."""
+  keys = set(data.files)
+  if set(PACKED_NPZ_KEYS) <= keys and not set(NPZ_KEYS) <= keys:
+    return [(_decode_packed(path, data, split), np.asarray(data[f"y_{split}"]))
+            for split in ("train", "test")]
+  missing = [k for k in NPZ_KEYS if k not in keys]
+  if missing:
+    raise _NpzError(f"{path} lacks {', '.join(missing)} (it has {', '.join(sorted(keys))}): "
+                    f"an .npz for --config.npz_path needs {_NPZ_LAYOUT}")
+  return [(np.asarray(data[f"x_{split}"]), np.asarray(data[f"y_{split}"]))
+          for split in ("train", "test")]
+
+
+def _check_split(path, split, x, y, num_classes):
+  """Raises a one-line ValueError naming what is wrong with (x_split, y_split) and the fix."""
+  xk, yk = f"x_{split}", f"y_{split}"
+  if x.ndim != 4 or x.shape[-1] != 3:
+    raise ValueError(f"{path}: {xk} has shape {x.shape}; expected [N, H, W, 3] (RGB, channels "
+                     "last): convert grayscale images to RGB and NCHW arrays to NHWC")
+  if x.dtype != np.uint8:
+    raise ValueError(f"{path}: {xk} has dtype {x.dtype}; expected uint8 pixel values 0..255: "
+                     "store images as uint8 (e.g. np.round(x * 255).astype(np.uint8) for floats "
+                     "in [0, 1])")
+  if not len(x):
+    raise ValueError(f"{path}: {xk} holds no images: each split needs at least one example")
+  if y.ndim == 2 and y.shape[1] == 1:
+    y = y[:, 0]
+  if y.ndim != 1:
+    raise ValueError(f"{path}: {yk} has shape {y.shape}; expected [N] integer class indices "
+                     "(not one-hot: use np.argmax(y, axis=-1))")
+  if not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"{path}: {yk} has dtype {y.dtype}; expected integer class indices "
+                     "(e.g. y.astype(np.int64))")
+  if len(x) != len(y):
+    raise ValueError(f"{path}: {xk} has {len(x)} images but {yk} has {len(y)} labels: "
+                     "they must match one to one")
+  lo, hi = int(y.min()), int(y.max())
+  if lo < 0 or hi >= num_classes:
+    fix = ("class indices start at 0" if lo < 0 else
+           f"set --config.num_classes={hi + 1} if the data has that many classes")
+    raise ValueError(f"{path}: {yk} has labels in [{lo}, {hi}] but num_classes={num_classes}: "
+                     f"labels must lie in [0, num_classes); {fix}")
+
+
+def _decode_packed(path, data, split) -> np.ndarray:
+  """Decodes the concatenated JPEGs of the packed layout in memory (the file may be read-only)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (only this format needs Pillow)
+  blob, offsets = np.asarray(data[f"jpeg_{split}"]), np.asarray(data[f"offsets_{split}"])
+  n = len(offsets) - 1
+  if (blob.dtype != np.uint8 or blob.ndim != 1 or offsets.ndim != 1 or n < 0
+      or offsets[0] != 0 or offsets[-1] != len(blob) or np.any(np.diff(offsets) <= 0)):
+    raise _NpzError(f"{path}: jpeg_{split}/offsets_{split} are inconsistent: offsets must rise "
+                     f"from 0 to len(jpeg_{split}) with one more entry than there are images")
+  raw = blob.tobytes()
+  images = None
+  for i, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+    try:
+      image = Image.open(io.BytesIO(raw[lo:hi]))
+      image = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    except Exception as e:  # pylint: disable=broad-except  (PIL raises many types)
+      raise _NpzError(f"{path}: image {i} of jpeg_{split} cannot be decoded ({e}): "
+                       "the file is corrupt; rebuild it") from e
+    if images is None:
+      images = np.empty((n,) + image.shape, np.uint8)
+    if image.shape != images.shape[1:]:
+      raise _NpzError(f"{path}: image {i} of jpeg_{split} is {image.shape}, image 0 is "
+                       f"{images.shape[1:]}: all images must have one size")
+    images[i] = image
+  return images if images is not None else np.empty((0, 32, 32, 3), np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic data.
+
+
+def synthetic_sources(num_train: int, num_test: int, num_classes: int, seed: int,
+                      image_shape=(32, 32, 3)) -> Tuple[ArraySource, ArraySource]:
+  """A small learnable task, a pure function of its arguments (for smoke runs and tests).
+
+  Each class has a fixed random low-frequency colour template; an example is its class's
+  template, randomly shifted (with wrap-around) by up to 8 pixels, plus strong pixel noise.
+  Measured: a ResNet-8 reaches ~90% test accuracy after 100 steps of batch 64 and ~97% after
+  300, from a 10% start, so smoke runs show real learning curves.
+  """
+  for name, value in (("synthetic_train_size", num_train), ("synthetic_test_size", num_test)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"config.{name}={value!r} is invalid: it must be a positive integer")
+  word = _seed_word(seed)
+  templates = _class_templates(num_classes, image_shape, np.random.default_rng([word, 0]))
+  return tuple(ArraySource(*_synthetic_examples(templates, n, np.random.default_rng([word, tag])))
+               for tag, n in ((1, num_train), (2, num_test)))
+
+
+def _class_templates(num_classes, image_shape, rng) -> np.ndarray:
+  """[C, H, W, 3] float templates: 4x4 random colour grids, bilinearly upsampled (low frequency)."""
+  h, w, c = image_shape
+  coarse = rng.normal(size=(num_classes, 4, 4, c))
+  up_h = _linear_upsampling_matrix(4, h)
+  up_w = _linear_upsampling_matrix(4, w)
+  smooth = np.einsum("hi,nijc,wj->nhwc", up_h, coarse, up_w)
+  smooth /= smooth.std(axis=(1, 2, 3), keepdims=True)
+  return 128.0 + 16.0 * smooth
+
+
+def _linear_upsampling_matrix(n_in, n_out) -> np.ndarray:
+  """[n_out, n_in] weights of linear interpolation (pixel centres aligned, edges clamped)."""
+  pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+  lo = np.floor(pos).astype(int)
+  hi = np.minimum(lo + 1, n_in - 1)
+  frac = pos - lo
+  m = np.zeros((n_out, n_in))
+  m[np.arange(n_out), lo] += 1 - frac
+  m[np.arange(n_out), hi] += frac
+  return m
+
+
+def _synthetic_examples(templates, n, rng, max_shift=8, noise_std=64.0, chunk=4096):
+  """n examples (uint8 images, balanced labels) drawn from the templates, in bounded memory."""
+  num_classes, h, w, c = templates.shape
+  labels = rng.permutation(np.arange(n) % num_classes)
+  images = np.empty((n, h, w, c), np.uint8)
+  for start in range(0, n, chunk):
+    lab = labels[start:start + chunk]
+    k = len(lab)
+    shifts = rng.integers(-max_shift, max_shift + 1, size=(k, 2))
+    rows = (np.arange(h) - shifts[:, :1]) % h
+    cols = (np.arange(w) - shifts[:, 1:]) % w
+    x = templates[lab[:, None, None], rows[:, :, None], cols[:, None, :]]
+    x += rng.normal(scale=noise_std, size=x.shape)
+    images[start:start + k] = np.clip(np.round(x), 0, 255)
+  return images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching.
+
+
+def steps_per_epoch(num_train: int, global_batch: int) -> int:
+  """Training steps per epoch: the last partial batch is dropped (every batch is full)."""
+  _check_positive("global_batch", global_batch)
+  steps = num_train // global_batch
+  if steps < 1:
+    raise ValueError(f"global_batch={global_batch} is larger than the training set "
+                     f"({num_train} examples): use a smaller batch size")
+  return steps
+
+
+def num_eval_steps(num_test: int, global_batch: int) -> int:
+  """Evaluation steps covering every test example once (the last batch is padded)."""
+  _check_positive("global_batch", global_batch)
+  return -(-num_test // global_batch)
+
+
+def train_batches(source, *, global_batch: int, seed: int, epoch: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1, augment: bool = True,
+                  num_threads: Optional[int] = None, prefetch: int = 4) -> Iterator[dict]:
+  """This process's rows of the training batches start_step, ..., steps_per_epoch - 1 of `epoch`.
+
+  Yields {'image': float32 [local, H, W, 3] normalised, 'label': int32 [local]} with
+  local = global_batch // process_count. The epoch's permutation and each example's crop and
+  flip are functions of (seed, epoch, position in the epoch) only (see the module docstring).
+  num_threads/prefetch: grain threads computing up to `prefetch` batches ahead of the consumer
+  (0 threads: synchronous; None: 1 for in-memory arrays, whose numpy work holds the GIL, and
+  4 for TFDS, whose reads wait on I/O). Call .close() on the iterator to stop its threads early.
+  """
+  local = _check_sharding(global_batch, process_index, process_count)
+  steps = steps_per_epoch(len(source), global_batch)
+  if not isinstance(epoch, (int, np.integer)) or epoch < 0:
+    raise ValueError(f"epoch={epoch!r} is invalid: it must be a non-negative integer")
+  if not isinstance(start_step, (int, np.integer)) or not 0 <= start_step <= steps:
+    raise ValueError(f"start_step={start_step!r} is out of range: an epoch has {steps} steps")
+  epoch_seed = np.random.SeedSequence([_seed_word(seed), int(epoch), 0]).generate_state(1)[0]
+  aug_seed = (_seed_word(seed), int(epoch), 1)
+  rows = slice(process_index * local, (process_index + 1) * local)
+
+  def make_batch(step: int, ids: np.ndarray) -> dict:
+    images, labels = _gather(source, ids[rows])
+    if augment:
+      # Drawn for the whole global batch, then sliced: independent of process_count.
+      rng = np.random.default_rng(aug_seed + (step,))
+      offsets = rng.integers(0, 2 * CROP_PADDING + 1, size=(global_batch, 2))[rows]
+      flips = (rng.random(global_batch) < 0.5)[rows]
+      images = random_crop_flip(images, offsets, flips)
+    return {"image": normalize(images), "label": labels.astype(np.int32)}
+
+  ds = grain.MapDataset.range(len(source)).shuffle(seed=int(epoch_seed))
+  ds = ds.batch(global_batch, drop_remainder=True)   # element = example ids of one global batch
+  ds = ds.map_with_index(make_batch)[start_step:]
+  return _iterate(ds, source, num_threads, prefetch)
+
+
+def eval_batches(source, *, global_batch: int, process_index: int = 0, process_count: int = 1,
+                 num_threads: Optional[int] = None, prefetch: int = 4) -> Iterator[dict]:
+  """This process's rows of num_eval_steps batches covering every example once, in order.
+
+  Yields {'image': float32 [local, H, W, 3] normalised, 'label': int32 [local],
+  'mask': float32 [local]}; rows past the end of the data are zero images with mask 0 and
+  label 0. Every process yields the same number of batches (needed by collectives).
+  num_threads/prefetch: as for train_batches.
+  """
+  local = _check_sharding(global_batch, process_index, process_count)
+  n = len(source)
+  first_row = process_index * local
+  image_shape = _image_shape(source) if n else ()
+
+  def make_batch(step: int) -> dict:
+    start = step * global_batch + first_row
+    ids = np.arange(start, min(start + local, n))
+    images = np.zeros((local,) + image_shape, np.uint8)
+    labels = np.zeros((local,), np.int32)
+    if len(ids):
+      images[:len(ids)], labels[:len(ids)] = _gather(source, ids)
+    mask = (np.arange(local) < len(ids)).astype(np.float32)
+    return {"image": normalize(images), "label": labels, "mask": mask}
+
+  ds = grain.MapDataset.range(num_eval_steps(n, global_batch)).map(make_batch)
+  return _iterate(ds, source, num_threads, prefetch)
+
+
+def _iterate(ds, source, num_threads, prefetch) -> Iterator[dict]:
+  """Iterates a MapDataset of batches in order, computing up to `prefetch` ahead in threads.
+
+  Measured on 2 CPU cores (CIFAR-10 arrays, batch 128): ~55k images/s with 0 or 1 thread and
+  slower with more, because the per-batch numpy work holds the GIL.
+  """
+  if num_threads is None:
+    num_threads = 1 if isinstance(source, ArraySource) else 4
+  if num_threads < 0 or prefetch < 0:
+    raise ValueError(f"num_threads={num_threads} and prefetch={prefetch} must be >= 0")
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  return iter(ds.to_iter_dataset(options))
+
+
+def _image_shape(source) -> tuple:
+  """The shape of one image, read from the first example."""
+  if isinstance(source, ArraySource):
+    return source.images.shape[1:]
+  return tuple(np.shape(source[0]["image"]))
+
+
+def _check_positive(name, value):
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"{name}={value!r} is invalid: it must be a positive integer")
+
+
+def _check_sharding(global_batch, process_index, process_count) -> int:
+  """The per-process batch size; raises unless the global batch splits evenly over processes."""
+  _check_positive("global_batch", global_batch)
+  _check_positive("process_count", process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is out of range for "
+                     f"process_count={process_count}")
+  if global_batch % process_count:
+    raise ValueError(f"global_batch={global_batch} does not divide over {process_count} "
+                     "processes: use a multiple of the process count")
+  return global_batch // process_count
+
+
+def _seed_word(seed) -> int:
+  """Any integer seed (negative too) as a non-negative word for numpy's SeedSequence."""
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+    raise ValueError(f"seed={seed!r} is invalid: it must be an integer")
+  return int(seed) % 2**64
