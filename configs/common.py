@@ -1,0 +1,92 @@
+"""Fields shared by every experiment config, with the reference hyper-parameters.
+
+Configs are code: `get_config(arg)` in step1.py / step2.py starts from `base_config()` and
+sets what its variant changes. Any field can be overridden on the command line with
+`--config.FIELD=VALUE`.
+"""
+import ml_collections
+
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "synthetic": 10}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The reference ONE set-up: ResNet-32, 300 epochs, batch 128, SGD lr 0.1, wd 1e-4."""
+  c = ml_collections.ConfigDict()
+  # Model.
+  c.model = "one_resnet"          # 'one_resnet' (ONE) or 'cifar_resnet' (the baseline)
+  c.depth = 32
+  c.num_branches = 3
+  c.branch_impl = "auto"          # 'auto' | 'loop' | 'vmap': same parameters, same numbers
+  c.active_branches = ""          # e.g. '0,2': other branches get gate 0 and no update
+  # Data.
+  c.dataset = "cifar10"           # cifar10 | cifar100 | svhn | synthetic
+  c.num_classes = 10
+  c.npz_path = ""                 # a local .npz (x_train, y_train, x_test, y_test) instead
+  c.data_dir = ""                 # TFDS data_dir ('' = TFDS default)
+  c.synthetic_train_size = 2048
+  c.synthetic_test_size = 512
+  # Optimisation (DESIGN.md section 4).
+  c.batch_size = 128              # global batch, over all devices and processes
+  c.eval_batch_size = 500
+  c.num_epochs = 300
+  c.lr = 0.1
+  c.momentum = 0.9
+  c.weight_decay = 1e-4
+  c.nesterov = False
+  c.schedule = "multistep"        # 'multistep' (reference) | 'cosine'
+  c.milestones = (150, 225)
+  c.gamma = 0.1
+  c.warmup_epochs = 0
+  c.geo_lr = 0                    # gradient-ratio learning rates every k steps (0 = off)
+  c.geo_lr_min = 0.1
+  c.geo_lr_max = 20.0
+  c.geo_lr_ema = 0.9
+  c.steps_per_epoch = -1          # > 0 caps the steps of an epoch (smoke runs)
+  # ONE loss (DESIGN.md section 3).
+  c.temperature = 3.0
+  c.rampup_epochs = 80
+  c.kl_scale = 1.0
+  c.ensemble_ce = True
+  c.stop_gradient = True
+  # Run.
+  c.seed = 0
+  c.deterministic = False         # deterministic XLA kernels (GPU): one seed, one result
+  c.keep_checkpoints = 3          # the last few are kept, plus the best
+  c.init_from = ""                # start from this checkpoint's variables (surgery, convert)
+  c.init_optimizer_state = True   # ... and its optimizer state when it fits
+  c.eval_only = False             # evaluate init_from (or the workdir's latest) and stop
+  c.vote = False                  # also evaluate every subset of branches (voting table)
+  c.progress_bar = True
+  return c
+
+
+def apply_smoke(c: ml_collections.ConfigDict) -> None:
+  """A tiny synthetic run of the same code path: well under 2 minutes on 2 CPU cores."""
+  c.dataset = "synthetic"
+  c.num_classes = DATASET_CLASSES["synthetic"]
+  c.npz_path = ""
+  c.depth = 8
+  c.batch_size = 64
+  c.eval_batch_size = 100
+  c.synthetic_train_size = 512
+  c.synthetic_test_size = 250
+  c.num_epochs = 2
+  c.milestones = (1,)
+  c.rampup_epochs = 1
+  c.warmup_epochs = 0
+  c.steps_per_epoch = 4
+  c.lr = 0.05
+
+
+def parse_arg(arg, variants) -> tuple:
+  """'five_branch,smoke' -> ('five_branch', {'smoke'}); unknown parts name the choices."""
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  if not parts or parts[0] not in variants:
+    raise ValueError(f"unknown config variant {parts[0] if parts else ''!r}: use one of "
+                     f"{', '.join(variants)} (optionally followed by ',smoke' or ',deterministic')")
+  flags = set(parts[1:])
+  unknown = flags - {"smoke", "deterministic"}
+  if unknown:
+    raise ValueError(f"unknown config option(s) {', '.join(sorted(unknown))}: use 'smoke' or "
+                     "'deterministic'")
+  return parts[0], flags
