@@ -1,0 +1,822 @@
+"""Surgery on trained models: expand, merge, transplant, extract (DESIGN.md section 6).
+
+Every operation is a pure function on checkpoint states (the `state` item of a one_jax
+checkpoint: {'params', 'batch_stats', ['gate_offset'], ['opt_state'], 'step'}) and model infos
+(meta['model']); `run_*` wrap them with Orbax and `main` is the command line:
+
+  python -m one_jax.surgery expand --src=CKPT --dst=OUT --branches=N [--mode=copy|fresh] [--from=0,1]
+  python -m one_jax.surgery merge --src=A --src=B --src=C --dst=OUT [--trunk_from=0|mean] [--slots=2,0,1]
+  python -m one_jax.surgery transplant --src=X --branch=I --into=Y --slot=J --dst=OUT
+  python -m one_jax.surgery extract --src=CKPT --branch=I --dst=OUT
+  python -m one_jax.surgery inspect CKPT
+
+Branch slots. Every leaf under 'branches' has its branch slot on axis 0, every gate leaf
+(dense kernel [F, B], biases, BatchNorm entries, the offset [B]) on its last axis. Here gate
+leaves are moved to slot-first and a baseline's 'branch' is read as 'branches' with one slot
+and no gate, so each operation is the same few lines for every kind of source: take slots
+(x[b:b + 1]) and concatenate them on axis 0.
+
+Optimizer state. opt_state is a flax state dict of an unknown optax optimizer. Its subtrees
+with the dict structure of the parameters (momentum traces, gradient-ratio factors, ...) get
+the edit of the parameters, leaf by leaf: under 'branches' on axis 0; a gate leaf only where it
+has the parameter's shape (otherwise it has no branch axis and is kept whole); trunk leaves as
+the trunk. Everything else (step counters) comes from the trunk's source. A slot with no
+optimizer state of its own (fresh, or from a source saved without one) gets zeros in
+parameter-shaped buffers (momentum: a branch that has not moved yet) and, in reduced leaves
+(per-module statistics such as learning-rate factors, where zero would freeze the branch), the
+mean of that subtree's reduced leaves. reset_optimizer=True leaves opt_state out, so training
+starts its optimizer afresh (zero momentum).
+"""
+import argparse
+import collections
+import dataclasses
+import functools
+import json
+import os
+import sys
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from one_jax import checkpoints
+from one_jax import models
+
+
+class SurgeryError(ValueError):
+  """A surgery request that cannot be carried out; the one-line message names the fix."""
+
+
+Key = Tuple[Tuple[str, ...], Tuple[str, ...]]  # (tree, path inside the tree)
+PARAMS, STATS, OFFSET = ("params",), ("batch_stats",), ("gate_offset",)
+MODEL_TREES = (PARAMS, STATS, OFFSET)
+OPT = "opt_state"
+# A fresh gate column: zero dense weights (so a new branch changes no gate activation of the
+# others), BatchNorm at its initial values, no offset.
+FRESH_GATE = {("dense", "kernel"): 0.0, ("dense", "bias"): 0.0, ("bn", "scale"): 1.0,
+              ("bn", "bias"): 0.0, ("bn", "mean"): 0.0, ("bn", "var"): 1.0,
+              ("log_weight",): 0.0}
+INIT_IMAGE_SHAPE = (1, 8, 8, 3)  # parameter shapes do not depend on the image size
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested dicts <-> flat {path: leaf}.
+
+
+def _flatten(tree: Mapping, prefix: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _unflatten(flat: Mapping[Tuple[str, ...], Any]) -> Dict[str, Any]:
+  tree: Dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = value
+  return tree
+
+
+def _keytree(tree):
+  return {k: _keytree(v) for k, v in tree.items()} if isinstance(tree, Mapping) else None
+
+
+def _params_like_paths(opt_state, params) -> List[Tuple[str, ...]]:
+  """Paths of the subtrees of opt_state whose dict structure is that of params."""
+  target, found = _keytree(params), []
+
+  def walk(node, path):
+    if not isinstance(node, Mapping):
+      return
+    if _keytree(node) == target:
+      found.append(path)
+      return
+    for k, v in node.items():
+      walk(v, path + (k,))
+
+  walk(opt_state, ())
+  return found
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _replace(tree, path, new):
+  if not path:
+    return new
+  return {**tree, path[0]: _replace(tree[path[0]], path[1:], new)}
+
+
+def _copy(tree):
+  return jax.tree.map(np.array, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model infos.
+
+
+def _describe(info) -> str:
+  if info.get("kind") == "one_resnet":
+    return (f"ONE ResNet-{info['depth']} ({info['block']}), {info['num_branches']} branches, "
+            f"{info['num_classes']} classes")
+  return f"ResNet-{info['depth']} baseline ({info['block']}), {info['num_classes']} classes"
+
+
+def _check_info(info, what: str) -> Dict[str, Any]:
+  """A complete, valid model info (block filled in), else SurgeryError."""
+  if not isinstance(info, Mapping) or info.get("kind") not in ("one_resnet", "cifar_resnet"):
+    kind = info.get("kind") if isinstance(info, Mapping) else info
+    raise SurgeryError(f"{what} has model kind {kind!r}: surgery works on one_jax checkpoints of a "
+                       "OneResNet or a CifarResNet")
+  info = dict(info)
+  try:
+    checkpoints.model_from_info(info)
+    block = models.block_type(info["depth"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise SurgeryError(f"{what} has invalid model info {info}: {e}") from None
+  if info.setdefault("block", block) != block:
+    raise SurgeryError(f"{what} claims {info['block']} blocks at depth {info['depth']}, which "
+                       f"uses {block} blocks: its metadata is wrong")
+  return info
+
+
+def _check_same_architecture(infos, whats, op: str) -> None:
+  first = infos[0]
+  for info, what in zip(infos[1:], whats[1:]):
+    for field, name in (("depth", "depth"), ("block", "block type"), ("num_classes", "class count")):
+      if info[field] != first[field]:
+        raise SurgeryError(f"{op}: {what} has {name} {info[field]} but {whats[0]} has "
+                           f"{first[field]}: {op} needs models of the same depth, block type and "
+                           "class count")
+
+
+def _one_info(like, num_branches: int) -> Dict[str, Any]:
+  return {"kind": "one_resnet", "depth": like["depth"], "num_classes": like["num_classes"],
+          "num_branches": int(num_branches), "block": like["block"]}
+
+
+def _baseline_info(like) -> Dict[str, Any]:
+  return {"kind": "cifar_resnet", "depth": like["depth"], "num_classes": like["num_classes"],
+          "block": like["block"]}
+
+
+@functools.lru_cache(maxsize=32)
+def _template_shapes(kind, depth, num_classes, num_branches):
+  info = {"kind": kind, "depth": depth, "num_classes": num_classes, "num_branches": num_branches}
+  model = checkpoints.model_from_info(info)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(INIT_IMAGE_SHAPE))
+  return {((tree,), path): s for tree in shapes for path, s in _flatten(shapes[tree]).items()}
+
+
+def _template(info) -> Dict[Key, jax.ShapeDtypeStruct]:
+  """Flat {(tree, path): shape and dtype} of the variables of a model of this info."""
+  return _template_shapes(info["kind"], info["depth"], info["num_classes"],
+                          info.get("num_branches"))
+
+
+def _zeros_state(info) -> Dict[str, Any]:
+  """The variables of a model of `info`, all zeros (a template for the output of an edit)."""
+  flat = {tree + path: np.zeros(s.shape, s.dtype) for (tree, path), s in _template(info).items()}
+  return _unflatten(flat)
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint state seen as a ONE model: flat leaves, every branch or gate slot on axis 0.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Model:
+  info: Dict[str, Any]
+  leaves: Dict[Key, np.ndarray]
+  slotted: FrozenSet[Key]           # leaves with a branch slot on axis 0
+  opt_state: Optional[Dict[str, Any]]  # the raw state dict (for what is not params-like)
+  opt_trees: Tuple[Tuple[str, ...], ...]  # trees (OPT, *path) of its params-like subtrees
+  step: np.ndarray
+
+  @property
+  def num_branches(self) -> int:
+    return self.info.get("num_branches", 1)
+
+  @property
+  def has_gate(self) -> bool:
+    return self.info["kind"] == "one_resnet"
+
+  def slot(self, key, b):
+    """Branch slot b of a leaf, keeping the slot axis (a [1, ...] copy)."""
+    return np.array(self.leaves[key][b:b + 1])
+
+
+def _normalise(path, x, param_shape, num_branches):
+  """(path, leaf, slotted) in the slot-first layout; param_shape None for model variables."""
+  part = path[0]
+  if part == "branch":  # a baseline's single branch is slot 0 of 'branches'
+    return ("branches",) + path[1:], x[None], True
+  if part == "branches":
+    return path, x, x.ndim >= 1 and x.shape[0] == num_branches
+  if part == "gate" and (param_shape is None or x.shape == param_shape):
+    return path, np.moveaxis(x, -1, 0), True
+  return path, x, False
+
+
+def _view(state, info, what: str) -> _Model:
+  """Validates a checkpoint state against its info and reads it as a _Model (copies leaves)."""
+  info = _check_info(info, what)
+  if not isinstance(state, Mapping) or "params" not in state or "batch_stats" not in state:
+    raise SurgeryError(f"{what} has no 'params' and 'batch_stats': it is not a model checkpoint")
+  variables = {tree: _flatten(state[tree[0]]) for tree in (PARAMS, STATS)}
+  num_branches = info.get("num_branches", 1)
+  if info["kind"] == "one_resnet":
+    offset = state.get("gate_offset", {"log_weight": np.zeros([num_branches], np.float32)})
+    variables[OFFSET] = _flatten(offset)
+  expected = {key: tuple(s.shape) for key, s in _template(info).items()}
+  got = {(tree, path): tuple(np.shape(x)) for tree, flat in variables.items()
+         for path, x in flat.items()}
+  if got != expected:
+    diff = sorted(set(got.items()) ^ set(expected.items()))[0]
+    raise SurgeryError(f"{what}'s variables do not match its model info ({_describe(info)}): "
+                       f"{'/'.join(diff[0][0] + diff[0][1])} differs; the checkpoint is corrupt "
+                       "or its metadata is wrong")
+  leaves, slotted = {}, set()
+  for tree, flat in variables.items():
+    for path, x in flat.items():
+      if tree == OFFSET:
+        path = ("gate",) + path
+      path, x, is_slot = _normalise(path, np.array(x), None, num_branches)
+      leaves[(tree, path)] = x
+      if is_slot:
+        slotted.add((tree, path))
+  opt_state, opt_trees = state.get(OPT), []
+  if opt_state is not None:
+    if not isinstance(opt_state, Mapping):
+      raise SurgeryError(f"{what}'s optimizer state is not a state dict: save it with "
+                         "flax.serialization.to_state_dict")
+    params = state["params"]
+    for sub in _params_like_paths(opt_state, params):
+      tree = (OPT,) + sub
+      opt_trees.append(tree)
+      for path, x in _flatten(_get(opt_state, sub)).items():
+        param_shape = tuple(np.shape(_get(params, path)))
+        path, x, is_slot = _normalise(path, np.array(x), param_shape, num_branches)
+        leaves[(tree, path)] = x
+        if is_slot:
+          slotted.add((tree, path))
+  return _Model(info=info, leaves=leaves, slotted=frozenset(slotted), opt_state=opt_state,
+                opt_trees=tuple(opt_trees), step=np.array(state.get("step", 0)))
+
+
+def _fresh_model(info, rng) -> _Model:
+  """A freshly initialised model of this info (no optimizer state)."""
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  if isinstance(rng, (int, np.integer)):
+    rng = jax.random.PRNGKey(int(rng))
+  variables = _jitted_init(info["kind"], info["depth"], info["num_classes"],
+                          info.get("num_branches"))(rng, jnp.zeros(INIT_IMAGE_SHAPE))
+  return _view(jax.tree.map(np.asarray, dict(variables)), info, "the fresh model")
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(kind, depth, num_classes, num_branches):
+  info = {"kind": kind, "depth": depth, "num_classes": num_classes, "num_branches": num_branches}
+  return jax.jit(checkpoints.model_from_info(info).init)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one edit behind every operation: pick a source for the trunk, for each branch slot and for
+# each gate column, and concatenate.
+
+Slot = Tuple[Optional[_Model], int]  # (source model, its branch index); None: a fresh gate column
+
+
+def _check_index(op, name, index, size, what):
+  if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not 0 <= index < size:
+    raise SurgeryError(f"{op}: {name}={index!r} is out of range: {what} has {size} branch"
+                       f"{'es' if size != 1 else ''} (0-based: 0..{size - 1})")
+
+
+def _opt_layout(model: _Model):
+  """(what lies outside the params-like subtrees, {key: form} inside them): what must agree
+  between optimizer states to be combined. A form is (slotted, shape without the slot axis)."""
+  params_like = set(model.opt_trees)
+
+  def outside(node, path=()):
+    if (OPT,) + path in params_like:
+      return "params-like"
+    if isinstance(node, Mapping):
+      return {k: outside(v, path + (k,)) for k, v in node.items()}
+    return (tuple(np.shape(node)), str(np.asarray(node).dtype))
+
+  forms = {}
+  for key, x in model.leaves.items():
+    if key[0][0] == OPT:
+      forms[key] = (True, x.shape[1:]) if key in model.slotted else (False, x.shape)
+  return outside(model.opt_state), forms
+
+
+def _check_opt_compatible(op, sources: Sequence[_Model], whats: Sequence[str]):
+  """Optimizer states combine if they agree everywhere but in gate leaves only one of them has."""
+  with_opt = [(m, w) for m, w in zip(sources, whats) if m.opt_state is not None]
+  for (m, what) in with_opt[1:]:
+    (outside, forms), (first_outside, first_forms) = _opt_layout(m), _opt_layout(with_opt[0][0])
+    ungated = lambda f: {k for k in f if k[1][0] != "gate"}
+    if (outside != first_outside or ungated(forms) != ungated(first_forms)
+        or any(forms[k] != first_forms[k] for k in forms.keys() & first_forms.keys())):
+      raise SurgeryError(f"{op}: the optimizer states of {with_opt[0][1]} and {what} differ "
+                         "(trained with different optimizers?): pass --reset_optimizer to start "
+                         "the optimizer afresh")
+
+
+def _mean(arrays):
+  return np.mean(np.stack(arrays), axis=0).astype(arrays[0].dtype)
+
+
+def _assemble(info, *, trunk: Union[_Model, Sequence[_Model]], slots: Sequence[Slot],
+              gate: Optional[Sequence[Slot]], reset_optimizer: bool):
+  """The state of a model of `info` built from sources (fresh numpy arrays throughout).
+
+  trunk: the model whose trunk is kept, or a list of models whose trunks are averaged.
+  slots: the source (model, branch) of each branch slot. gate: the source of each gate column
+  (a model without a gate, or None, gives a fresh column); gate=None: the output is a baseline.
+  The optimizer state follows, as the module docstring says.
+  """
+  trunks = [trunk] if isinstance(trunk, _Model) else list(trunk)
+  gate = [(m if m is not None and m.has_gate else None, b) for m, b in gate or []]
+  out = _view(_zeros_state(info), info, "the output")
+
+  def from_trunk(key, fill=None):
+    have = [m.leaves[key] if key in m.leaves else fill() for m in trunks]
+    return np.array(have[0]) if len(have) == 1 else _mean(have)
+
+  def from_slots(key, plan, fill_slot=None):
+    """Slot after slot: x[b:b + 1] of each source, concatenated on axis 0."""
+    return np.concatenate([m.slot(key, b) if m is not None and key in m.leaves else fill_slot()
+                           for m, b in plan], axis=0)
+
+  def first_of(key, plan, fill):
+    """A leaf without a branch axis: from the first source in the plan that has it."""
+    have = [m for m, _ in plan if m is not None and key in m.leaves]
+    return np.array(have[0].leaves[key]) if have else fill()
+
+  # Model variables: params, batch_stats, gate_offset.
+  leaves = {}
+  for key, like in out.leaves.items():
+    part = key[1][0]
+    if part == "trunk":
+      leaves[key] = from_trunk(key)
+    elif part == "branches":
+      leaves[key] = from_slots(key, slots)
+    else:
+      fresh_column = functools.partial(np.full, (1,) + like.shape[1:], FRESH_GATE[key[1][1:]],
+                                       like.dtype)
+      leaves[key] = from_slots(key, gate, fresh_column)
+  state = _denormalise(leaves, out.slotted, info)
+
+  # Optimizer state: the same edit on every params-like subtree, the rest from the trunk's source.
+  used = trunks + [m for m, _ in slots] + [m for m, _ in gate if m is not None]
+  with_opt = [m for m in used if m.opt_state is not None]
+  if with_opt and not reset_optimizer:
+    skeleton = next((m for m in trunks if m.opt_state is not None), with_opt[0])
+    opt_state = _copy(skeleton.opt_state)
+    for tree in skeleton.opt_trees:
+      opt_leaves, opt_slotted = {}, set()
+      reduced_fill = _reduced_mean(skeleton, tree)
+      for (_, path), param in [(k, x) for k, x in out.leaves.items() if k[0] == PARAMS]:
+        key = (tree, path)
+        is_slot, shape, dtype = _opt_form(key, out, with_opt)
+        value = 0.0 if shape == param.shape[int(is_slot):] else reduced_fill
+        fill = functools.partial(np.full, shape, value, dtype)
+        fill_slot = functools.partial(np.full, (1,) + shape, value, dtype)
+        plan = slots if path[0] == "branches" else gate
+        if path[0] == "trunk":
+          opt_leaves[key] = from_trunk(key, fill)
+        elif is_slot:
+          opt_leaves[key] = from_slots(key, plan, fill_slot)
+          opt_slotted.add(key)
+        else:  # no branch axis (e.g. one factor for the whole gate): kept whole
+          opt_leaves[key] = first_of(key, plan, fill)
+      subtree = _denormalise(opt_leaves, opt_slotted, info)[tree]
+      opt_state = _replace(opt_state, tree[1:], subtree)
+    state[OPT] = opt_state
+  state["step"] = np.array(trunks[0].step)
+  return state
+
+
+def _opt_form(key, out: _Model, with_opt: Sequence[_Model]):
+  """(slotted, shape without the slot axis, dtype) of an output optimizer leaf.
+
+  From the first source that has the leaf; a gate leaf that no source has (the sources with
+  optimizer state are baselines) takes the form of the subtree's trunk leaves: parameter-shaped
+  (momentum), or a reduced scalar (a per-module factor).
+  """
+  for m in with_opt:
+    if key in m.leaves:
+      x = m.leaves[key]
+      return (True, x.shape[1:], x.dtype) if key in m.slotted else (False, x.shape, x.dtype)
+  trunk = [(path, x) for (tree, path), x in with_opt[0].leaves.items()
+           if tree == key[0] and path[0] == "trunk"]
+  dtype = trunk[0][1].dtype if trunk else np.float32
+  if all(x.shape == out.leaves[(PARAMS, path)].shape for path, x in trunk):
+    return True, out.leaves[(PARAMS, key[1])].shape[1:], dtype
+  return False, (), dtype
+
+
+def _reduced_mean(model: _Model, tree) -> float:
+  """Mean of the leaves of a params-like subtree that are not parameter-shaped (0 if none)."""
+  values = []
+  for (t, path), x in model.leaves.items():
+    if t != tree:
+      continue
+    param = model.leaves[(PARAMS, path)]
+    if x.shape != param.shape:
+      values.append(np.ravel(x))
+  return float(np.mean(np.concatenate(values))) if values else 0.0
+
+
+def _denormalise(leaves: Mapping[Key, np.ndarray], slotted, info) -> Dict[Any, Any]:
+  """Flat slot-first leaves -> nested trees in the checkpoint layout of `info`."""
+  trees: Dict[Tuple[str, ...], Dict[Tuple[str, ...], np.ndarray]] = collections.defaultdict(dict)
+  baseline = info["kind"] == "cifar_resnet"
+  for (tree, path), x in leaves.items():
+    is_slot = (tree, path) in slotted
+    if path[0] == "gate" and is_slot:
+      x = np.moveaxis(x, 0, -1)
+    if path[0] == "branches" and baseline:  # slot 0 is the baseline's 'branch'
+      path, x = ("branch",) + path[1:], x[0] if is_slot else x
+    if tree == OFFSET:
+      path = path[1:]
+    trees[tree][path] = x
+  return {tree[0] if tree in MODEL_TREES else tree: _unflatten(flat)
+          for tree, flat in trees.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The operations.
+
+
+def expand(state, info, num_branches: int, *, mode: str = "copy",
+           sources: Optional[Sequence[int]] = None, rng=None, reset_optimizer: bool = False):
+  """m -> n branches: the m kept as they are, the n - m new ones copies or fresh.
+
+  copy: new slot m + j copies branch sources[j] (default 0, 1, 2, ... cycling) with its gate
+  column, statistics and momentum; each branch used k + 1 times gets offset - log(k + 1) on
+  every copy, so the gate gives the copies together the weight the branch had and the
+  ensemble output is unchanged on every input. fresh: new slots from a fresh initialisation
+  (rng: a PRNG key or an int seed, default 0), with zero gate columns and zero momentum.
+  A baseline is expanded as a 1-branch model (with a fresh gate).
+  """
+  model = _view(state, info, "the model")
+  m = model.num_branches
+  if not isinstance(num_branches, (int, np.integer)) or isinstance(num_branches, bool):
+    raise SurgeryError(f"expand: --branches={num_branches!r} is not an integer")
+  n = int(num_branches)
+  if n < m:
+    raise SurgeryError(f"expand: --branches={n} is fewer than the model's {m} branches: expand "
+                       "only adds branches (extract a branch, or transplant, to reduce)")
+  if mode not in ("copy", "fresh"):
+    raise SurgeryError(f"expand: --mode={mode!r} is unknown: use copy or fresh")
+  out_info = _one_info(model.info, n)
+  kept: List[Slot] = [(model, b) for b in range(m)]
+  if mode == "fresh":
+    if sources is not None:
+      raise SurgeryError("expand: --from chooses the branches that copy mode copies: drop it, or "
+                         "use --mode=copy")
+    fresh = _fresh_model(out_info, rng)
+    slots = kept + [(fresh, b) for b in range(m, n)]
+    return _assemble(out_info, trunk=model, slots=slots, gate=kept + [(None, 0)] * (n - m),
+                     reset_optimizer=reset_optimizer), out_info
+
+  sources = [j % m for j in range(n - m)] if sources is None else list(sources)
+  if len(sources) != n - m:
+    raise SurgeryError(f"expand: --from lists {len(sources)} branches but {m} -> {n} adds "
+                       f"{n - m}: give one source branch per new slot")
+  for s in sources:
+    _check_index("expand", "--from", s, m, "the model")
+  slots = kept + [(model, s) for s in sources]  # a copy takes its source's gate column too
+  state = _assemble(out_info, trunk=model, slots=slots, gate=slots,
+                    reset_optimizer=reset_optimizer)
+  # Each source and its copies share its gate weight: a - log(k + 1) on k + 1 equal activations.
+  origin = list(range(m)) + sources
+  uses = collections.Counter(origin)
+  old = (model.leaves[(OFFSET, ("gate", "log_weight"))] if model.has_gate
+         else np.zeros([m], np.float32))
+  state["gate_offset"]["log_weight"] = np.asarray(
+      [old[s] - np.log(uses[s]) for s in origin], old.dtype)
+  return state, out_info
+
+
+def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
+          slots: Optional[Sequence[int]] = None, trunk_from: Union[int, str] = 0,
+          reset_optimizer: bool = False):
+  """k models (baselines or ONE models, all their branches in order) -> one ONE model.
+
+  slots[i] is the output slot of the i-th source branch (default: in order). The trunk
+  (params, batch_stats, momentum) comes from source trunk_from, or 'mean' averages all
+  sources' trunks (momentum counted as zero for a source without). Each slot's gate column
+  comes from its source where that has a gate, else is fresh (zero dense column, initial
+  BatchNorm). Step counters of the optimizer state and 'step' come from the trunk's source
+  (source 0 for 'mean').
+  """
+  if not states or len(states) != len(infos):
+    raise SurgeryError("merge: give at least one source (--src), each with its model info")
+  whats = [f"source {i}" for i in range(len(states))]
+  _check_same_architecture([_check_info(i, w) for i, w in zip(infos, whats)], whats, "merge")
+  views = [_view(s, i, w) for s, i, w in zip(states, infos, whats)]
+  branches = [(v, b) for v in views for b in range(v.num_branches)]
+  total = len(branches)
+  order = list(range(total)) if slots is None else list(slots)
+  if (not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in order)
+      or sorted(order) != list(range(total))):
+    raise SurgeryError(f"merge: --slots={','.join(map(str, order))} is not an ordering of the "
+                       f"{total} source branches: give each of 0..{total - 1} once")
+  if trunk_from == "mean":
+    trunk = views
+  else:
+    _check_trunk_from(trunk_from, len(views))
+    trunk = views[int(trunk_from)]
+  if not reset_optimizer:
+    _check_opt_compatible("merge", views, whats)
+  plan = [branches[order.index(slot)] for slot in range(total)]
+  out_info = _one_info(views[0].info, total)
+  return _assemble(out_info, trunk=trunk, slots=plan, gate=plan,  # gateless sources: fresh columns
+                   reset_optimizer=reset_optimizer), out_info
+
+
+def _check_trunk_from(trunk_from, k):
+  if (isinstance(trunk_from, bool) or not isinstance(trunk_from, (int, np.integer))
+      or not 0 <= trunk_from < k):
+    raise SurgeryError(f"merge: --trunk_from={trunk_from!r} is invalid: use a source index "
+                       f"0..{k - 1} or 'mean'")
+
+
+def transplant(dst_state, dst_info, src_state, src_info, *, branch: int, slot: int,
+               reset_optimizer: bool = False):
+  """Branch `branch` of X (src; a baseline's only branch is 0) into slot `slot` of Y (dst).
+
+  Only that slot changes: its parameters, statistics and momentum; trunk and gate stay Y's.
+  """
+  whats = ["the destination model (--into)", "the source model (--src)"]
+  _check_same_architecture([_check_info(dst_info, whats[0]), _check_info(src_info, whats[1])],
+                           whats, "transplant")
+  dst, src = _view(dst_state, dst_info, whats[0]), _view(src_state, src_info, whats[1])
+  if not dst.has_gate:
+    raise SurgeryError("transplant: the destination model (--into) is a baseline with one branch: "
+                       "transplant into a ONE model, or merge the two models instead")
+  _check_index("transplant", "--branch", branch, src.num_branches, "the source model (--src)")
+  _check_index("transplant", "--slot", slot, dst.num_branches, "the destination model (--into)")
+  if not reset_optimizer:
+    _check_opt_compatible("transplant", [dst, src], whats)
+  kept = [(dst, b) for b in range(dst.num_branches)]
+  plan = kept[:slot] + [(src, int(branch))] + kept[slot + 1:]
+  state = _assemble(dst.info, trunk=dst, slots=plan, gate=kept, reset_optimizer=reset_optimizer)
+  return state, dict(dst.info)
+
+
+def extract(state, info, *, branch: int, reset_optimizer: bool = False):
+  """Branch `branch` with the trunk as a plain CifarResNet state (the deployable student)."""
+  model = _view(state, info, "the model")
+  if not model.has_gate:
+    raise SurgeryError("extract: the model is already a plain ResNet (a baseline): use it as it is")
+  _check_index("extract", "--branch", branch, model.num_branches, "the model")
+  out_info = _baseline_info(model.info)
+  return _assemble(out_info, trunk=model, slots=[(model, int(branch))], gate=None,
+                   reset_optimizer=reset_optimizer), out_info
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspection.
+
+
+def parameter_counts(state, info) -> Dict[str, int]:
+  """Parameters per part: trunk, branch i (each), gate, total."""
+  model = _view(state, info, "the model")
+  counts = {"trunk": 0}
+  for b in range(model.num_branches):
+    counts[f"branch {b}"] = 0
+  if model.has_gate:
+    counts["gate"] = 0
+  for (tree, path), x in model.leaves.items():
+    if tree != PARAMS:
+      continue
+    if path[0] == "trunk":
+      counts["trunk"] += x.size
+    elif path[0] == "branches":
+      for b in range(model.num_branches):
+        counts[f"branch {b}"] += x[b].size
+    else:
+      counts["gate"] += x.size
+  counts["total"] = sum(counts.values())
+  return counts
+
+
+def describe_checkpoint(path: str) -> str:
+  """The text `inspect` prints."""
+  state, meta = checkpoints.restore_raw(path)
+  info = _check_info(meta["model"], path)
+  model = _view(state, info, path)
+  lines = [f"checkpoint: {os.path.abspath(path)}",
+           f"model:      {info['kind']}, depth {info['depth']}, {info['block']} blocks, "
+           f"{model.num_branches} branch{'es' if model.num_branches != 1 else ''}, "
+           f"{info['num_classes']} classes",
+           f"step:       {int(np.asarray(state.get('step', meta.get('step', 0))))}",
+           f"epoch:      {meta.get('epoch', 'unknown')}"]
+  if model.has_gate:
+    offsets = model.leaves[(OFFSET, ("gate", "log_weight"))]
+    lines.append("gate offset: " + " ".join(f"{o:.4f}" for o in offsets))
+  lines.append("parameters:")
+  for part, count in parameter_counts(state, info).items():
+    lines.append(f"  {part:<10} {count:>12,}")
+  if OPT in state:
+    subtrees = ", ".join("/".join(t[1:]) or "(root)" for t in model.opt_trees) or "none"
+    lines.append(f"optimizer state: present (parameter-structured subtrees: {subtrees})")
+  else:
+    lines.append("optimizer state: absent")
+  if "surgery" in meta:
+    lines.append(f"surgery:    {json.dumps(meta['surgery'])}")
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orbax layer: restore, edit, save a new checkpoint. Validated before anything is written.
+
+
+def _check_dst(dst: str) -> str:
+  dst = os.path.abspath(os.fspath(dst))
+  if os.path.exists(dst):
+    raise SurgeryError(f"destination {dst} already exists: choose a new --dst (nothing was written)")
+  if not os.path.isdir(os.path.dirname(dst)):
+    raise SurgeryError(f"the parent directory of --dst {dst} does not exist: create it first")
+  return dst
+
+
+def _restore(path: str):
+  state, meta = checkpoints.restore_raw(path)
+  return state, meta
+
+
+def _save(dst, state, info, trunk_meta, surgery: Dict[str, Any]) -> str:
+  meta = {"model": info, "step": int(np.asarray(state["step"])), "surgery": surgery}
+  if trunk_meta.get("epoch") is not None:
+    meta["epoch"] = trunk_meta["epoch"]
+  return checkpoints.save_standalone(dst, state, meta)
+
+
+def _source(path, meta):
+  return {"path": os.path.abspath(path), "step": meta.get("step"), "epoch": meta.get("epoch"),
+          "model": meta["model"]}
+
+
+def run_expand(src: str, dst: str, num_branches: int, *, mode: str = "copy",
+               sources: Optional[Sequence[int]] = None, seed: int = 0,
+               reset_optimizer: bool = False) -> str:
+  dst = _check_dst(dst)
+  state, meta = _restore(src)
+  new_state, info = expand(state, meta["model"], num_branches, mode=mode, sources=sources,
+                           rng=seed, reset_optimizer=reset_optimizer)
+  return _save(dst, new_state, info, meta, {
+      "operation": "expand", "mode": mode, "num_branches": int(num_branches),
+      "from": None if sources is None else [int(s) for s in sources],
+      "seed": int(seed) if mode == "fresh" else None, "reset_optimizer": bool(reset_optimizer),
+      "sources": [_source(src, meta)]})
+
+
+def run_merge(srcs: Sequence[str], dst: str, *, slots: Optional[Sequence[int]] = None,
+              trunk_from: Union[int, str] = 0, reset_optimizer: bool = False) -> str:
+  dst = _check_dst(dst)
+  restored = [_restore(s) for s in srcs]
+  new_state, info = merge([s for s, _ in restored], [m["model"] for _, m in restored],
+                          slots=slots, trunk_from=trunk_from, reset_optimizer=reset_optimizer)
+  trunk_meta = restored[0 if trunk_from == "mean" else int(trunk_from)][1]
+  return _save(dst, new_state, info, trunk_meta, {
+      "operation": "merge", "trunk_from": trunk_from,
+      "slots": None if slots is None else [int(s) for s in slots],
+      "reset_optimizer": bool(reset_optimizer),
+      "sources": [_source(p, m) for p, (_, m) in zip(srcs, restored)]})
+
+
+def run_transplant(src: str, branch: int, into: str, slot: int, dst: str, *,
+                   reset_optimizer: bool = False) -> str:
+  dst = _check_dst(dst)
+  src_state, src_meta = _restore(src)
+  dst_state, dst_meta = _restore(into)
+  new_state, info = transplant(dst_state, dst_meta["model"], src_state, src_meta["model"],
+                               branch=branch, slot=slot, reset_optimizer=reset_optimizer)
+  return _save(dst, new_state, info, dst_meta, {
+      "operation": "transplant", "branch": int(branch), "slot": int(slot),
+      "reset_optimizer": bool(reset_optimizer),
+      "sources": [_source(into, dst_meta), _source(src, src_meta)]})
+
+
+def run_extract(src: str, branch: int, dst: str, *, reset_optimizer: bool = False) -> str:
+  dst = _check_dst(dst)
+  state, meta = _restore(src)
+  new_state, info = extract(state, meta["model"], branch=branch, reset_optimizer=reset_optimizer)
+  return _save(dst, new_state, info, meta, {
+      "operation": "extract", "branch": int(branch), "reset_optimizer": bool(reset_optimizer),
+      "sources": [_source(src, meta)]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+class _UsageError(Exception):
+  pass
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    raise _UsageError(message)
+
+
+def _int_list(text: str) -> List[int]:
+  try:
+    return [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of branch indices")
+
+
+def _trunk_from(text: str):
+  if text == "mean":
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a source index nor 'mean'")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="python -m one_jax.surgery",
+                   description="Grow, merge, transplant and extract branches of one_jax checkpoints.")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  p = sub.add_parser("expand", help="m -> N branches (copies keep the ensemble output unchanged)")
+  p.add_argument("--src", required=True)
+  p.add_argument("--dst", required=True)
+  p.add_argument("--branches", required=True, type=int)
+  p.add_argument("--mode", default="copy", choices=("copy", "fresh"))
+  p.add_argument("--from", dest="sources", type=_int_list, default=None,
+                 help="copy mode: the branch each new slot copies (default 0,1,2,... cycling)")
+  p.add_argument("--seed", type=int, default=0, help="fresh mode: initialisation seed")
+  p.add_argument("--reset_optimizer", action="store_true")
+  p = sub.add_parser("merge", help="k models -> one model with a slot per source branch")
+  p.add_argument("--src", required=True, action="append")
+  p.add_argument("--dst", required=True)
+  p.add_argument("--trunk_from", type=_trunk_from, default=0)
+  p.add_argument("--slots", type=_int_list, default=None,
+                 help="output slot of each source branch, in source order (default: in order)")
+  p.add_argument("--reset_optimizer", action="store_true")
+  p = sub.add_parser("transplant", help="branch I of X into slot J of Y")
+  p.add_argument("--src", required=True)
+  p.add_argument("--branch", required=True, type=int)
+  p.add_argument("--into", required=True)
+  p.add_argument("--slot", required=True, type=int)
+  p.add_argument("--dst", required=True)
+  p.add_argument("--reset_optimizer", action="store_true")
+  p = sub.add_parser("extract", help="branch I + trunk -> a plain CifarResNet checkpoint")
+  p.add_argument("--src", required=True)
+  p.add_argument("--branch", required=True, type=int)
+  p.add_argument("--dst", required=True)
+  p.add_argument("--reset_optimizer", action="store_true")
+  p = sub.add_parser("inspect", help="print a checkpoint's model, step, parameter counts")
+  p.add_argument("checkpoint")
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs one command; on failure prints one line `error: ...` on stderr and returns 1."""
+  from absl import logging as absl_logging  # Orbax logs warnings on every read-only restore
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    args = _parser().parse_args(argv)
+    if args.command == "expand":
+      out = run_expand(args.src, args.dst, args.branches, mode=args.mode, sources=args.sources,
+                       seed=args.seed, reset_optimizer=args.reset_optimizer)
+    elif args.command == "merge":
+      out = run_merge(args.src, args.dst, slots=args.slots, trunk_from=args.trunk_from,
+                      reset_optimizer=args.reset_optimizer)
+    elif args.command == "transplant":
+      out = run_transplant(args.src, args.branch, args.into, args.slot, args.dst,
+                           reset_optimizer=args.reset_optimizer)
+    elif args.command == "extract":
+      out = run_extract(args.src, args.branch, args.dst, reset_optimizer=args.reset_optimizer)
+    else:
+      print(describe_checkpoint(args.checkpoint))
+      return 0
+  except (_UsageError, ValueError, OSError) as e:
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+  print(describe_checkpoint(out))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
