@@ -4,11 +4,16 @@ Every operation is a pure function on checkpoint states (the `state` item of a o
 checkpoint: {'params', 'batch_stats', ['gate_offset'], ['opt_state'], 'step'}) and model infos
 (meta['model']); `run_*` wrap them with Orbax and `main` is the command line:
 
-  python -m one_jax.surgery expand --src=CKPT --dst=OUT --branches=N [--mode=copy|fresh] [--from=0,1]
-  python -m one_jax.surgery merge --src=A --src=B --src=C --dst=OUT [--trunk_from=0|mean] [--slots=2,0,1]
+  python -m one_jax.surgery expand --src=CKPT --dst=OUT --branches=N [--mode=copy|fresh]
+      [--from=0,1] [--fresh_gate=zero|init] [--seed=0] [--reset_optimizer]
+  python -m one_jax.surgery merge --src=A --src=B --src=C --dst=OUT [--trunk_from=0|mean]
+      [--slots=2,0,1] [--fresh_gate=zero|init] [--seed=0] [--reset_optimizer]
   python -m one_jax.surgery transplant --src=X --branch=I --into=Y --slot=J --dst=OUT
-  python -m one_jax.surgery extract --src=CKPT --branch=I --dst=OUT
+      [--reset_optimizer]
+  python -m one_jax.surgery extract --src=CKPT --branch=I --dst=OUT [--reset_optimizer]
   python -m one_jax.surgery inspect CKPT
+
+Errors print one line `error: ...` on stderr and exit with status 1, having written nothing.
 
 Branch slots. Every leaf under 'branches' has its branch slot on axis 0, every gate leaf
 (dense kernel [F, B], biases, BatchNorm entries, the offset [B]) on its last axis. Here gate
@@ -52,11 +57,14 @@ Key = Tuple[Tuple[str, ...], Tuple[str, ...]]  # (tree, path inside the tree)
 PARAMS, STATS, OFFSET = ("params",), ("batch_stats",), ("gate_offset",)
 MODEL_TREES = (PARAMS, STATS, OFFSET)
 OPT = "opt_state"
-# A fresh gate column: zero dense weights (so a new branch changes no gate activation of the
-# others), BatchNorm at its initial values, no offset.
+# A fresh gate column (fresh_gate='zero'): zero dense weights, BatchNorm at its initial values,
+# no offset. Such a column's activation is ReLU(0) = 0 on every input and gets no gradient: next
+# to trained columns it is a fixed reference, but a gate made only of them (merged baselines)
+# stays uniform in training. fresh_gate='init' takes the columns of a fresh initialisation.
 FRESH_GATE = {("dense", "kernel"): 0.0, ("dense", "bias"): 0.0, ("bn", "scale"): 1.0,
               ("bn", "bias"): 0.0, ("bn", "mean"): 0.0, ("bn", "var"): 1.0,
               ("log_weight",): 0.0}
+FRESH_GATES = ("zero", "init")
 INIT_IMAGE_SHAPE = (1, 8, 8, 3)  # parameter shapes do not depend on the image size
 
 
@@ -463,15 +471,17 @@ def _denormalise(leaves: Mapping[Key, np.ndarray], slotted, info) -> Dict[Any, A
 
 
 def expand(state, info, num_branches: int, *, mode: str = "copy",
-           sources: Optional[Sequence[int]] = None, rng=None, reset_optimizer: bool = False):
+           sources: Optional[Sequence[int]] = None, rng=None, fresh_gate: str = "zero",
+           reset_optimizer: bool = False):
   """m -> n branches: the m kept as they are, the n - m new ones copies or fresh.
 
   copy: new slot m + j copies branch sources[j] (default 0, 1, 2, ... cycling) with its gate
   column, statistics and momentum; each branch used k + 1 times gets offset - log(k + 1) on
   every copy, so the gate gives the copies together the weight the branch had and the
   ensemble output is unchanged on every input. fresh: new slots from a fresh initialisation
-  (rng: a PRNG key or an int seed, default 0), with zero gate columns and zero momentum.
-  A baseline is expanded as a 1-branch model (with a fresh gate).
+  (rng: a PRNG key or an int seed, default 0), with fresh gate columns and zero momentum.
+  A baseline is expanded as a 1-branch model with fresh gate columns (in copy mode all equal,
+  so its output is kept). fresh_gate: 'zero' or 'init' (see FRESH_GATE).
   """
   model = _view(state, info, "the model")
   m = model.num_branches
@@ -483,15 +493,18 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
                        "only adds branches (extract a branch, or transplant, to reduce)")
   if mode not in ("copy", "fresh"):
     raise SurgeryError(f"expand: --mode={mode!r} is unknown: use copy or fresh")
+  _check_fresh_gate("expand", fresh_gate)
   out_info = _one_info(model.info, n)
+  fresh = _fresh_model(out_info, rng) if mode == "fresh" or fresh_gate == "init" else None
+  column = functools.partial(_fresh_column, fresh, fresh_gate)
   kept: List[Slot] = [(model, b) for b in range(m)]
   if mode == "fresh":
     if sources is not None:
       raise SurgeryError("expand: --from chooses the branches that copy mode copies: drop it, or "
                          "use --mode=copy")
-    fresh = _fresh_model(out_info, rng)
     slots = kept + [(fresh, b) for b in range(m, n)]
-    return _assemble(out_info, trunk=model, slots=slots, gate=kept + [(None, 0)] * (n - m),
+    gate = [(model, b) if model.has_gate else column(b) for b in range(m)]
+    return _assemble(out_info, trunk=model, slots=slots, gate=gate + [column(b) for b in range(m, n)],
                      reset_optimizer=reset_optimizer), out_info
 
   sources = [j % m for j in range(n - m)] if sources is None else list(sources)
@@ -501,8 +514,8 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
   for s in sources:
     _check_index("expand", "--from", s, m, "the model")
   slots = kept + [(model, s) for s in sources]  # a copy takes its source's gate column too
-  state = _assemble(out_info, trunk=model, slots=slots, gate=slots,
-                    reset_optimizer=reset_optimizer)
+  gate = slots if model.has_gate else [column(0)] * n  # a baseline's copies: equal columns
+  state = _assemble(out_info, trunk=model, slots=slots, gate=gate, reset_optimizer=reset_optimizer)
   # Each source and its copies share its gate weight: a - log(k + 1) on k + 1 equal activations.
   origin = list(range(m)) + sources
   uses = collections.Counter(origin)
@@ -515,14 +528,15 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
 
 def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
           slots: Optional[Sequence[int]] = None, trunk_from: Union[int, str] = 0,
-          reset_optimizer: bool = False):
+          fresh_gate: str = "zero", rng=None, reset_optimizer: bool = False):
   """k models (baselines or ONE models, all their branches in order) -> one ONE model.
 
   slots[i] is the output slot of the i-th source branch (default: in order). The trunk
   (params, batch_stats, momentum) comes from source trunk_from, or 'mean' averages all
   sources' trunks (momentum counted as zero for a source without). Each slot's gate column
-  comes from its source where that has a gate, else is fresh (zero dense column, initial
-  BatchNorm). Step counters of the optimizer state and 'step' come from the trunk's source
+  comes from its source where that has a gate, else is fresh (fresh_gate 'zero': zero dense
+  column and initial BatchNorm; 'init': from a fresh initialisation with rng, see FRESH_GATE).
+  Step counters of the optimizer state and 'step' come from the trunk's source
   (source 0 for 'mean').
   """
   if not states or len(states) != len(infos):
@@ -542,12 +556,26 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
   else:
     _check_trunk_from(trunk_from, len(views))
     trunk = views[int(trunk_from)]
+  _check_fresh_gate("merge", fresh_gate)
   if not reset_optimizer:
     _check_opt_compatible("merge", views, whats)
   plan = [branches[order.index(slot)] for slot in range(total)]
   out_info = _one_info(views[0].info, total)
-  return _assemble(out_info, trunk=trunk, slots=plan, gate=plan,  # gateless sources: fresh columns
+  fresh = _fresh_model(out_info, rng) if fresh_gate == "init" else None
+  gate = [(m, b) if m.has_gate else _fresh_column(fresh, fresh_gate, k)
+          for k, (m, b) in enumerate(plan)]
+  return _assemble(out_info, trunk=trunk, slots=plan, gate=gate,
                    reset_optimizer=reset_optimizer), out_info
+
+
+def _check_fresh_gate(op, fresh_gate):
+  if fresh_gate not in FRESH_GATES:
+    raise SurgeryError(f"{op}: --fresh_gate={fresh_gate!r} is unknown: use zero or init")
+
+
+def _fresh_column(fresh: Optional[_Model], fresh_gate: str, k: int) -> Slot:
+  """The gate-plan entry of a fresh column: none ('zero'), or column k of a fresh model."""
+  return (fresh, k) if fresh_gate == "init" else (None, 0)
 
 
 def _check_trunk_from(trunk_from, k):
@@ -675,29 +703,32 @@ def _source(path, meta):
 
 
 def run_expand(src: str, dst: str, num_branches: int, *, mode: str = "copy",
-               sources: Optional[Sequence[int]] = None, seed: int = 0,
+               sources: Optional[Sequence[int]] = None, seed: int = 0, fresh_gate: str = "zero",
                reset_optimizer: bool = False) -> str:
   dst = _check_dst(dst)
   state, meta = _restore(src)
   new_state, info = expand(state, meta["model"], num_branches, mode=mode, sources=sources,
-                           rng=seed, reset_optimizer=reset_optimizer)
+                           rng=seed, fresh_gate=fresh_gate, reset_optimizer=reset_optimizer)
   return _save(dst, new_state, info, meta, {
       "operation": "expand", "mode": mode, "num_branches": int(num_branches),
-      "from": None if sources is None else [int(s) for s in sources],
-      "seed": int(seed) if mode == "fresh" else None, "reset_optimizer": bool(reset_optimizer),
+      "from": None if sources is None else [int(s) for s in sources], "seed": int(seed),
+      "fresh_gate": fresh_gate, "reset_optimizer": bool(reset_optimizer),
       "sources": [_source(src, meta)]})
 
 
 def run_merge(srcs: Sequence[str], dst: str, *, slots: Optional[Sequence[int]] = None,
-              trunk_from: Union[int, str] = 0, reset_optimizer: bool = False) -> str:
+              trunk_from: Union[int, str] = 0, fresh_gate: str = "zero", seed: int = 0,
+              reset_optimizer: bool = False) -> str:
   dst = _check_dst(dst)
   restored = [_restore(s) for s in srcs]
   new_state, info = merge([s for s, _ in restored], [m["model"] for _, m in restored],
-                          slots=slots, trunk_from=trunk_from, reset_optimizer=reset_optimizer)
+                          slots=slots, trunk_from=trunk_from, fresh_gate=fresh_gate, rng=seed,
+                          reset_optimizer=reset_optimizer)
   trunk_meta = restored[0 if trunk_from == "mean" else int(trunk_from)][1]
   return _save(dst, new_state, info, trunk_meta, {
       "operation": "merge", "trunk_from": trunk_from,
-      "slots": None if slots is None else [int(s) for s in slots],
+      "slots": None if slots is None else [int(s) for s in slots], "fresh_gate": fresh_gate,
+      "seed": int(seed),
       "reset_optimizer": bool(reset_optimizer),
       "sources": [_source(p, m) for p, (_, m) in zip(srcs, restored)]})
 
@@ -764,7 +795,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--mode", default="copy", choices=("copy", "fresh"))
   p.add_argument("--from", dest="sources", type=_int_list, default=None,
                  help="copy mode: the branch each new slot copies (default 0,1,2,... cycling)")
-  p.add_argument("--seed", type=int, default=0, help="fresh mode: initialisation seed")
+  p.add_argument("--seed", type=int, default=0, help="seed of fresh initialisations")
+  p.add_argument("--fresh_gate", default="zero", choices=FRESH_GATES,
+                 help="gate columns of fresh slots: zero (no gradient) or init (random)")
   p.add_argument("--reset_optimizer", action="store_true")
   p = sub.add_parser("merge", help="k models -> one model with a slot per source branch")
   p.add_argument("--src", required=True, action="append")
@@ -772,6 +805,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--trunk_from", type=_trunk_from, default=0)
   p.add_argument("--slots", type=_int_list, default=None,
                  help="output slot of each source branch, in source order (default: in order)")
+  p.add_argument("--fresh_gate", default="zero", choices=FRESH_GATES,
+                 help="gate columns of baseline sources: zero (no gradient) or init (random)")
+  p.add_argument("--seed", type=int, default=0, help="seed of fresh gate columns (init)")
   p.add_argument("--reset_optimizer", action="store_true")
   p = sub.add_parser("transplant", help="branch I of X into slot J of Y")
   p.add_argument("--src", required=True)
@@ -798,9 +834,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "expand":
       out = run_expand(args.src, args.dst, args.branches, mode=args.mode, sources=args.sources,
-                       seed=args.seed, reset_optimizer=args.reset_optimizer)
+                       seed=args.seed, fresh_gate=args.fresh_gate,
+                       reset_optimizer=args.reset_optimizer)
     elif args.command == "merge":
       out = run_merge(args.src, args.dst, slots=args.slots, trunk_from=args.trunk_from,
+                      fresh_gate=args.fresh_gate, seed=args.seed,
                       reset_optimizer=args.reset_optimizer)
     elif args.command == "transplant":
       out = run_transplant(args.src, args.branch, args.into, args.slot, args.dst,

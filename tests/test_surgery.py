@@ -168,6 +168,24 @@ def test_expand_baseline_copies_keep_its_output(base):
   chex.assert_trees_all_equal(trace(new)["gate"]["dense"]["kernel"], np.zeros((32, 3), np.float32))
 
 
+def test_fresh_gate_init_gives_trainable_random_columns(base, one2):
+  state, info = base
+  new, new_info = surgery.expand(state, info, 3, fresh_gate="init", rng=3)
+  kernel = new["params"]["gate"]["dense"]["kernel"]
+  assert np.all(kernel != 0) and np.all(kernel == kernel[:, :1])  # equal columns: output kept
+  chex.assert_trees_all_close(apply(new_info, new).ensemble_logits, apply(info, state),
+                              atol=1e-5, rtol=1e-5)
+  merged, _ = surgery.merge([state, one2[0], state], [info, one2[1], info], fresh_gate="init")
+  kernel = merged["params"]["gate"]["dense"]["kernel"]
+  fresh = surgery.expand(state, info, 4, mode="fresh", fresh_gate="init")[0]
+  chex.assert_trees_all_equal(kernel[:, 3], fresh["params"]["gate"]["dense"]["kernel"][:, 3])
+  chex.assert_trees_all_equal(kernel[:, 1:3], one2[0]["params"]["gate"]["dense"]["kernel"])
+  assert np.all(kernel[:, 0] != 0) and not np.allclose(kernel[:, 0], kernel[:, 3])
+  assert merged["params"]["gate"]["bn"]["scale"][0] == 1
+  chex.assert_trees_all_equal(trace(merged)["gate"]["dense"]["kernel"][:, 0],
+                              np.zeros(32, np.float32))
+
+
 def test_reset_optimizer_leaves_the_optimizer_out(one2):
   state, info = one2
   new, _ = surgery.expand(state, info, 3, reset_optimizer=True)
@@ -345,6 +363,7 @@ def test_transplant_changes_only_the_slot(one2, base):
     (lambda s, i, b, bi: surgery.expand(s, i, 4, sources=[0]), "lists 1 branches"),
     (lambda s, i, b, bi: surgery.expand(s, i, 3, mode="fresh", sources=[0]), "--from"),
     (lambda s, i, b, bi: surgery.expand(s, i, 3, mode="grow"), "--mode='grow'"),
+    (lambda s, i, b, bi: surgery.merge([b], [bi], fresh_gate="random"), "--fresh_gate='random'"),
     (lambda s, i, b, bi: surgery.extract(b, bi, branch=0), "already a plain ResNet"),
     (lambda s, i, b, bi: surgery.extract(s, i, branch=2), "--branch=2 is out of range"),
     (lambda s, i, b, bi: surgery.extract(s, i, branch=-1), "--branch=-1 is out of range"),
