@@ -201,11 +201,14 @@ def model_meta(config, model, epoch: int) -> Dict[str, Any]:
 
 
 def state_from_checkpoint(raw: Dict[str, Any], template: Dict[str, Any], *, source: str,
-                          with_optimizer: bool = True) -> Dict[str, Any]:
+                          with_optimizer: bool = True,
+                          restart_counters: bool = False) -> Dict[str, Any]:
   """Fits a raw restored state onto the structure of `template` (this run's fresh state).
 
   Variables must match exactly (shapes included); the optimizer state is taken when present
   and of the same structure, else the fresh one is kept (e.g. after surgery that reset it).
+  restart_counters: a new run initialised from another's checkpoint keeps its momentum but
+  starts its own step counters (learning-rate schedule, gradient-ratio period) at zero.
   """
   state = {}
   for key in ("params", "batch_stats", "gate_offset"):
@@ -225,8 +228,12 @@ def state_from_checkpoint(raw: Dict[str, Any], template: Dict[str, Any], *, sour
   state["opt_state"] = template["opt_state"]
   if with_optimizer and "opt_state" in raw:
     try:
-      state["opt_state"] = flax.serialization.from_state_dict(template["opt_state"],
-                                                              raw["opt_state"])
+      opt_state = flax.serialization.from_state_dict(template["opt_state"], raw["opt_state"])
+      if restart_counters:
+        opt_state = jax.tree.map(
+            lambda x, t: np.asarray(t) if np.issubdtype(np.asarray(x).dtype, np.integer) else x,
+            opt_state, template["opt_state"])
+      state["opt_state"] = opt_state
     except (ValueError, KeyError, TypeError):
       logging.warning("%s: optimizer state does not fit this optimizer; starting it fresh",
                       source)
@@ -273,7 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   elif config.init_from:
     raw, _ = checkpoints.restore_raw(config.init_from)
     state = state_from_checkpoint(raw, fresh, source=config.init_from,
-                                  with_optimizer=config.init_optimizer_state)
+                                  with_optimizer=config.init_optimizer_state,
+                                  restart_counters=True)
     logging.info("Initialised from %s", config.init_from)
   state = parallel.replicate(state, mesh)
 

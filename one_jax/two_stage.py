@@ -1,0 +1,97 @@
+"""Two-stage cooperative networks: prepare stage 2's starting checkpoint from stage-1 runs.
+
+A configs/step2.py variant names its sources (config.source / config.sources) and a surgery
+(config.surgery). Before training, `prepare(config, workdir)` performs that surgery once into
+WORKDIR/init and points config.init_from at it; a restarted run finds its own checkpoints and
+resumes instead. Everything else is the ordinary training loop.
+"""
+import os
+from typing import List
+
+import jax
+import ml_collections
+import numpy as np
+
+from one_jax import checkpoints, surgery
+
+SURGERIES = ("", "expand", "merge")
+INIT_SUBDIR = "init"
+
+
+def source_paths(config) -> List[str]:
+  """config.sources ('a,b,c') or config.source, checked to exist (one-line errors)."""
+  raw = config.get("sources", "") or config.get("source", "")
+  paths = [p.strip() for p in str(raw).split(",") if p.strip()]
+  if not paths:
+    raise ValueError(f"variant {config.get('variant', '')!r} needs its stage-1 checkpoints: set "
+                     "--config.source=RUN_DIR (or --config.sources=A,B,C for a merge)")
+  for p in paths:
+    if not os.path.exists(p):
+      raise ValueError(f"source checkpoint {p} does not exist: train it first (see the README's "
+                       "two-stage walk-through) or fix the path")
+  return paths
+
+
+def perturb_branches(state, first_slot: int, scale: float, seed: int):
+  """Breaks the symmetry of copied branches: slots >= first_slot get Gaussian noise of
+  `scale` times each parameter leaf's standard deviation (per slot, a different draw)."""
+  params = state["params"]
+  rng = np.random.default_rng(seed)
+
+  def noisy(leaf):
+    leaf = np.array(leaf, copy=True)
+    for b in range(first_slot, leaf.shape[0]):
+      std = float(np.std(leaf[b])) or 1.0
+      leaf[b] = leaf[b] + scale * std * rng.standard_normal(leaf[b].shape).astype(leaf.dtype)
+    return leaf
+
+  branches = jax.tree.map(noisy, params["branches"])
+  return dict(state, params=dict(params, branches=branches))
+
+
+def _expand(config, src: str, dst: str) -> str:
+  state, meta = checkpoints.restore_raw(src)
+  info = meta["model"]
+  old_branches = info.get("num_branches", 1)
+  sources = [int(s) for s in str(config.expand_from).split(",") if s.strip()] or None
+  new_state, new_info = surgery.expand(state, info, config.num_branches, mode=config.expand_mode,
+                                       sources=sources, rng=config.seed,
+                                       reset_optimizer=config.reset_optimizer)
+  if config.symmetry_noise > 0:
+    new_state = perturb_branches(new_state, old_branches, config.symmetry_noise, config.seed)
+  return checkpoints.save_standalone(dst, new_state, {
+      "model": new_info, "epoch": 0, "surgery": {
+          "operation": "expand", "mode": config.expand_mode, "source": os.path.abspath(src),
+          "symmetry_noise": config.symmetry_noise}})
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """Returns the config to train with: init_from set to the surgery's output when needed."""
+  op = config.get("surgery", "")
+  if op not in SURGERIES:
+    raise ValueError(f"surgery={op!r} is unknown: use one of 'expand', 'merge' or ''")
+  if config.get("eval_only", False) and not config.init_from and config.get("source", ""):
+    config = _unlocked(config, init_from=source_paths(config)[0])
+  if not op:
+    return config
+  ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR)
+  init_dir = os.path.join(workdir, INIT_SUBDIR)
+  resuming = os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)
+  if not resuming and not os.path.exists(init_dir):
+    paths = source_paths(config)
+    os.makedirs(workdir, exist_ok=True)
+    if op == "expand":
+      _expand(config, paths[0], init_dir)
+    else:
+      trunk_from = config.trunk_from if config.trunk_from == "mean" else int(config.trunk_from)
+      # Sources without a gate (baselines) get freshly initialised gate columns: all-zero
+      # columns would give the gate no gradient at all.
+      surgery.run_merge(paths, init_dir, trunk_from=trunk_from, fresh_gate="init",
+                        seed=config.seed, reset_optimizer=config.reset_optimizer)
+  return _unlocked(config, init_from=init_dir)
+
+
+def _unlocked(config, **updates):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.update(updates)
+  return config
