@@ -54,7 +54,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   from one_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from one_jax import train  # pylint: disable=g-import-not-at-top
+  from one_jax import train, two_stage  # pylint: disable=g-import-not-at-top
 
   workdir = FLAGS.workdir or default_workdir(config)
   os.makedirs(workdir, exist_ok=True)
