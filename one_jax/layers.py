@@ -65,7 +65,7 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     else:
       reduce_axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.float32)
+      xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # >= float32 statistics
       mean = jnp.mean(xf, axis=reduce_axes)
       mean_sq = jnp.mean(jnp.square(xf), axis=reduce_axes)
       count = x.size // features

@@ -1,0 +1,450 @@
+"""PyTorch reference checkpoints <-> one_jax models and checkpoints.
+
+Reads the reference code's .pth.tar files (ONE ResNets with any branch count, and baseline
+ResNets), or bare state dicts, into (model, variables) with the layout of one_jax.models, and
+writes one_jax variables back under the reference names. The mapping is generated from the
+flax variable tree, so both directions are the same table:
+
+  conv1 / bn1 / layer{1,2}.{i}.*       <-> trunk/conv1, trunk/bn1, trunk/layer{1,2}_{i}/*
+  layer3_{b}.{i}.*, classfier3_{b}     <-> branches/layer3_{i}/*, branches/classifier [b-1]
+  layer3.{i}.*, fc (baseline)          <-> branch/layer3_{i}/*, branch/classifier
+  control_v1, bn_v1                    <-> gate/dense, gate/bn
+  {..}.downsample.0 / .downsample.1    <-> {..}/downsample_conv / {..}/downsample_bn
+  weight (conv OIHW, linear [out, in]) <-> kernel (HWIO, [in, out]); BN weight <-> scale;
+  running_mean / running_var           <-> batch_stats mean / var
+
+Torch branches are numbered from 1, one_jax branches from 0. `num_batches_tracked` has no
+one_jax counterpart: the imported values are kept in the checkpoint metadata so that export
+reproduces the original state dict exactly.
+
+Command line:
+  python -m one_jax.convert IN.pth.tar OUT_DIR            # -> a one_jax checkpoint
+  python -m one_jax.convert --to_torch CKPT OUT.pth.tar   # -> {'state_dict': ..., 'epoch': ...}
+"""
+import argparse
+import collections
+import dataclasses
+import functools
+import os
+import re
+import sys
+from typing import Any, Dict, Mapping, Optional, Union
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from one_jax import checkpoints, models
+
+SPELLINGS = ("classfier", "classifier")  # the reference's spelling, and later forks'
+NBT = "num_batches_tracked"
+_MAX_LISTED = 20
+
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias",
+                  "mean": "running_mean", "var": "running_var"}
+_MODULE_TO_TORCH = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+_GATE_TO_TORCH = {"dense": "control_v1", "bn": "bn_v1"}
+
+
+class ConversionError(ValueError):
+  """A torch checkpoint cannot be converted (the message names the file and the cause)."""
+
+
+@dataclasses.dataclass
+class TorchImport:
+  """Everything read from a torch checkpoint: the model, its variables, and what export needs."""
+  model: Any
+  variables: Dict[str, Any]
+  num_batches_tracked: Optional[Dict[str, int]]  # None: the file had none (PyTorch < 0.4.1)
+  spelling: str
+  module_prefix: bool
+  epoch: int = 0
+  extras: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def torch_meta(self) -> Dict[str, Any]:
+    """The JSON-able part that export_torch_state_dict needs to reproduce the file."""
+    return {"num_batches_tracked": self.num_batches_tracked, "spelling": self.spelling,
+            "module_prefix": self.module_prefix, "extras": self.extras}
+
+
+# ----------------------------------------------------------------------------- the name table
+
+
+def _list(keys):
+  keys = sorted(keys)
+  more = f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+  return "[" + ", ".join(keys[:_MAX_LISTED]) + more + "]"
+
+
+def _module_name(top: str, module: str, branch: Optional[int], spelling: str) -> str:
+  """Torch name of one flax module on the path (branch: 0-based slot of 'branches')."""
+  stage = re.fullmatch(r"layer(\d)_(\d+)", module)
+  if stage:
+    if top == "branches":
+      return f"layer{stage[1]}_{branch + 1}.{stage[2]}"
+    return f"layer{stage[1]}.{stage[2]}"
+  if module == "classifier":
+    return f"{spelling}3_{branch + 1}" if top == "branches" else "fc"
+  if top == "gate":
+    return _GATE_TO_TORCH[module]
+  return _MODULE_TO_TORCH.get(module, module)
+
+
+def torch_key(path, branch: Optional[int] = None, spelling: str = "classfier") -> str:
+  """Reference state-dict key (no 'module.' prefix) of a flax leaf path like
+  ('trunk', 'layer1_0', 'conv1', 'kernel'); `branch` picks the slot of a 'branches' leaf."""
+  top, *modules, leaf = path
+  names = [_module_name(top, m, branch, spelling) for m in modules]
+  return ".".join(names + [_LEAF_TO_TORCH[leaf]])
+
+
+_TORCH_ORDER = {name: i for i, name in enumerate(
+    ["conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample", "layer1", "layer2", "layer3",
+     "control_v1", "bn_v1", "classfier3", "classifier3", "fc", "weight", "bias", "running_mean",
+     "running_var", NBT])}
+
+
+def _torch_order(key: str):
+  """Sort key giving the reference modules' registration order (that of their state_dict())."""
+  ranks = []
+  for part in key.split("."):
+    base, _, branch = part.rpartition("_") if re.fullmatch(r"\w+3_\d+", part) else (part, "", "")
+    ranks.append((int(part), 0) if part.isdigit() else (_TORCH_ORDER[base], int(branch or 0)))
+  return ranks
+
+
+@functools.lru_cache(maxsize=16)
+def _variable_shapes(model):
+  """Shapes of model.init's variables, without computing them (read-only: cached)."""
+  images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+
+
+def name_table(model, spelling: str = "classfier"):
+  """[(torch key, (collection, *flax path), branch slot or None, flax leaf shape)] in order."""
+  if spelling not in SPELLINGS:
+    raise ValueError(f"spelling={spelling!r} is unknown: use one of {', '.join(SPELLINGS)}")
+  shapes = _variable_shapes(model)
+  table = []
+  for col in ("params", "batch_stats"):
+    for path, leaf in flax.traverse_util.flatten_dict(shapes.get(col, {})).items():
+      slots = range(leaf.shape[0]) if path[0] == "branches" else [None]
+      for b in slots:
+        table.append((torch_key(path, b, spelling), (col,) + path, b, leaf.shape))
+  return sorted(table, key=lambda row: _torch_order(row[0]))
+
+
+def _bn_modules(table):
+  """Torch names of the BatchNorm modules (those with a running_mean)."""
+  return [k[:-len(".running_mean")] for k, *_ in table if k.endswith(".running_mean")]
+
+
+def _to_torch_layout(x: np.ndarray, leaf: str) -> np.ndarray:
+  if leaf == "kernel":
+    return np.transpose(x, (3, 2, 0, 1)) if x.ndim == 4 else x.T  # HWIO -> OIHW; [in,out] -> [out,in]
+  return x
+
+
+def _from_torch_layout(x: np.ndarray, leaf: str) -> np.ndarray:
+  if leaf == "kernel":
+    return np.transpose(x, (2, 3, 1, 0)) if x.ndim == 4 else x.T
+  return x
+
+
+# ----------------------------------------------------------------------------- torch -> one_jax
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _read_file(path: str, allow_pickle: bool):
+  """torch.load, safely first; old .pth.tar files hold argparse objects etc. and need pickle."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise ConversionError(f"{path} does not exist: pass a PyTorch .pth.tar or state-dict file")
+  if os.path.isdir(path):
+    raise ConversionError(f"{path} is a directory: pass a PyTorch .pth.tar or state-dict file")
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    safe_error = e
+  if not allow_pickle:
+    raise ConversionError(f"cannot read {path} with weights_only=True and a full unpickle was "
+                          f"not allowed ({_first_line(safe_error)})") from safe_error
+  try:
+    return torch.load(path, map_location="cpu", weights_only=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConversionError(f"cannot read {path}: not a PyTorch checkpoint "
+                          f"({_first_line(e)})") from e
+
+
+def _state_dict_of(obj, source: str):
+  """The state dict inside a loaded object: a .pth.tar dict, a bare state dict or a module."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if isinstance(obj, torch.nn.Module):
+    return obj.state_dict()
+  if isinstance(obj, Mapping):
+    for name in ("state_dict", "model_state_dict"):
+      if isinstance(obj.get(name), Mapping):
+        return obj[name]
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+      return obj
+  kind = f"a dict with keys {_list(map(str, obj))}" if isinstance(obj, Mapping) else (
+      f"a {type(obj).__name__}")
+  raise ConversionError(f"{source} holds {kind}, not a model checkpoint: expected a dict with "
+                        "'state_dict' or a state dict of tensors")
+
+
+def _strip_prefix(state_dict):
+  """Removes DataParallel's 'module.' prefix (when every key has it)."""
+  keys = list(state_dict)
+  if keys and all(k.startswith("module.") for k in keys):
+    return {k[len("module."):]: v for k, v in state_dict.items()}, True
+  return dict(state_dict), False
+
+
+def _infer_model(state_dict, source: str):
+  """(model, spelling) from the key names: blocks per stage, block type, branches, classes."""
+  keys = list(state_dict)
+  blocks = {int(m[1]) for k in keys for m in [re.match(r"layer1\.(\d+)\.", k)] if m}
+  if not blocks:
+    raise ConversionError(f"{source}: no 'layer1.<i>.' keys, so this is not a CIFAR ResNet or "
+                          f"ONE ResNet checkpoint (keys: {_list(keys)})")
+  n = max(blocks) + 1
+  depth = 6 * n + 2
+  bottleneck = any(re.fullmatch(r"layer1\.\d+\.conv3\.weight", k) for k in keys)
+  if bottleneck != (models.block_type(depth) == "bottleneck"):
+    have, want = ("Bottleneck", "BasicBlock") if bottleneck else ("BasicBlock", "Bottleneck")
+    raise ConversionError(f"{source}: {n} blocks per stage (depth {depth}) built from {have} "
+                          f"blocks, but the reference uses {want} at depth {depth} "
+                          "(Bottleneck from depth 44 on)")
+  branches = {int(m[1]) for k in keys
+              for m in [re.match(r"(?:layer3|classfier3|classifier3)_(\d+)\.", k)] if m}
+  is_one = bool(branches) or any(k.startswith(("control_v1.", "bn_v1.")) for k in keys)
+  spelling = "classifier" if any(k.startswith("classifier3_") for k in keys) and not any(
+      k.startswith("classfier3_") for k in keys) else "classfier"
+  classifier = f"{spelling}3_1.weight" if is_one else "fc.weight"
+  weight = state_dict.get(classifier)
+  if weight is None or weight.ndim != 2:
+    raise ConversionError(f"{source}: missing keys [{classifier}] (the class count is read "
+                          "from it)")
+  num_classes = int(weight.shape[0])
+  if not is_one:
+    return models.CifarResNet(depth=depth, num_classes=num_classes), spelling
+  return models.OneResNet(depth=depth, num_branches=max(branches), num_classes=num_classes), spelling
+
+
+def _as_numpy(tensor):
+  import torch  # pylint: disable=g-import-not-at-top
+  return tensor.detach().cpu().to(torch.float32).numpy()
+
+
+def import_state_dict(state_dict, source: str = "state dict") -> TorchImport:
+  """A reference state dict (with or without 'module.') -> TorchImport; strict on names/shapes.
+
+  Floating-point tensors become float32 (the one_jax parameter dtype).
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  sd, prefixed = _strip_prefix(state_dict)
+  not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+  if not_tensors:
+    raise ConversionError(f"{source}: entries that are not tensors: {_list(not_tensors)}")
+  model, spelling = _infer_model(sd, source)
+  table = name_table(model, spelling)
+  nbt_keys = {f"{m}.{NBT}" for m in _bn_modules(table)}
+  expected = {k for k, *_ in table}
+  missing = expected - set(sd)
+  unknown = set(sd) - expected - nbt_keys
+  if missing or unknown:
+    parts = ([f"missing keys {_list(missing)}"] if missing else []) + (
+        [f"unknown keys {_list(unknown)}"] if unknown else [])
+    raise ConversionError(f"{source}: does not match the {_describe(model)} its keys imply: "
+                          + "; ".join(parts))
+  flat, bad_shapes = {}, []
+  for key, path, b, shape in table:
+    x = _from_torch_layout(_as_numpy(sd[key]), path[-1])
+    want = shape[1:] if b is not None else shape
+    if x.shape != tuple(want):
+      bad_shapes.append(f"{key} {tuple(sd[key].shape)}")
+      continue
+    flat.setdefault(path, []).append(x)
+  if bad_shapes:
+    raise ConversionError(f"{source}: tensors with shapes that do not fit the {_describe(model)}: "
+                          f"{_list(bad_shapes)}")
+  flat = {p: (np.stack(xs) if p[1] == "branches" else xs[0]) for p, xs in flat.items()}
+  variables = flax.traverse_util.unflatten_dict(flat)
+  shapes = _variable_shapes(model)
+  if "gate_offset" in shapes:  # zeros: the reference gate has no offset
+    variables["gate_offset"] = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                            shapes["gate_offset"])
+  present = sorted(k for k in nbt_keys if k in sd)
+  nbt = {k: int(sd[k].item()) for k in present} if present else None
+  variables = jax.tree.map(jnp.asarray, variables)
+  return TorchImport(model, variables, nbt, spelling, prefixed)
+
+
+def _describe(model) -> str:
+  info = checkpoints.model_info(model)
+  text = f"depth-{info['depth']} {info['block']} {info['kind']} with {info['num_classes']} classes"
+  return text + (f" and {info['num_branches']} branches" if "num_branches" in info else "")
+
+
+def _jsonable_extras(obj) -> Dict[str, Any]:
+  """Scalar top-level fields of a .pth.tar (epoch, acc, best_acc, arch) worth keeping."""
+  import torch  # pylint: disable=g-import-not-at-top
+  extras = {}
+  if not isinstance(obj, Mapping):
+    return extras
+  for k, v in obj.items():
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+      v = v.item()
+    if isinstance(v, (bool, int, float, str)) and isinstance(k, str):
+      extras[k] = v
+  return extras
+
+
+def read_torch_checkpoint(path: str, *, allow_pickle: bool = True) -> TorchImport:
+  """Reads a reference .pth.tar or state-dict file.
+
+  allow_pickle: old .pth.tar files hold non-tensor objects that only a full unpickle reads;
+  that runs code from the file, so pass False for files you do not trust.
+  """
+  path = os.fspath(path)
+  obj = _read_file(path, allow_pickle)
+  state_dict = _state_dict_of(obj, path)
+  result = import_state_dict(state_dict, source=path)
+  result.extras = {} if state_dict is obj else _jsonable_extras(obj)
+  epoch = result.extras.get("epoch", 0)
+  result.epoch = int(epoch) if isinstance(epoch, (int, float)) else 0
+  return result
+
+
+def load_torch_checkpoint(path: str, *, allow_pickle: bool = True):
+  """(model, variables) of a reference .pth.tar: ONE ResNet (any branch count) or ResNet."""
+  result = read_torch_checkpoint(path, allow_pickle=allow_pickle)
+  return result.model, result.variables
+
+
+# ----------------------------------------------------------------------------- one_jax -> torch
+
+
+def export_torch_state_dict(model, variables, *, module_prefix: bool = True,
+                            spelling: str = "classfier",
+                            num_batches_tracked: Union[None, int, Mapping[str, int]] = 0,
+                            ignore_gate_offset: bool = False) -> "collections.OrderedDict":
+  """variables -> an OrderedDict of torch tensors under the reference names.
+
+  num_batches_tracked: an int for every BatchNorm (e.g. the training step count), a mapping
+  {key without 'module.': count} as recorded by import (layers it lacks get 0), or None to
+  leave the keys out (the layout of PyTorch < 0.4.1 files).
+  The reference gate has no log-weight offset: a non-zero 'gate_offset' would change the
+  outputs, so it is an error unless ignore_gate_offset.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  offsets = jax.tree.leaves(variables.get("gate_offset", {}))
+  if not ignore_gate_offset and any(np.any(np.asarray(o) != 0) for o in offsets):
+    raise ValueError("the gate has a non-zero log-weight offset (from surgery), which the "
+                     "reference ONE model cannot express: pass ignore_gate_offset=True to drop it")
+  table = name_table(model, spelling)
+  flat = flax.traverse_util.flatten_dict(
+      {c: variables[c] for c in ("params", "batch_stats") if c in variables})
+  prefix = "module." if module_prefix else ""
+  out = collections.OrderedDict()
+  for key, path, b, _ in table:
+    x = np.asarray(flat[path])
+    x = _to_torch_layout(x[b] if b is not None else x, path[-1])
+    out[prefix + key] = torch.from_numpy(np.array(x))  # a writable copy
+    if key.endswith(".running_var") and num_batches_tracked is not None:
+      nbt_key = key[:-len("running_var")] + NBT
+      count = (num_batches_tracked.get(nbt_key, 0) if isinstance(num_batches_tracked, Mapping)
+               else num_batches_tracked)
+      out[prefix + nbt_key] = torch.tensor(int(count), dtype=torch.long)
+  return out
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def convert_to_one_jax(in_path: str, out_dir: str, *, allow_pickle: bool = True) -> str:
+  """Writes the one_jax checkpoint of a torch file at OUT_DIR (never overwriting)."""
+  if os.path.exists(out_dir):
+    raise ConversionError(f"{os.path.abspath(out_dir)} already exists: choose a new output "
+                          "directory (nothing was written)")
+  result = read_torch_checkpoint(in_path, allow_pickle=allow_pickle)
+  state = {k: jax.tree.map(np.asarray, v) for k, v in result.variables.items()}
+  state["step"] = 0
+  meta = {"model": checkpoints.model_info(result.model), "epoch": result.epoch,
+          "source": "torch", "source_path": os.path.abspath(in_path), "torch": result.torch_meta()}
+  return checkpoints.save_standalone(out_dir, state=state, meta=meta)
+
+
+def convert_to_torch(ckpt: str, out_path: str, *, module_prefix: Optional[bool] = None,
+                     spelling: Optional[str] = None, ignore_gate_offset: bool = False) -> str:
+  """Writes {'state_dict', 'epoch'} of a one_jax checkpoint as a .pth.tar (never overwriting).
+
+  Names and num_batches_tracked follow the torch file the checkpoint came from, if any;
+  otherwise the reference's ('module.' prefix, 'classfier', the checkpoint's step count).
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  out_path = os.path.abspath(out_path)
+  if os.path.exists(out_path):
+    raise ConversionError(f"{out_path} already exists: choose a new output file (nothing was "
+                          "written)")
+  if not os.path.isdir(os.path.dirname(out_path)):
+    raise ConversionError(f"the parent directory of {out_path} does not exist: create it first")
+  state, meta = checkpoints.restore_raw(ckpt)
+  model = checkpoints.model_from_info(meta["model"])
+  recorded = meta.get("torch") or {}
+  nbt = recorded["num_batches_tracked"] if "num_batches_tracked" in recorded else int(
+      np.asarray(state.get("step", 0)))
+  state_dict = export_torch_state_dict(
+      model, checkpoints.variables_of(state),
+      module_prefix=recorded.get("module_prefix", True) if module_prefix is None else module_prefix,
+      spelling=spelling or recorded.get("spelling", "classfier"),
+      num_batches_tracked=nbt, ignore_gate_offset=ignore_gate_offset)
+  tmp = f"{out_path}.tmp-{os.getpid()}"
+  torch.save({"state_dict": state_dict, "epoch": int(meta.get("epoch", 0))}, tmp)
+  os.replace(tmp, out_path)
+  return out_path
+
+
+def _parser():
+  p = argparse.ArgumentParser(
+      prog="python -m one_jax.convert",
+      description="Convert reference PyTorch ONE/ResNet checkpoints to one_jax checkpoints, "
+                  "or back with --to_torch.")
+  p.add_argument("src", help="IN.pth.tar (or with --to_torch: a one_jax checkpoint)")
+  p.add_argument("dst", help="OUT_DIR, a new directory (or with --to_torch: a new OUT.pth.tar)")
+  p.add_argument("--to_torch", action="store_true", help="one_jax checkpoint -> .pth.tar")
+  p.add_argument("--no_pickle", action="store_true",
+                 help="refuse files that need a full unpickle (which can run code from the file)")
+  p.add_argument("--spelling", choices=SPELLINGS, default=None,
+                 help="--to_torch: classifier key names (default: as imported, else 'classfier')")
+  p.add_argument("--module_prefix", choices=("yes", "no"), default=None,
+                 help="--to_torch: 'module.' key prefix (default: as imported, else yes)")
+  p.add_argument("--ignore_gate_offset", action="store_true",
+                 help="--to_torch: drop a non-zero gate offset instead of failing")
+  return p
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    if args.to_torch:
+      prefix = None if args.module_prefix is None else args.module_prefix == "yes"
+      out = convert_to_torch(args.src, args.dst, module_prefix=prefix, spelling=args.spelling,
+                             ignore_gate_offset=args.ignore_gate_offset)
+    else:
+      out = convert_to_one_jax(args.src, args.dst, allow_pickle=not args.no_pickle)
+  except (ValueError, OSError) as e:  # CheckpointError and ConversionError are ValueErrors
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 1
+  print(out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

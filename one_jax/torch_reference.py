@@ -1,0 +1,206 @@
+"""The PyTorch reference models, loss and SGD step, written independently of one_jax.
+
+Used as ground truth by the parity tests and as the eager PyTorch side of the speed
+benchmark. Module and parameter names follow the reference code (Lan1991Xu/ONE_NeurIPS2018,
+with bearpaw's pytorch-classification CIFAR ResNet), so `state_dict()` keys are those of the
+reference checkpoints: 'layer3_1.0.conv1.weight', 'classfier3_1.weight' (sic), 'control_v1.*',
+'bn_v1.*'. Branches are numbered from 1 here, as in the reference; the branch count is free
+(the reference hardcodes 3). Tensors are NCHW.
+"""
+import math
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TEMPERATURE = 3.0
+TEACHER_EPS = 1e-7
+
+
+def conv3x3(in_planes, out_planes, stride=1):
+  return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+  expansion = 1
+
+  def __init__(self, inplanes, planes, stride=1, downsample=None):
+    super().__init__()
+    self.conv1 = conv3x3(inplanes, planes, stride)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.relu = nn.ReLU(inplace=True)
+    self.conv2 = conv3x3(planes, planes)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.downsample = downsample
+
+  def forward(self, x):
+    residual = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    out += residual
+    return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+  expansion = 4
+
+  def __init__(self, inplanes, planes, stride=1, downsample=None):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.relu = nn.ReLU(inplace=True)
+    self.downsample = downsample
+
+  def forward(self, x):
+    residual = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    out += residual
+    return self.relu(out)
+
+
+def _block_and_n(depth):
+  assert (depth - 2) % 6 == 0 and depth >= 8, "depth should be 6n+2"
+  return (Bottleneck if depth >= 44 else BasicBlock), (depth - 2) // 6
+
+
+def _make_layer(block, inplanes, planes, blocks, stride=1):
+  """nn.Sequential of `blocks` blocks; returns (layer, output channels)."""
+  downsample = None
+  if stride != 1 or inplanes != planes * block.expansion:
+    downsample = nn.Sequential(
+        nn.Conv2d(inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
+        nn.BatchNorm2d(planes * block.expansion))
+  layers = [block(inplanes, planes, stride, downsample)]
+  inplanes = planes * block.expansion
+  layers += [block(inplanes, planes) for _ in range(1, blocks)]
+  return nn.Sequential(*layers), inplanes
+
+
+def _reference_init(module):
+  """Conv: normal(0, sqrt(2 / (k * k * out))); BatchNorm2d: weight 1, bias 0; Linear: default."""
+  for m in module.modules():
+    if isinstance(m, nn.Conv2d):
+      n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+      m.weight.data.normal_(0, math.sqrt(2.0 / n))
+    elif isinstance(m, nn.BatchNorm2d):
+      m.weight.data.fill_(1)
+      m.bias.data.zero_()
+
+
+class _Trunk(nn.Module):
+  """Stem + layer1 + layer2, shared by ResNet and ONE_ResNet (names as in the reference)."""
+
+  def _build_trunk(self, depth):
+    block, n = _block_and_n(depth)
+    self.conv1 = nn.Conv2d(3, 16, kernel_size=3, padding=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(16)
+    self.relu = nn.ReLU(inplace=True)
+    self.layer1, inplanes = _make_layer(block, 16, 16, n)
+    self.layer2, inplanes = _make_layer(block, inplanes, 32, n, stride=2)
+    return block, n, inplanes
+
+  def trunk(self, x):
+    x = self.relu(self.bn1(self.conv1(x)))
+    return self.layer2(self.layer1(x))  # 16x16
+
+
+class ResNet(_Trunk):
+  """The reference baseline CIFAR ResNet; forward -> logits [N, C]."""
+
+  def __init__(self, depth, num_classes=10):
+    super().__init__()
+    block, n, inplanes = self._build_trunk(depth)
+    self.layer3, _ = _make_layer(block, inplanes, 64, n, stride=2)
+    self.avgpool = nn.AvgPool2d(8)
+    self.fc = nn.Linear(64 * block.expansion, num_classes)
+    _reference_init(self)
+
+  def forward(self, x):
+    x = self.avgpool(self.layer3(self.trunk(x)))
+    return self.fc(x.flatten(1))
+
+
+class ONE_ResNet(_Trunk):  # pylint: disable=invalid-name
+  """The reference ONE ResNet with `num_branches` branches.
+
+  forward -> (branch logits [B, N, C], gate [N, B], ensemble logits [N, C]); the reference
+  returns (logits_1, ..., logits_B, ensemble), i.e. tuple(branch_logits) + (ensemble,).
+  """
+
+  def __init__(self, depth, num_classes=10, num_branches=3):
+    super().__init__()
+    block, n, inplanes = self._build_trunk(depth)
+    self.num_branches = num_branches
+    for b in range(1, num_branches + 1):
+      setattr(self, f"layer3_{b}", _make_layer(block, inplanes, 64, n, stride=2)[0])
+    self.control_v1 = nn.Linear(inplanes, num_branches)
+    self.bn_v1 = nn.BatchNorm1d(num_branches)
+    self.avgpool = nn.AvgPool2d(8)
+    self.avgpool_c = nn.AvgPool2d(16)
+    for b in range(1, num_branches + 1):
+      setattr(self, f"classfier3_{b}", nn.Linear(64 * block.expansion, num_classes))
+    _reference_init(self)
+    # Plain lists (not registered again) so forward has no getattr-by-name per call.
+    self._layer3 = [getattr(self, f"layer3_{b}") for b in range(1, num_branches + 1)]
+    self._classifiers = [getattr(self, f"classfier3_{b}") for b in range(1, num_branches + 1)]
+
+  def forward(self, x):
+    x = self.trunk(x)
+    gate = self.avgpool_c(x).flatten(1)
+    gate = F.softmax(F.relu(self.bn_v1(self.control_v1(gate))), dim=1)
+    logits = torch.stack([fc(self.avgpool(layer(x)).flatten(1))
+                          for layer, fc in zip(self._layer3, self._classifiers)])
+    ensemble = torch.einsum("nb,bnc->nc", gate, logits)
+    return logits, gate, ensemble
+
+
+def sigmoid_rampup(epoch, rampup_length):
+  """The reference's consistency weight exp(-5 (1 - clip(epoch / R, 0, 1))^2)."""
+  if rampup_length == 0:
+    return 1.0
+  phase = 1.0 - min(max(float(epoch), 0.0), rampup_length) / rampup_length
+  return math.exp(-5.0 * phase * phase)
+
+
+def kl_loss(pred, label, temperature=TEMPERATURE):
+  """The reference KLLoss: the teacher `label` is detached and gets +1e-7 before the log."""
+  predict = F.log_softmax(pred / temperature, dim=1)
+  target = (F.softmax(label / temperature, dim=1) + TEACHER_EPS).detach()
+  return temperature * temperature * (target * (target.log() - predict)).sum(1).sum() / pred.shape[0]
+
+
+def one_loss(branch_logits, ensemble, targets, epoch, rampup=80.0) -> Tuple[torch.Tensor, Dict]:
+  """The reference objective: sum_b CE(z_b) + CE(e) + w(epoch) * sum_b KLLoss(z_b, e)."""
+  ce_branches = sum(F.cross_entropy(z, targets) for z in branch_logits)
+  ce_ensemble = F.cross_entropy(ensemble, targets)
+  kl = sum(kl_loss(z, ensemble) for z in branch_logits)
+  weight = sigmoid_rampup(epoch, rampup)
+  loss = ce_branches + ce_ensemble + weight * kl
+  return loss, {"ce_branches": ce_branches, "ce_ensemble": ce_ensemble, "kl": kl,
+                "kl_weight": weight, "loss": loss}
+
+
+def sgd(model, lr=0.1, momentum=0.9, weight_decay=5e-4):
+  """The reference optimizer: coupled L2 decay on every parameter."""
+  return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def train_step(model, optimizer, images, targets, epoch, rampup=80.0):
+  """One reference training step (ONE or baseline); returns the loss tensor (detached)."""
+  model.train()
+  optimizer.zero_grad()
+  if isinstance(model, ONE_ResNet):
+    logits, _, ensemble = model(images)
+    loss, _ = one_loss(logits, ensemble, targets, epoch, rampup)
+  else:
+    loss = F.cross_entropy(model(images), targets)
+  loss.backward()
+  optimizer.step()
+  return loss.detach()
