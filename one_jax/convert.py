@@ -25,6 +25,7 @@ import argparse
 import collections
 import dataclasses
 import functools
+import logging
 import os
 import re
 import sys
@@ -166,7 +167,8 @@ def _read_file(path: str, allow_pickle: bool):
   if not os.path.exists(path):
     raise ConversionError(f"{path} does not exist: pass a PyTorch .pth.tar or state-dict file")
   if os.path.isdir(path):
-    raise ConversionError(f"{path} is a directory: pass a PyTorch .pth.tar or state-dict file")
+    raise ConversionError(f"{path} is a directory: pass a PyTorch .pth.tar or state-dict file "
+                          "(one_jax checkpoints go to torch with --to_torch)")
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
@@ -447,4 +449,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices
   sys.exit(main())
