@@ -10,11 +10,15 @@ A training workdir keeps them under WORKDIR/checkpoints. The optimizer state is 
 flax.serialization.to_state_dict(opt_state): nested dicts that surgery can edit without
 knowing the optimizer, and that training restores onto its own optimizer's structure.
 """
+import hashlib
 import os
+import sys
 from typing import Any, Dict, Optional, Tuple
 
+from absl import logging
 import flax.serialization
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -23,6 +27,33 @@ from one_jax import models
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_METRIC = "test/top1/ensemble"
+
+
+class _QuietReadOnly:
+  """Drops Orbax's warnings that a read-only manager is read-only (every restore logs them)."""
+
+  def filter(self, record) -> bool:
+    text = str(record.msg)
+    return not ("read_only=True" in text or "Given directory is read only" in text)
+
+
+logging.get_absl_logger().addFilter(_QuietReadOnly())
+
+
+def _without_closed_loop_noise(previous):
+  """When a restore fails (a damaged file), TensorStore reads still in flight finish after
+  Orbax has closed its event loop, and each prints 'RuntimeError: Event loop is closed' as an
+  unraisable exception at some later moment. That is noise after an error already reported
+  (CheckpointError); every other unraisable exception goes to the previous hook."""
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    previous(unraisable)
+  return hook
+
+
+sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
 
 
 class CheckpointError(ValueError):
@@ -106,7 +137,10 @@ def manager(directory: str, *, keep: int = 3, read_only: bool = False,
   options = ocp.CheckpointManagerOptions(
       preservation_policy=None if read_only else _preservation(keep),
       read_only=read_only, create=not read_only, enable_async_checkpointing=async_save,
-      best_fn=None)
+      best_fn=None,
+      # A save killed before its commit leaves STEP.orbax-checkpoint-tmp, never taken as a
+      # step (latest_step skips it); a writing manager deletes such leftovers when it starts.
+      cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=("state", "meta"))
 
@@ -122,6 +156,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Dict[str, Any], meta: Di
   if "opt_state" in state and not isinstance(state["opt_state"], dict):
     state["opt_state"] = flax.serialization.to_state_dict(state["opt_state"])
   state["step"] = np.asarray(step, np.int64)
+  meta = dict(meta, state_digest=state_digest(state))
   if metrics is not None and BEST_METRIC not in metrics:
     metrics = None
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -133,8 +168,9 @@ def restore_raw(path: str, step: Optional[int] = None) -> Tuple[Dict[str, Any], 
   """Restores (state, meta) of a checkpoint as raw numpy pytrees, without knowing its structure."""
   root, resolved_step = resolve(path)
   step = resolved_step if step is None else step
-  mngr = manager(root, read_only=True)
+  mngr = None
   try:
+    mngr = manager(root, read_only=True)
     if step is None:
       step = mngr.latest_step()
     if step is None:
@@ -147,13 +183,88 @@ def restore_raw(path: str, step: Optional[int] = None) -> Tuple[Dict[str, Any], 
     raise CheckpointError(f"cannot read checkpoint step {step} in {root}: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
   finally:
-    mngr.close()
+    if mngr is not None:
+      mngr.close()
   meta = dict(restored["meta"])
   if "model" not in meta:
     raise CheckpointError(f"checkpoint step {step} in {root} has no model metadata: it was not "
                           "written by one_jax")
   meta.setdefault("step", int(step))
-  return _to_host(restored["state"]), meta
+  state = _to_host(restored["state"])
+  if "state_digest" in meta and state_digest(state) != meta["state_digest"]:
+    raise CheckpointError(f"checkpoint step {step} in {root} is corrupt: its arrays do not match "
+                          "the digest written with them (the files changed after the save)")
+  return state, meta
+
+
+def state_digest(state: Dict[str, Any]) -> str:
+  """A hash of every array of a state (path, dtype, shape, bytes): detects damaged files.
+
+  Written into the meta by `save`, checked by `restore_raw` (checkpoints written before the
+  digest existed are read without the check).
+  """
+  h = hashlib.blake2b(digest_size=16)
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  for path, leaf in sorted(((jax.tree_util.keystr(p), x) for p, x in leaves),
+                           key=lambda item: item[0]):
+    x = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{path}|{x.dtype.str}|{x.shape}|".encode())
+    h.update(x.tobytes())
+  return h.hexdigest()
+
+
+def restore_latest(directory: str, *, fallback: bool = False):
+  """(step, state, meta, unreadable_steps) of the newest readable checkpoint in directory.
+
+  None when there is no complete checkpoint (none written yet, or only a save that was
+  killed before its commit). An unreadable latest checkpoint is an error that names it and
+  the way on; with fallback=True the steps before it are tried in turn (newest first) and the
+  unreadable ones are returned, for `set_aside`. Never a silent restart from scratch.
+  """
+  if not os.path.isdir(directory):
+    return None
+  mngr = manager(directory, read_only=True)
+  try:
+    steps = sorted(mngr.all_steps(), reverse=True)
+  finally:
+    mngr.close()
+  unreadable = []
+  for i, step in enumerate(steps):
+    try:
+      state, meta = restore_raw(directory, step)
+      return step, state, meta, unreadable
+    except CheckpointError as e:
+      if not fallback:
+        way = (f"resume from step {steps[i + 1]}, the one before it, with "
+               f"--config.resume_fallback=True (step {step} is then moved to "
+               f"{corrupt_dir(directory)}, not deleted), or" if i + 1 < len(steps) else
+               "there is no earlier checkpoint to fall back to:")
+        raise CheckpointError(f"the latest checkpoint is unreadable ({e}): {way} start a new run "
+                              "with a new --workdir") from e
+      logging.warning("checkpoint step %d in %s is unreadable (%s); trying the one before",
+                      step, directory, e)
+      unreadable.append(step)
+  if unreadable:
+    raise CheckpointError(f"no checkpoint in {directory} is readable (steps "
+                          f"{', '.join(map(str, unreadable))}): start a new run with a new "
+                          "--workdir")
+  return None
+
+
+def corrupt_dir(directory: str) -> str:
+  """Where unreadable steps of a training checkpoint directory are moved (beside it)."""
+  return os.path.join(os.path.dirname(os.path.abspath(directory)), "corrupt_checkpoints")
+
+
+def set_aside(directory: str, step: int) -> str:
+  """Moves the step folder out of the manager's sight (never deletes it); returns where to."""
+  dest_root = corrupt_dir(directory)
+  os.makedirs(dest_root, exist_ok=True)
+  dest, n = os.path.join(dest_root, str(step)), 2
+  while os.path.exists(dest):
+    dest, n = os.path.join(dest_root, f"{step}-{n}"), n + 1
+  os.rename(os.path.join(os.path.abspath(directory), str(step)), dest)
+  return dest
 
 
 def save_standalone(path: str, state: Dict[str, Any], meta: Dict[str, Any]) -> str:
@@ -169,7 +280,13 @@ def save_standalone(path: str, state: Dict[str, Any], meta: Dict[str, Any]) -> s
   parent = os.path.dirname(path)
   if not os.path.isdir(parent):
     raise CheckpointError(f"the parent directory of {path} does not exist: create it first")
-  tmp = f"{path}.tmp-{os.getpid()}"
+  # In a multi-process run every process saves the same state together (Orbax writes it from
+  # process 0 and commits once all are done) into one temporary directory, named by process
+  # 0's pid; process 0 renames it and the others wait for that.
+  pid = os.getpid()
+  if jax.process_count() > 1:
+    pid = int(multihost_utils.broadcast_one_to_all(np.int32(pid)))
+  tmp = f"{path}.tmp-{pid}"
   step = int(np.asarray(state.get("step", 0)))
   mngr = manager(tmp, async_save=False)
   try:
@@ -177,7 +294,10 @@ def save_standalone(path: str, state: Dict[str, Any], meta: Dict[str, Any]) -> s
     mngr.wait_until_finished()
   finally:
     mngr.close()
-  os.rename(tmp, path)
+  if jax.process_index() == 0:
+    os.rename(tmp, path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"one_jax save_standalone {path}")
   return path
 
 
