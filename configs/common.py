@@ -57,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_only = False             # evaluate init_from (or the workdir's latest) and stop
   c.vote = False                  # also evaluate every subset of branches (voting table)
   c.progress_bar = True
+  c.resume_fallback = False       # resume from the checkpoint before an unreadable latest one
+  c.new_run = False               # WORKDIR holds a run: start a fresh one in WORKDIR-2, -3, ...
   return c
 
 

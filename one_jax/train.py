@@ -6,8 +6,10 @@ The state is a plain dict of pytrees {'params', 'batch_stats', ['gate_offset'], 
 which is what checkpoints and surgery see.
 """
 import functools
+import itertools
 import json
 import os
+import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -20,7 +22,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from one_jax import checkpoints, input_pipeline, losses, metric_writers, models, optimizer
-from one_jax import parallel
+from one_jax import parallel, preemption, workdirs
 
 DATA = parallel.DATA_AXIS
 
@@ -128,9 +130,30 @@ def train_step_fn(config, model, tx, state, batch, epoch):
   metrics = {f"train/{k}": v for k, v in terms.items()}
   for head, logits in _head_logits(config, output).items():
     metrics[f"train/top1/{head}"] = jnp.mean(_topk_correct(logits, batch["label"], 1))
-  metrics["train/grad_finite"] = jnp.all(jnp.asarray(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])).astype(jnp.float32)
-  return new_state, jax.lax.pmean(metrics, DATA)
+  metrics = jax.lax.pmean(metrics, DATA)
+  # Non-finite guard: the update is applied only when every loss term, the gradients and the
+  # updated state are finite (the same decision on every device: all are averaged over
+  # 'data'). The flags go back with the metrics; the loop reads them one step behind.
+  finite = {f"{FINITE}{k}": jnp.isfinite(metrics[f"train/{k}"]) for k in terms}
+  finite[f"{FINITE}gradients"] = _all_finite(grads)
+  finite[f"{FINITE}update"] = _all_finite(
+      {k: new_state[k] for k in ("params", "batch_stats", "opt_state")})
+  ok = jnp.all(jnp.stack(list(finite.values())))
+  new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+  metrics.update({k: v.astype(jnp.float32) for k, v in finite.items()})
+  metrics[FINITE_ALL] = ok.astype(jnp.float32)
+  return new_state, metrics
+
+
+FINITE = "finite/"             # per-step flags (1.0 finite, 0.0 not) of each loss term, ...
+FINITE_ALL = "finite/all"      # ... and of the whole step: the loop checks this one
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype,
+                                                                 jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else \
+      jnp.asarray(True)
 
 
 def eval_step_fn(config, model, variables, batch):
@@ -247,10 +270,37 @@ def _host_info():
   return jax.process_index(), jax.process_count()
 
 
+def check_config(config) -> None:
+  """Cheap checks of the fields everything else builds on: one-line errors, nothing read or
+  written (the data, the optimizer and the batch sizes are checked where they are built)."""
+  is_one_model(config)
+  models.check_depth(config.depth)
+  branches = config.num_branches
+  if not isinstance(branches, int) or isinstance(branches, bool) or branches < 1:
+    raise ValueError(f"num_branches={branches!r} is invalid: a model has at least one branch "
+                     "(--config.num_branches=1 or more)")
+  active_branches(config)
+  models.resolve_branch_impl(config.branch_impl)
+  milestones = config.get("milestones", ())
+  if not isinstance(milestones, (tuple, list)) or not all(
+      isinstance(m, int) and not isinstance(m, bool) for m in milestones):
+    raise ValueError(f"milestones={milestones!r} is invalid: give epochs as integers, e.g. "
+                     "--config.milestones='(150, 225)'")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
-  """Trains for config.num_epochs, evaluating and checkpointing every epoch; resumes itself."""
+  """Trains for config.num_epochs, evaluating and checkpointing every epoch; resumes itself.
+
+  Nothing is written before the config, the data, the model and the checkpoint to resume
+  from have been checked. SIGTERM/SIGINT stop it after the step in flight with a checkpoint
+  (preemption.Interrupted; mid-epoch, a restart continues exactly where it stopped); a
+  non-finite loss term, gradient or update stops it at that step (FloatingPointError) and
+  keeps the last good checkpoint.
+  """
   process_index, process_count = _host_info()
   is_main = process_index == 0
+  check_config(config)
+  workdirs.check_config(config, workdir)
 
   # --- mesh and data
   mesh = parallel.make_mesh()
@@ -261,22 +311,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if config.get("steps_per_epoch", -1) > 0:
     steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
 
-  # --- model, optimizer, state
+  # --- model, optimizer, state (a checkpoint of this workdir, else init_from, else fresh)
   model = create_model(config)
   rng = jax.random.key(config.seed)
   param_shapes = jax.eval_shape(
       functools.partial(init_variables, model, info.image_shape), rng)["params"]
   tx = optimizer.create_optimizer(config, steps_per_epoch, param_shapes)
   fresh = initial_state(model, tx, info.image_shape, rng)
-  mngr = checkpoints.manager(os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR),
-                             keep=config.keep_checkpoints)
-  start_epoch, state = 0, fresh
-  latest = mngr.latest_step()
-  if latest is not None:
-    raw, meta = checkpoints.restore_raw(mngr.directory, latest)
-    state = state_from_checkpoint(raw, fresh, source=f"checkpoint {latest} in {workdir}")
+  ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR)
+  start_epoch, start_step, partial_sums, state = 0, 0, None, fresh
+  last_saved, unreadable = None, []
+  resumed = checkpoints.restore_latest(ckpt_dir, fallback=config.get("resume_fallback", False))
+  if resumed is not None:
+    last_saved, raw, meta, unreadable = resumed
+    state = state_from_checkpoint(raw, fresh, source=f"checkpoint {last_saved} in {workdir}")
     start_epoch = int(meta["epoch"])
-    logging.info("Resuming from %s at epoch %d (step %d)", workdir, start_epoch, latest)
+    start_step = int(meta.get("step_in_epoch", 0))
+    partial_sums = meta.get("train_sums")
+    if is_main:
+      where = f", step {start_step} of {steps_per_epoch}" if start_step else ""
+      print(f"resuming {workdir} from checkpoint step {last_saved} (epoch {start_epoch + 1}"
+            f"{where})", flush=True)
   elif config.init_from:
     raw, _ = checkpoints.restore_raw(config.init_from)
     state = state_from_checkpoint(raw, fresh, source=config.init_from,
@@ -287,57 +342,93 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   train_step = make_train_step(config, tx, mesh)
   eval_step = make_eval_step(config, mesh)
+
+  # --- workdir: everything above has been checked; from here on the run writes
+  if is_main:
+    for step in unreadable:
+      print(f"checkpoint step {step} is unreadable: moved to "
+            f"{checkpoints.set_aside(ckpt_dir, step)}; resuming from step {last_saved}",
+            file=sys.stderr, flush=True)
+  mngr = checkpoints.manager(ckpt_dir, keep=config.keep_checkpoints)
   writer = metric_writers.MetricWriter(workdir, enabled=is_main, resume_epoch=start_epoch)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdirs.write_config(config, workdir)
 
   metrics: Dict[str, float] = {}
   try:
-    for epoch in range(start_epoch, config.num_epochs):
-      # --- train one epoch
-      t0 = time.time()
-      sums, n_steps = None, 0
-      bar = metric_writers.progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{config.num_epochs}",
-                                        enabled=is_main and config.progress_bar)
-      batches = input_pipeline.train_batches(
-          train_source, global_batch=config.batch_size, seed=config.seed, epoch=epoch,
-          process_index=process_index, process_count=process_count)
-      for batch in batches:
-        if n_steps >= steps_per_epoch:
-          break
-        state, step_metrics = train_step(state, parallel.shard_batch(batch, mesh),
-                                         jnp.float32(epoch))
-        sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
-        n_steps += 1
-        bar.update(1)
-      bar.close()
-      if hasattr(batches, "close"):
-        batches.close()
-      train_metrics = {k: float(v) / n_steps for k, v in parallel.to_host(sums).items()}
-      if train_metrics.pop("train/grad_finite") < 1.0 or not np.isfinite(
-          train_metrics["train/loss"]):
-        raise FloatingPointError(f"non-finite loss or gradients in epoch {epoch + 1}: lower "
-                                 "--config.lr; the last good checkpoint is kept")
-      epoch_time = time.time() - t0
+    with preemption.StopRequest() as stop:
+      for epoch in range(start_epoch, config.num_epochs):
+        # --- train one epoch (a resumed one from its next step, with its partial sums)
+        t0 = time.time()
+        first = start_step if epoch == start_epoch else 0
+        sums = None
+        if epoch == start_epoch and partial_sums:
+          sums = parallel.replicate({k: np.float32(v) for k, v in partial_sums.items()}, mesh)
+        n_steps, pending, stopped = first, None, False
+        bar = metric_writers.progress_bar(steps_per_epoch,
+                                          f"epoch {epoch + 1}/{config.num_epochs}",
+                                          enabled=is_main and config.progress_bar)
+        bar.update(first)
+        batches = input_pipeline.train_batches(
+            train_source, global_batch=config.batch_size, seed=config.seed, epoch=epoch,
+            start_step=first, process_index=process_index, process_count=process_count)
+        for batch in itertools.islice(batches, steps_per_epoch - first):
+          state, step_metrics = train_step(state, parallel.shard_batch(batch, mesh),
+                                           jnp.float32(epoch))
+          if pending is not None:  # the step before, checked while this one runs
+            _check_finite(config, pending, steps_per_epoch, last_saved, ckpt_dir)
+          pending = (epoch, n_steps, step_metrics)
+          step_metrics = {k: v for k, v in step_metrics.items() if not k.startswith(FINITE)}
+          sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
+          n_steps += 1
+          bar.update(1)
+          if n_steps < steps_per_epoch and _stop_requested(stop, process_count):
+            stopped = True
+            break
+        bar.close()
+        if hasattr(batches, "close"):
+          batches.close()
+        if pending is not None:
+          _check_finite(config, pending, steps_per_epoch, last_saved, ckpt_dir)
 
-      # --- evaluate, log, checkpoint
-      variables = checkpoints.variables_of(state)
-      test_metrics = evaluate(config, eval_step, mesh, variables, test_source,
-                              process_index=process_index, process_count=process_count)
-      metrics = dict(_with_mean_branch(config, train_metrics, "train"), **test_metrics)
-      metrics.update({
-          "lr": optimizer.epoch_learning_rate(config, epoch, steps_per_epoch),
-          "kl_weight": float(losses.kl_weight(epoch, config.rampup_epochs) * config.kl_scale)
-                       if is_one_model(config) else 0.0,
-          "epoch_time_s": epoch_time,
-          "train_images_per_sec": n_steps * config.batch_size / epoch_time,
-      })
-      writer.write_epoch(epoch + 1, metrics)
-      if is_main:
-        print(f"epoch {epoch + 1}/{config.num_epochs}: {_brief(config, metrics)}", flush=True)
-      checkpoints.save(mngr, (epoch + 1) * steps_per_epoch, parallel.to_host(state),
-                       model_meta(config, model, epoch + 1), metrics=_best_metric(config, metrics))
+        if stopped:  # --- by a signal in the middle of the epoch: checkpoint and stop
+          step = epoch * steps_per_epoch + n_steps
+          meta = dict(model_meta(config, model, epoch), step_in_epoch=n_steps,
+                      train_sums={k: float(v) for k, v in parallel.to_host(sums).items()})
+          checkpoints.save(mngr, step, parallel.to_host(state), meta)
+          mngr.wait_until_finished()
+          raise preemption.Interrupted(
+              f"stopped by {stop.signal_name or 'a signal'} at step {step} (epoch {epoch + 1}, "
+              f"step {n_steps} of {steps_per_epoch}): checkpoint {step} written to {ckpt_dir}",
+              signal_name=stop.signal_name or "", step=step, epoch=epoch)
+        train_metrics = {k: float(v) / n_steps for k, v in parallel.to_host(sums).items()}
+        epoch_time = time.time() - t0
+
+        # --- evaluate, log, checkpoint
+        variables = checkpoints.variables_of(state)
+        test_metrics = evaluate(config, eval_step, mesh, variables, test_source,
+                                process_index=process_index, process_count=process_count)
+        metrics = dict(_with_mean_branch(config, train_metrics, "train"), **test_metrics)
+        metrics.update({
+            "lr": optimizer.epoch_learning_rate(config, epoch, steps_per_epoch),
+            "kl_weight": float(losses.kl_weight(epoch, config.rampup_epochs) * config.kl_scale)
+                         if is_one_model(config) else 0.0,
+            "epoch_time_s": epoch_time,
+            "train_images_per_sec": (n_steps - first) * config.batch_size / epoch_time,
+        })
+        writer.write_epoch(epoch + 1, metrics)
+        if is_main:
+          print(f"epoch {epoch + 1}/{config.num_epochs}: {_brief(config, metrics)}", flush=True)
+        last_saved = (epoch + 1) * steps_per_epoch
+        checkpoints.save(mngr, last_saved, parallel.to_host(state),
+                         model_meta(config, model, epoch + 1),
+                         metrics=_best_metric(config, metrics))
+        if epoch + 1 < config.num_epochs and _stop_requested(stop, process_count):
+          mngr.wait_until_finished()
+          raise preemption.Interrupted(
+              f"stopped by {stop.signal_name or 'a signal'} at the end of epoch {epoch + 1} "
+              f"(step {last_saved}): checkpoint {last_saved} written to {ckpt_dir}",
+              signal_name=stop.signal_name or "", step=last_saved, epoch=epoch + 1)
     mngr.wait_until_finished()
     if is_main:
       writer.finish(heads(config))
@@ -346,6 +437,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     mngr.close()
     writer.close()
   return metrics
+
+
+def _stop_requested(stop: preemption.StopRequest, process_count: int) -> bool:
+  """Whether to stop now; every process of a multi-process run takes the same decision."""
+  if process_count == 1:
+    return stop.requested
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.max(multihost_utils.process_allgather(np.int32(stop.requested))))
+
+
+def _check_finite(config, pending, steps_per_epoch: int, last_saved: Optional[int],
+                  ckpt_dir: str) -> None:
+  """Raises FloatingPointError naming the step and what went non-finite (the step's update
+  was not applied: the state is the one before it, and nothing of it is saved)."""
+  epoch, index, step_metrics = pending
+  if float(parallel.to_host(step_metrics[FINITE_ALL])) == 1.0:
+    return
+  flags = parallel.to_host({k: v for k, v in step_metrics.items()
+                            if k.startswith(FINITE) and k != FINITE_ALL})
+  bad = [k[len(FINITE):] for k, v in flags.items() if float(v) < 1.0]
+  terms = [b for b in bad if b not in ("gradients", "update")]
+  parts = ([f"loss term{'s' if len(terms) > 1 else ''} {', '.join(terms)}"] if terms else [])
+  parts += ["gradients"] * ("gradients" in bad)
+  parts += ["parameter update"] * ("update" in bad)
+  kept = (f"the last good checkpoint, step {last_saved} in {ckpt_dir}, is kept" if last_saved
+          else "no checkpoint had been written yet")
+  lr = optimizer.epoch_learning_rate(config, epoch, steps_per_epoch)
+  lr_now = f"--config.lr={config.lr}" + (f", {lr:.3g} in this epoch" if not np.isclose(lr, config.lr) else "")
+  raise FloatingPointError(
+      f"non-finite values at step {epoch * steps_per_epoch + index + 1} (epoch {epoch + 1}, step "
+      f"{index + 1} of {steps_per_epoch}) in: {'; '.join(parts)}. Training stopped without "
+      f"applying that update and {kept}: lower the learning rate ({lr_now}) or check the data, "
+      "then rerun")
 
 
 def _best_metric(config, metrics):
@@ -366,8 +490,10 @@ def evaluate_checkpoint(config, path: str) -> Dict[str, float]:
   _, test_source, _ = input_pipeline.get_datasets(config)
   model, variables = checkpoints.load_model(path)
   eval_config = config_for_model(config, model)
+  process_index, process_count = _host_info()  # each process feeds its rows of every batch
   metrics = evaluate(eval_config, make_eval_step(eval_config, mesh), mesh,
-                     parallel.replicate(jax.tree.map(np.asarray, variables), mesh), test_source)
+                     parallel.replicate(jax.tree.map(np.asarray, variables), mesh), test_source,
+                     process_index=process_index, process_count=process_count)
   return metrics
 
 
