@@ -4,7 +4,11 @@ Deliberately short (flax examples style): flags, workdir, one log line about the
 devices, then one call into train.py.
 """
 import datetime
+import difflib
+import importlib.util
 import os
+import re
+import shlex
 import sys
 import time
 
@@ -13,6 +17,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 import numpy as np
+
+from one_jax import preemption
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots). Default: "
@@ -40,13 +46,13 @@ def default_workdir(config) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}: options are --config, --workdir and "
-                         "--config.FIELD=VALUE")
+    raise ValueError(f"unexpected arguments {argv[1:]}: options are --config, --workdir and "
+                     "--config.FIELD=VALUE")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO logs (checkpointing) only on request
   config = FLAGS.config
   if config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/step1.py:three_branch")
+    raise ValueError("--config is required, e.g. --config=configs/step1.py:three_branch")
   if config.deterministic:
     # Must be set before the backend starts: deterministic reductions/scatters on GPU.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -54,11 +60,19 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   from one_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from one_jax import train, two_stage  # pylint: disable=g-import-not-at-top
+  from one_jax import train, two_stage, workdirs  # pylint: disable=g-import-not-at-top
 
+  # Bad input ends here, before anything is written (train_and_evaluate writes nothing
+  # before it has checked the data, the model and the checkpoint it resumes from).
+  train.check_config(config)
   workdir = FLAGS.workdir or default_workdir(config)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0 and not FLAGS.workdir:
+  moved = bool(config.get("new_run", False)) and workdirs.holds_run(workdir)
+  if moved:  # a fresh run beside the existing one, never over it
+    workdir = workdirs.new_run_dir(workdir)
+  workdirs.check_usable(workdir)
+  if not config.eval_only:
+    workdirs.check_config(config, workdir)
+  if jax.process_index() == 0 and (moved or not FLAGS.workdir):
     print(f"workdir: {workdir}", flush=True)
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -66,16 +80,105 @@ def main(argv):
   config = two_stage.prepare(config, workdir)  # step-2 variants: surgery into WORKDIR/init
   if config.eval_only:
     train.run_eval_only(config, workdir)
-  else:
+    return
+  try:
     train.train_and_evaluate(config, workdir)
+  except preemption.Interrupted as e:
+    raise _Stopped(f"{e}; resume with the same command: {resume_command(workdir)}") from None
+
+
+class _Stopped(Exception):
+  """Training stopped on a signal with a checkpoint (exit status EXIT_INTERRUPTED)."""
+
+
+def resume_command(workdir: str) -> str:
+  """This command line with --workdir pinned to the run's directory (and without new_run)."""
+  args, skip = [], False
+  for arg in sys.argv[1:]:
+    if skip:
+      skip = False
+    elif arg in ("--workdir", "-workdir"):
+      skip = True
+    elif not arg.startswith(("--workdir=", "-workdir=", "--config.new_run", "-config.new_run",
+                             "--noconfig.new_run")):
+      args.append(arg)
+  return " ".join(shlex.quote(a) for a in ["python", "-m", "one_jax.main", *args,
+                                           f"--workdir={workdir}"])
+
+
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split())
+
+
+def _parse_flags(argv):
+  """absl flag parsing whose errors are one-line ValueErrors (bad flag, config file, field)."""
+  try:
+    rest = FLAGS(argv)
+    if FLAGS.config is not None:
+      FLAGS.config.keys()  # a config file that failed to load raises here
+    return rest
+  except flags.Error as e:
+    text = str(e)
+    if "Traceback (most recent call last)" in text:  # the config file's get_config raised
+      last = [line for line in text.splitlines() if line.strip()][-1]
+      text = f"--config={argv_config(argv)}: {last.split(': ', 1)[-1]}"
+    raise ValueError(_one_line(text)) from None
+  except OSError as e:  # the config file could not be loaded
+    path = argv_config(argv).split(":", 1)[0]
+    if path and not os.path.exists(path):
+      raise ValueError(f"config file {path} does not exist: use --config=configs/step1.py:VARIANT "
+                       "or --config=configs/step2.py:VARIANT") from None
+    raise ValueError(f"cannot load --config={argv_config(argv)}: {_one_line(e)}") from None
+  except (AttributeError, KeyError) as e:  # --config.FIELD of a field the config lacks
+    known = _config_fields(argv)
+    given = [a.split("=", 1)[0].split(".", 1)[1] for a in argv[1:]
+             if a.lstrip("-").startswith("config.")]
+    text = str(e).replace("\\", "")
+    name = ([n for n in given if n not in known] or re.findall(r"'([\w.]+)'", text)
+            or [_one_line(text)])[0]
+    hint = difflib.get_close_matches(name, known, n=1)
+    raise ValueError(
+        f"unknown config field --config.{name}: "
+        + (f"did you mean --config.{hint[0]}? " if hint else "")
+        + "the fields are those of configs/common.py (and the variant's config file)") from None
+
+
+def _config_fields(argv):
+  """The field names of the --config file's config (best effort, for suggestions)."""
+  path, _, arg = argv_config(argv).partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("_one_jax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list((module.get_config(arg) if arg else module.get_config()).keys())
+  except Exception:  # pylint: disable=broad-except  (only a suggestion is lost)
+    return []
+
+
+def argv_config(argv) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1]
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+  return ""
 
 
 def run():
-  """Console entry: bad input ends with a one-line error and exit code 1, not a traceback."""
+  """Console entry: bad input ends with a one-line `error: ...` and exit status 1, not a
+  traceback; a run stopped by SIGTERM/SIGINT says how to resume and exits with 75."""
   try:
-    app.run(main)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    app.run(main, flags_parser=_parse_flags)
+  except _Stopped as e:
+    print(f"interrupted: {e}", file=sys.stderr)
+    sys.exit(preemption.EXIT_INTERRUPTED)
+  except KeyboardInterrupt:
+    print("error: interrupted again while stopping: no checkpoint of the current step was "
+          "written; the last checkpoint is intact and the same command resumes from it",
+          file=sys.stderr)
+    sys.exit(130)
+  except (ValueError, OSError, FloatingPointError) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
     sys.exit(1)
 
 

@@ -6,6 +6,7 @@ WORKDIR/init and points config.init_from at it; a restarted run finds its own ch
 resumes instead. Everything else is the ordinary training loop.
 """
 import os
+import shutil
 from typing import List
 
 import jax
@@ -79,15 +80,21 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
   resuming = os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)
   if not resuming and not os.path.exists(init_dir):
     paths = source_paths(config)
+    created = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
-    if op == "expand":
-      _expand(config, paths[0], init_dir)
-    else:
-      trunk_from = config.trunk_from if config.trunk_from == "mean" else int(config.trunk_from)
-      # Sources without a gate (baselines) get freshly initialised gate columns: all-zero
-      # columns would give the gate no gradient at all.
-      surgery.run_merge(paths, init_dir, trunk_from=trunk_from, fresh_gate="init",
-                        seed=config.seed, reset_optimizer=config.reset_optimizer)
+    try:
+      if op == "expand":
+        _expand(config, paths[0], init_dir)
+      else:
+        trunk_from = config.trunk_from if config.trunk_from == "mean" else int(config.trunk_from)
+        # Sources without a gate (baselines) get freshly initialised gate columns: all-zero
+        # columns would give the gate no gradient at all.
+        surgery.run_merge(paths, init_dir, trunk_from=trunk_from, fresh_gate="init",
+                          seed=config.seed, reset_optimizer=config.reset_optimizer)
+    except BaseException:
+      if created:  # bad sources leave nothing behind (the surgery itself writes atomically)
+        shutil.rmtree(workdir, ignore_errors=True)
+      raise
   return _unlocked(config, init_from=init_dir)
 
 
