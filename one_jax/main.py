@@ -66,9 +66,16 @@ def main(argv):
   # before it has checked the data, the model and the checkpoint it resumes from).
   train.check_config(config)
   workdir = FLAGS.workdir or default_workdir(config)
-  moved = bool(config.get("new_run", False)) and workdirs.holds_run(workdir)
-  if moved:  # a fresh run beside the existing one, never over it
-    workdir = workdirs.new_run_dir(workdir)
+  moved = False
+  if config.get("new_run", False):  # a fresh run beside an existing one, never over it
+    # Process 0 decides: the others may look after it has started writing.
+    suffix = int(workdirs.new_run_dir(workdir).rsplit("-", 1)[1]) if workdirs.holds_run(
+        workdir) else 0
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      suffix = int(multihost_utils.broadcast_one_to_all(np.int32(suffix)))
+    if suffix:
+      workdir, moved = f"{os.path.normpath(workdir)}-{suffix}", True
   workdirs.check_usable(workdir)
   if not config.eval_only:
     workdirs.check_config(config, workdir)
