@@ -170,9 +170,11 @@ def stacked_branches(depth, num_classes, num_branches, impl, train, axis_name, n
     return vmapped(depth, num_classes, train, axis_name, name=name)
   # A fully unrolled scan: B separate (un-batched) branch computations on slices of the
   # stacked variables; XLA's CPU backend runs these much faster than vmapped convolutions.
+  # unroll=0 unrolls every length; unroll=B would leave B = 1 as a one-trip while loop, whose
+  # backward convolutions XLA:CPU then runs in a naive, ~50x slower form (benchmarks/NOTES.md).
   looped = nn.scan(_ScanBranch, variable_axes={"params": 0, "batch_stats": 0},
                    split_rngs={"params": True}, in_axes=(), length=num_branches,
-                   unroll=num_branches)(depth, num_classes, train, axis_name, name=name)
+                   unroll=0)(depth, num_classes, train, axis_name, name=name)
   return lambda x: looped(x)[1]
 
 
