@@ -133,14 +133,24 @@ def _preservation(keep: int):
 
 def manager(directory: str, *, keep: int = 3, read_only: bool = False,
             async_save: bool = True) -> ocp.CheckpointManager:
-  """A CheckpointManager that keeps the last `keep` checkpoints plus the best one."""
+  """A CheckpointManager that keeps the last `keep` checkpoints plus the best one.
+
+  Multi-process runs: a writing manager is created and saves in every process together (its
+  arrays are host numpy, the same everywhere, which Orbax writes from process 0). A read-only
+  manager belongs to its process alone: reading needs no other process, so every process
+  may restore whatever it needs, the same checkpoint restores on any number of processes, and
+  no barrier waits for processes that take another path (e.g. found no checkpoint yet).
+  """
+  processes = (ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                 active_processes={jax.process_index()})
+               if read_only else ocp.options.MultiprocessingOptions())
   options = ocp.CheckpointManagerOptions(
       preservation_policy=None if read_only else _preservation(keep),
       read_only=read_only, create=not read_only, enable_async_checkpointing=async_save,
       best_fn=None,
       # A save killed before its commit leaves STEP.orbax-checkpoint-tmp, never taken as a
       # step (latest_step skips it); a writing manager deletes such leftovers when it starts.
-      cleanup_tmp_directories=not read_only)
+      cleanup_tmp_directories=not read_only, multiprocessing_options=processes)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=("state", "meta"))
 
