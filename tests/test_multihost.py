@@ -22,9 +22,11 @@ LAUNCH = os.path.join(ROOT, "launch")
 SCRIPTS = ("local.sh", "slurm.sbatch", "tpu_pod.sh")
 
 # A tiny run: ResNet-8 ONE, 2 steps of global batch 32 per epoch, 50 test examples in
-# batches of 20 (the last one padded).
+# batches of 20 (the last one padded). A moderate learning rate keeps the float noise of
+# different device layouts small (see _assert_states_close).
 OVERRIDES = {"num_epochs": 1, "steps_per_epoch": 2, "batch_size": 32, "eval_batch_size": 20,
-             "synthetic_train_size": 128, "synthetic_test_size": 50, "progress_bar": False}
+             "synthetic_train_size": 128, "synthetic_test_size": 50, "lr": 0.02,
+             "progress_bar": False}
 STEPS_PER_EPOCH = OVERRIDES["steps_per_epoch"]
 
 
@@ -66,11 +68,12 @@ def _csv_rows(path):
 
 
 def _assert_states_close(a, b, what):
-  """Equal up to float reassociation, which BatchNorm's backward pass amplifies: a different
-  order of summation over devices moves parameters by ~1e-4 after a few steps (also between
-  1 and 4 devices of one process), while wrong data or a lost gradient moves them by ~1e-2."""
+  """Equal up to float reassociation, which training amplifies step by step (BatchNorm's
+  backward pass most): another order of summation over devices moves these parameters by
+  ~4e-5 and the momentum by ~3e-3 after 4 steps (also between 1 and 4 devices of one
+  process), while wrong data or a lost gradient moves them by ~1e-2 and ~1e-1."""
   for key, atol in (("params", 5e-4), ("batch_stats", 5e-4), ("gate_offset", 5e-4),
-                    ("opt_state", 1e-2)):
+                    ("opt_state", 2e-2)):
     chex.assert_trees_all_close(a[key], b[key], atol=atol, rtol=1e-3,
                                 custom_message=f"{what}: {key}")
 
