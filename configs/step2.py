@@ -10,7 +10,8 @@ config fields, perform their surgery once into WORKDIR/init, train on and evalua
 Variants (DESIGN.md section 8):
   one_branch, three_branch, five_branch   stage-1 ONE models with 1, 3, 5 branches
   five_branch_vote     evaluate a 5-branch model (--config.source) and every branch subset
-  three_into_five      3 -> 5 branches, copy mode (ensemble unchanged at the start)
+  three_into_five      3 -> 5 branches, copy mode (ensemble unchanged at the start), the
+                       copies' momentum perturbed so that they part during training
   merge_baselines      three baseline ResNets (--config.sources=A,B,C) -> one 3-branch model
   merge_one_branch     three 1-branch ONE models -> one 3-branch model
   one_into_three       a 1-branch model grown to 3 with the copies perturbed (symmetry broken)
@@ -44,6 +45,7 @@ def get_config(arg=None):
   c.expand_from = ""            # copy sources of the new slots, e.g. '0,1' ('' = cycle)
   c.trunk_from = "0"            # merge: source index of the trunk, or 'mean'
   c.symmetry_noise = 0.0        # > 0: perturb the copies (relative to each leaf's std)
+  c.symmetry_break = "params"   # ... in their 'params', or only their 'momentum' buffers
   c.reset_optimizer = False     # start the momentum of stage 2 from zero
 
   branches = {"one_branch": 1, "three_branch": 3, "five_branch": 5, "five_branch_vote": 5,
@@ -56,6 +58,11 @@ def get_config(arg=None):
     c.surgery = "merge"
   if variant == "one_into_three":
     c.symmetry_noise = 0.01
+  if variant == "three_into_five":
+    # Exact copies would stay identical (see one_inside_three): perturbing only the copies'
+    # momentum keeps the expanded ensemble equal to the 3-branch one and still lets them part.
+    c.symmetry_noise = 0.01
+    c.symmetry_break = "momentum"
   if variant == "five_branch_vote":
     c.eval_only = True
     c.vote = True

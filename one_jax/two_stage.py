@@ -33,21 +33,57 @@ def source_paths(config) -> List[str]:
   return paths
 
 
-def perturb_branches(state, first_slot: int, scale: float, seed: int):
-  """Breaks the symmetry of copied branches: slots >= first_slot get Gaussian noise of
-  `scale` times each parameter leaf's standard deviation (per slot, a different draw)."""
-  params = state["params"]
+SYMMETRY_BREAKS = ("params", "momentum")
+
+
+def _noisy_slots(leaf, first_slot, scale, rng):
+  """Gaussian noise of `scale` x the slot's std on slots >= first_slot (a draw per slot)."""
+  leaf = np.array(leaf, copy=True)
+  for b in range(first_slot, leaf.shape[0]):
+    std = float(np.std(leaf[b])) or 1.0
+    leaf[b] = leaf[b] + scale * std * rng.standard_normal(leaf[b].shape).astype(leaf.dtype)
+  return leaf
+
+
+def _momentum_buffers(tree, path=()):
+  """Paths of the momentum traces (optax 'trace' subtrees) in a state-dict optimizer state."""
+  if not isinstance(tree, dict):
+    return []
+  if "trace" in tree and isinstance(tree["trace"], dict) and "branches" in tree["trace"]:
+    return [path + ("trace",)]
+  return [p for k, v in tree.items() for p in _momentum_buffers(v, path + (k,))]
+
+
+def perturb_branches(state, first_slot: int, scale: float, seed: int, target: str = "params"):
+  """Breaks the symmetry of copied branches (slots >= first_slot), which otherwise receive
+  identical updates for ever.
+
+  target='params' adds the noise to the branch parameters (the outputs change slightly);
+  'momentum' adds it to their momentum buffers only, so the model computes exactly what it
+  did (the ensemble is unchanged) and the copies part from the first update on.
+  """
+  if target not in SYMMETRY_BREAKS:
+    raise ValueError(f"symmetry_break={target!r} is unknown: use 'params' or 'momentum'")
   rng = np.random.default_rng(seed)
+  noisy = lambda leaf: _noisy_slots(leaf, first_slot, scale, rng)  # noqa: E731
+  if target == "params":
+    params = state["params"]
+    return dict(state, params=dict(params, branches=jax.tree.map(noisy, params["branches"])))
+  paths = _momentum_buffers(state.get("opt_state"))
+  if not paths:
+    raise ValueError("symmetry_break='momentum' needs the source's optimizer state, which this "
+                     "expansion has none of: use --config.symmetry_break=params")
+  opt_state = state["opt_state"]
+  for path in paths:
+    opt_state = _replace_path(opt_state, path, lambda trace: dict(
+        trace, branches=jax.tree.map(noisy, trace["branches"])))
+  return dict(state, opt_state=opt_state)
 
-  def noisy(leaf):
-    leaf = np.array(leaf, copy=True)
-    for b in range(first_slot, leaf.shape[0]):
-      std = float(np.std(leaf[b])) or 1.0
-      leaf[b] = leaf[b] + scale * std * rng.standard_normal(leaf[b].shape).astype(leaf.dtype)
-    return leaf
 
-  branches = jax.tree.map(noisy, params["branches"])
-  return dict(state, params=dict(params, branches=branches))
+def _replace_path(tree, path, fn):
+  if not path:
+    return fn(tree)
+  return dict(tree, **{path[0]: _replace_path(tree[path[0]], path[1:], fn)})
 
 
 def _expand(config, src: str, dst: str) -> str:
@@ -59,11 +95,12 @@ def _expand(config, src: str, dst: str) -> str:
                                        sources=sources, rng=config.seed,
                                        reset_optimizer=config.reset_optimizer)
   if config.symmetry_noise > 0:
-    new_state = perturb_branches(new_state, old_branches, config.symmetry_noise, config.seed)
+    new_state = perturb_branches(new_state, old_branches, config.symmetry_noise, config.seed,
+                                 config.symmetry_break)
   return checkpoints.save_standalone(dst, new_state, {
       "model": new_info, "epoch": 0, "surgery": {
           "operation": "expand", "mode": config.expand_mode, "source": os.path.abspath(src),
-          "symmetry_noise": config.symmetry_noise}})
+          "symmetry_noise": config.symmetry_noise, "symmetry_break": config.symmetry_break}})
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:

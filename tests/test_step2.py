@@ -57,6 +57,12 @@ def test_three_into_five(sources, tmp_path):
   images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
   chex.assert_trees_all_close(init_model.apply(init_vars, images).ensemble_logits,
                               src_model.apply(src_vars, images).ensemble_logits, atol=1e-5)
+  # The copies (slots 3, 4 of branches 0, 1) start identical and part during training.
+  copies = lambda v: [np.array_equal(l[3], l[0]) for l in jax.tree.leaves(  # noqa: E731
+      v["params"]["branches"])]
+  assert all(copies(init_vars))
+  _, trained = checkpoints.load_model(str(tmp_path))
+  assert not all(copies(trained))
 
 
 @pytest.mark.parametrize("variant,key", [("merge_baselines", "base"),
