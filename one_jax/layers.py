@@ -3,6 +3,7 @@
 Kept in one place so that every model, the converter and the speed work agree on
 parameter names ('kernel', 'bias', 'scale', 'mean', 'var') and numerics.
 """
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -19,12 +20,107 @@ def torch_linear_kernel_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv2d_forward(x, kernel, stride, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                      dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _opaque_copy(x):
+  """x, exactly, as the output of a library kernel: a 1x1 convolution with the identity.
+
+  XLA:CPU cannot fuse element-wise producers into a library convolution (nor, since it is a
+  convolution and not a reshaped matrix product, into a separate copy feeding one), so
+  whatever reads the result reads one materialised buffer instead of re-evaluating, in its own
+  loop fusion, the chain of BatchNorm/ReLU/residual ops (up to six blocks deep) behind x.
+  """
+  c = x.shape[-1]
+  eye = jnp.eye(c, dtype=x.dtype).reshape(1, 1, c, c)
+  return jax.lax.conv_general_dilated(x, eye, (1, 1), "VALID",
+                                      dimension_numbers=_DIMENSION_NUMBERS,
+                                      precision=jax.lax.Precision.HIGHEST)
+
+
+# Images per weight-gradient convolution (None: one convolution over the whole batch). XLA's
+# weight-gradient convolution contracts over batch x height x width; YNNPACK runs it 1.3-1.8x
+# faster as a sum of convolutions over 8-image slices (benchmarks/NOTES.md, per stage shape).
+WEIGHT_GRAD_CHUNK = 8
+
+
+def _chunks(batch: int, chunk: Optional[int]) -> int:
+  if chunk is None or batch <= chunk or batch % chunk:
+    return 1
+  return batch // chunk
+
+
+def weight_grad(x, dy, kernel_shape, stride: int, padding, chunk: Optional[int] = None):
+  """d(conv(x, kernel))/d(kernel) applied to dy, summed over `chunk`-image slices of the batch.
+
+  Each slice is XLA's own weight-gradient convolution (the transpose of
+  lax.conv_general_dilated), so chunk=None is exactly what jax.grad computes.
+  """
+  zeros = jnp.zeros(kernel_shape, x.dtype)
+  parts = _chunks(x.shape[0], chunk)
+  xs = x.reshape((parts, -1) + x.shape[1:])
+  dys = dy.reshape((parts, -1) + dy.shape[1:])
+  total = None
+  for i in range(parts):
+    _, vjp = jax.vjp(lambda k, xi=xs[i]: _conv2d_forward(xi, k, stride, padding), zeros)
+    grad = vjp(dys[i])[0]
+    total = grad if total is None else total + grad
+  return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_CHUNK):
+  """NHWC x HWIO convolution: lax.conv_general_dilated's value and gradients, faster backward.
+
+  The input gradient is XLA's (a convolution with the flipped kernel). The weight gradient is
+  `weight_grad` over `chunk`-image slices, reading x through `_opaque_copy`: XLA lowers each
+  slice with x transposed to [C, H, W, N], and without the copy it fuses the producers of x
+  into that transpose, recomputing residual chains with a transpose's strided access pattern.
+  """
+  return _conv2d_forward(x, kernel, stride, padding)
+
+
+def _conv2d_fwd(x, kernel, stride, padding, chunk):
+  return _conv2d_forward(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv2d_bwd(stride, padding, chunk, residuals, dy):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x_: _conv2d_forward(x_, kernel, stride, padding), x)
+  kernel_grad = weight_grad(_opaque_copy(x), dy, kernel.shape, stride, padding, chunk)
+  return input_vjp(dy)[0], kernel_grad
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+class Conv(nn.Module):
+  """Bias-free NHWC convolution with PyTorch's symmetric padding (k // 2).
+
+  The parameter is nn.Conv's: 'kernel', [k, k, in, out] (HWIO), same initialiser, same name,
+  so checkpoints and conversion see the layout of flax.linen.Conv.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", conv_kernel_init, (k, k, x.shape[-1], self.features))
+    pad = k // 2
+    return conv2d(x, kernel.astype(x.dtype), self.stride, ((pad, pad), (pad, pad)),
+                  WEIGHT_GRAD_CHUNK)
+
+
 def conv(features: int, kernel_size: int, stride: int = 1, name: Optional[str] = None):
   """Bias-free NHWC convolution with PyTorch's symmetric padding (k // 2)."""
-  pad = kernel_size // 2
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=conv_kernel_init, name=name)
+  return Conv(features, kernel_size, stride, name=name)
 
 
 class Dense(nn.Module):

@@ -1,0 +1,159 @@
+"""Train- and eval-step throughput, printed as one JSON line (DESIGN.md section 10).
+
+    python -m one_jax.bench --config=configs/step1.py:three_branch [--steps=N] [--batch=N]
+
+Times the real jitted steps of `one_jax.train` (`make_train_step`: forward, loss, backward,
+SGD update, BatchNorm statistics, metrics; `make_eval_step`, on a batch of the same size) on
+synthetic data already on the devices. Compilation and warm-up steps are excluded; times are
+medians over --steps. FLOPs come from XLA's cost analysis of the compiled train step.
+
+Fields: images_per_sec, eval_images_per_sec, step_ms, eval_step_ms, compile_s, backend,
+device_kind, device_count, flops_per_image, gflops_per_sec (achieved, train step), and the
+model fields (model, depth, num_branches, num_classes, batch, branch_impl), jax_version, loss.
+"""
+import json
+import statistics
+import time
+from typing import Any, Dict
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from one_jax import models
+from one_jax import optimizer
+from one_jax import parallel
+from one_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/step1.py:three_branch", "Training config (ml_collections), e.g. "
+    "configs/step1.py:five_branch; --config.FIELD=VALUE overrides fields.", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: the config's).")
+_EVAL = flags.DEFINE_bool("eval", True, "Also time the eval (inference) step.")
+
+IMAGE_SHAPE = (32, 32, 3)
+STEPS_PER_EPOCH = 390  # CIFAR: 50000 // 128; only the learning-rate schedule sees it
+
+
+def _time(fn, n):
+  """Seconds per call of fn (which returns something to block on), n calls."""
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def _flops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", float("nan")))
+
+
+def synthetic_batch(config, batch_size: int, seed: int = 0) -> Dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {"image": rng.standard_normal((batch_size,) + IMAGE_SHAPE, dtype=np.float32),
+          "label": rng.integers(0, config.num_classes, (batch_size,)).astype(np.int32),
+          "mask": np.ones((batch_size,), np.float32)}
+
+
+class StepTimer:
+  """The compiled train (and eval) step of a config, with its state and a synthetic batch.
+
+  Used by the CLI and by benchmarks/torch_vs_jax.py, which interleaves its steps with
+  PyTorch's: `train_once()` runs one train step and returns something to block on.
+  """
+
+  def __init__(self, config, batch_size=None, with_eval=True, compiler_options=None):
+    if batch_size is not None:
+      with config.unlocked():
+        config.batch_size = int(batch_size)
+    self.config = config
+    self.mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.batch_size, self.mesh)
+    self.model = train.create_model(config)
+    rng = jax.random.key(config.seed)
+    param_shapes = jax.eval_shape(
+        lambda r: train.init_variables(self.model, IMAGE_SHAPE, r), rng)["params"]
+    tx = optimizer.create_optimizer(config, STEPS_PER_EPOCH, param_shapes)
+    self.state = parallel.replicate(train.initial_state(self.model, tx, IMAGE_SHAPE, rng),
+                                    self.mesh)
+    host_batch = synthetic_batch(config, config.batch_size, config.seed)
+    self.batch = parallel.shard_batch({k: host_batch[k] for k in ("image", "label")}, self.mesh)
+    self.epoch = jnp.float32(1.0)
+    options = compiler_options or {}  # XLA options, for experiments (benchmarks/NOTES.md)
+
+    t0 = time.perf_counter()
+    self.train_compiled = train.make_train_step(config, tx, self.mesh).lower(
+        self.state, self.batch, self.epoch).compile(options)
+    self.compile_s = time.perf_counter() - t0
+    self.flops = _flops(self.train_compiled)
+    self.eval_compiled = None
+    if with_eval:
+      self.eval_batch = parallel.shard_batch(host_batch, self.mesh)
+      self.eval_compiled = train.make_eval_step(config, self.mesh).lower(
+          self._variables(), self.eval_batch).compile(options)
+    self.metrics = None
+
+  def _variables(self):
+    return {k: self.state[k] for k in ("params", "batch_stats", "gate_offset") if k in self.state}
+
+  def train_once(self):
+    self.state, self.metrics = self.train_compiled(self.state, self.batch, self.epoch)
+    return self.metrics["train/loss"]
+
+  def eval_once(self):
+    return self.eval_compiled(self._variables(), self.eval_batch)
+
+
+def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
+                  eval_too: bool = True) -> Dict[str, Any]:
+  """Builds, compiles and times the steps of `config`; returns the JSON fields."""
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
+  if batch is not None and batch < 1:
+    raise ValueError(f"batch={batch} is invalid: it must be a positive integer")
+  timer = StepTimer(config, batch, with_eval=eval_too)
+  batch_size = timer.config.batch_size
+
+  _time(timer.train_once, warmup)
+  step_s = statistics.median(_time(timer.train_once, steps))
+  loss = float(timer.metrics["train/loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"non-finite loss {loss} in the benchmark's train step")
+  result = dict(images_per_sec=batch_size / step_s, step_ms=1e3 * step_s,
+                compile_s=timer.compile_s, flops_per_image=timer.flops / batch_size,
+                gflops_per_sec=timer.flops / step_s / 1e9)
+  if eval_too:
+    _time(timer.eval_once, max(warmup, 1))
+    eval_s = statistics.median(_time(timer.eval_once, steps))
+    result.update(eval_images_per_sec=batch_size / eval_s, eval_step_ms=1e3 * eval_s)
+  else:
+    result.update(eval_images_per_sec=None, eval_step_ms=None)
+  c = timer.config
+  result.update(
+      backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
+      device_count=jax.device_count(), model=c.model, depth=c.depth,
+      num_branches=c.num_branches if train.is_one_model(c) else 1, num_classes=c.num_classes,
+      batch=batch_size, branch_impl=models.resolve_branch_impl(c.branch_impl), steps=steps,
+      jax_version=jax.__version__, loss=loss)
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  result = run_benchmark(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
+                         batch=_BATCH.value, eval_too=_EVAL.value)
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,45 @@
+"""`python -m one_jax.bench` runs the real train and eval steps and prints one JSON line."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from one_jax import bench
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = ("images_per_sec", "eval_images_per_sec", "step_ms", "eval_step_ms", "compile_s",
+          "backend", "device_kind", "device_count", "flops_per_image", "gflops_per_sec",
+          "model", "depth", "num_branches", "num_classes", "batch", "branch_impl", "loss")
+
+
+def test_bench_command_prints_json():
+  cmd = [sys.executable, "-m", "one_jax.bench", "--config=configs/step1.py:three_branch,smoke",
+         "--steps=2", "--warmup=0", "--batch=8"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [l for l in proc.stdout.splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stdout
+  result = json.loads(lines[0])
+  for field in FIELDS:
+    assert field in result, field
+  assert result["backend"] == "cpu"
+  assert result["device_count"] == jax.device_count()
+  assert (result["depth"], result["num_branches"], result["batch"]) == (8, 3, 8)
+  for field in ("images_per_sec", "eval_images_per_sec", "step_ms", "compile_s",
+                "flops_per_image", "gflops_per_sec"):
+    assert result[field] > 0 and math.isfinite(result[field]), field
+  # images/s and step time describe the same median step.
+  assert result["images_per_sec"] == pytest.approx(8 / (result["step_ms"] / 1e3), rel=1e-6)
+  assert math.isfinite(result["loss"])
+
+
+def test_bad_arguments_fail_clearly():
+  with pytest.raises(ValueError, match="steps=0"):
+    bench.run_benchmark(None, steps=0)
+  with pytest.raises(ValueError, match="batch=0"):
+    bench.run_benchmark(None, batch=0)
