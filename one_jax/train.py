@@ -483,18 +483,15 @@ def _brief(config, metrics) -> str:
   return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
 
 
-def evaluate_checkpoint(config, path: str) -> Dict[str, float]:
-  """Evaluate-only mode: test metrics of a checkpoint on this config's test set."""
+def evaluate_checkpoint(config, model, variables, test_source) -> Dict[str, float]:
+  """Evaluate-only mode: test metrics of a restored model on this config's test set."""
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  _, test_source, _ = input_pipeline.get_datasets(config)
-  model, variables = checkpoints.load_model(path)
   eval_config = config_for_model(config, model)
   process_index, process_count = _host_info()  # each process feeds its rows of every batch
-  metrics = evaluate(eval_config, make_eval_step(eval_config, mesh), mesh,
-                     parallel.replicate(jax.tree.map(np.asarray, variables), mesh), test_source,
-                     process_index=process_index, process_count=process_count)
-  return metrics
+  return evaluate(eval_config, make_eval_step(eval_config, mesh), mesh,
+                  parallel.replicate(jax.tree.map(np.asarray, variables), mesh), test_source,
+                  process_index=process_index, process_count=process_count)
 
 
 def config_for_model(config, model):
@@ -512,34 +509,27 @@ def config_for_model(config, model):
 def run_eval_only(config, workdir: str) -> Dict[str, float]:
   """Evaluates config.init_from (or the workdir's latest checkpoint) and prints the results.
 
-  With config.vote, also the voting table over every subset of branches (voting.csv).
+  With config.vote, also the voting table over every subset of branches (voting.csv). The
+  checkpoint and the test set are read once for both.
   """
   from one_jax import voting  # pylint: disable=g-import-not-at-top
   path = config.init_from or workdir
-  metrics = evaluate_checkpoint(config, path)
+  _, test_source, _ = input_pipeline.get_datasets(config)
+  model, variables = checkpoints.load_model(path)
+  if config.vote and not isinstance(model, models.OneResNet):
+    raise ValueError(f"{path} holds a baseline ResNet: voting needs a ONE model with branches")
+  metrics = evaluate_checkpoint(config, model, variables, test_source)
   os.makedirs(workdir, exist_ok=True)
-  model, _ = checkpoints.load_model(path)
-  eval_config = config_for_model(config, model)
-  rows = [dict(metrics)]
-  table = metric_writers.summary_table([dict(rows[0], epoch=1)], heads(eval_config))
+  table = metric_writers.summary_table([dict(metrics, epoch=1)],
+                                       heads(config_for_model(config, model)))
   if jax.process_index() == 0:
     print(f"Evaluation of {path} on {metrics['test/count']:.0f} test examples:\n{table}")
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(metrics, f, indent=2)
   if config.vote:
-    vote_rows = vote(config, path)
+    vote_rows = voting.vote_accuracies(model, variables, input_pipeline.eval_batches(
+        test_source, global_batch=config.eval_batch_size))
     if jax.process_index() == 0:
       print(voting.format_vote_table(vote_rows))
       voting.write_vote_csv(vote_rows, os.path.join(workdir, "voting.csv"))
   return metrics
-
-
-def vote(config, path: str):
-  """Voting accuracies (gate-weighted, average, majority) of every subset of branches."""
-  from one_jax import voting  # pylint: disable=g-import-not-at-top
-  _, test_source, _ = input_pipeline.get_datasets(config)
-  model, variables = checkpoints.load_model(path)
-  if not isinstance(model, models.OneResNet):
-    raise ValueError(f"{path} holds a baseline ResNet: voting needs a ONE model with branches")
-  return voting.vote_accuracies(model, variables, input_pipeline.eval_batches(
-      test_source, global_batch=config.eval_batch_size))
