@@ -17,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.depth = 32
   c.num_branches = 3
   c.branch_impl = "auto"          # 'auto' | 'loop' | 'vmap': same parameters, same numbers
+  c.cpu_conv_library = "auto"     # 'auto' (= 'eigen') | 'eigen' | 'ynnpack': XLA:CPU kernels
   c.active_branches = ""          # e.g. '0,2': other branches get gate 0 and no update
   # Data.
   c.dataset = "cifar10"           # cifar10 | cifar100 | svhn | synthetic

@@ -27,6 +27,7 @@ from one_jax import models
 from one_jax import optimizer
 from one_jax import parallel
 from one_jax import train
+from one_jax import xla_options
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/step1.py:three_branch", "Training config (ml_collections), e.g. "
@@ -142,7 +143,9 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
       backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
       device_count=jax.device_count(), model=c.model, depth=c.depth,
       num_branches=c.num_branches if train.is_one_model(c) else 1, num_classes=c.num_classes,
-      batch=batch_size, branch_impl=models.resolve_branch_impl(c.branch_impl), steps=steps,
+      batch=batch_size, branch_impl=models.resolve_branch_impl(c.branch_impl),
+      cpu_conv_library=(xla_options.resolve_cpu_conv_library(c.get("cpu_conv_library", "auto"))
+                        if jax.default_backend() == "cpu" else None), steps=steps,
       jax_version=jax.__version__, loss=loss)
   return result
 

@@ -44,9 +44,10 @@ def _opaque_copy(x):
 
 
 # Images per weight-gradient convolution (None: one convolution over the whole batch). XLA's
-# weight-gradient convolution contracts over batch x height x width; YNNPACK runs it 1.3-1.8x
-# faster as a sum of convolutions over 8-image slices (benchmarks/NOTES.md, per stage shape).
-WEIGHT_GRAD_CHUNK = 8
+# weight-gradient convolution contracts over batch x height x width; both CPU libraries run it
+# faster as a sum of convolutions over 8- or 16-image slices (benchmarks/NOTES.md, entries 4
+# and 6: 16 is best with Eigen's convolutions, 8 with YNNPACK's, within 1-2% of each other).
+WEIGHT_GRAD_CHUNK = 16
 
 
 def _chunks(batch: int, chunk: Optional[int]) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from one_jax import checkpoints, input_pipeline, losses, metric_writers, models, optimizer
-from one_jax import parallel, preemption, workdirs
+from one_jax import parallel, preemption, workdirs, xla_options
 
 DATA = parallel.DATA_AXIS
 
@@ -178,7 +178,7 @@ def make_train_step(config, tx, mesh):
   step = functools.partial(train_step_fn, config, model, tx)
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA), P()), out_specs=(P(), P()),
                           check_vma=False)
-  return jax.jit(sharded, donate_argnums=0)
+  return jax.jit(sharded, donate_argnums=0, compiler_options=_compiler_options(config, mesh))
 
 
 def make_eval_step(config, mesh):
@@ -186,7 +186,11 @@ def make_eval_step(config, mesh):
   step = functools.partial(eval_step_fn, config, model)
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA)), out_specs=P(),
                           check_vma=False)
-  return jax.jit(sharded)
+  return jax.jit(sharded, compiler_options=_compiler_options(config, mesh))
+
+
+def _compiler_options(config, mesh):
+  return xla_options.compiler_options(config, mesh.devices.flat[0].platform)
 
 
 def evaluate(config, eval_step, mesh, variables, test_source, *, process_index=0,
@@ -281,6 +285,7 @@ def check_config(config) -> None:
                      "(--config.num_branches=1 or more)")
   active_branches(config)
   models.resolve_branch_impl(config.branch_impl)
+  xla_options.resolve_cpu_conv_library(config.get("cpu_conv_library", "auto"))
   milestones = config.get("milestones", ())
   if not isinstance(milestones, (tuple, list)) or not all(
       isinstance(m, int) and not isinstance(m, bool) for m in milestones):

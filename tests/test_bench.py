@@ -13,7 +13,7 @@ from one_jax import bench
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("images_per_sec", "eval_images_per_sec", "step_ms", "eval_step_ms", "compile_s",
           "backend", "device_kind", "device_count", "flops_per_image", "gflops_per_sec",
-          "model", "depth", "num_branches", "num_classes", "batch", "branch_impl", "loss")
+          "model", "depth", "num_branches", "num_classes", "batch", "branch_impl", "cpu_conv_library", "loss")
 
 
 def test_bench_command_prints_json():
@@ -28,6 +28,7 @@ def test_bench_command_prints_json():
   for field in FIELDS:
     assert field in result, field
   assert result["backend"] == "cpu"
+  assert result["cpu_conv_library"] == "eigen"  # 'auto' on CPU
   assert result["device_count"] == jax.device_count()
   assert (result["depth"], result["num_branches"], result["batch"]) == (8, 3, 8)
   for field in ("images_per_sec", "eval_images_per_sec", "step_ms", "compile_s",
