@@ -370,6 +370,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         if epoch == start_epoch and partial_sums:
           sums = parallel.replicate({k: np.float32(v) for k, v in partial_sums.items()}, mesh)
         n_steps, pending, stopped = first, None, False
+        # Throughput is timed from the end of the epoch's first step: in the first epoch that
+        # step includes compiling the train step.
+        t_warm, warm_steps = None, first
         bar = metric_writers.progress_bar(steps_per_epoch,
                                           f"epoch {epoch + 1}/{config.num_epochs}",
                                           enabled=is_main and config.progress_bar)
@@ -386,6 +389,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           step_metrics = {k: v for k, v in step_metrics.items() if not k.startswith(FINITE)}
           sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
           n_steps += 1
+          if t_warm is None:
+            jax.block_until_ready(step_metrics)
+            t_warm, warm_steps = time.time(), n_steps
           bar.update(1)
           if n_steps < steps_per_epoch and _stop_requested(stop, process_count):
             stopped = True
@@ -407,7 +413,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
               f"step {n_steps} of {steps_per_epoch}): checkpoint {step} written to {ckpt_dir}",
               signal_name=stop.signal_name or "", step=step, epoch=epoch)
         train_metrics = {k: float(v) / n_steps for k, v in parallel.to_host(sums).items()}
-        epoch_time = time.time() - t0
+        t_end = time.time()
+        epoch_time = t_end - t0
+        timed_steps = n_steps - warm_steps
+        images_per_sec = (timed_steps * config.batch_size / (t_end - t_warm) if timed_steps
+                          else (n_steps - first) * config.batch_size / epoch_time)
 
         # --- evaluate, log, checkpoint
         variables = checkpoints.variables_of(state)
@@ -419,7 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
             "kl_weight": float(losses.kl_weight(epoch, config.rampup_epochs) * config.kl_scale)
                          if is_one_model(config) else 0.0,
             "epoch_time_s": epoch_time,
-            "train_images_per_sec": (n_steps - first) * config.batch_size / epoch_time,
+            "train_images_per_sec": images_per_sec,
         })
         writer.write_epoch(epoch + 1, metrics)
         if is_main:
