@@ -74,26 +74,30 @@ def weight_grad(x, dy, kernel_shape, stride: int, padding, chunk: Optional[int] 
   return total
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_CHUNK):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_CHUNK,
+           copy_input: bool = True):
   """NHWC x HWIO convolution: lax.conv_general_dilated's value and gradients, faster backward.
 
   The input gradient is XLA's (a convolution with the flipped kernel). The weight gradient is
   `weight_grad` over `chunk`-image slices, reading x through `_opaque_copy`: XLA lowers each
   slice with x transposed to [C, H, W, N], and without the copy it fuses the producers of x
   into that transpose, recomputing residual chains with a transpose's strided access pattern.
+  `copy_input=False` skips the copy where x is one element-wise fusion away from a library op
+  (nothing long to recompute), e.g. the second convolution of a residual block.
   """
   return _conv2d_forward(x, kernel, stride, padding)
 
 
-def _conv2d_fwd(x, kernel, stride, padding, chunk):
+def _conv2d_fwd(x, kernel, stride, padding, chunk, copy_input):
   return _conv2d_forward(x, kernel, stride, padding), (x, kernel)
 
 
-def _conv2d_bwd(stride, padding, chunk, residuals, dy):
+def _conv2d_bwd(stride, padding, chunk, copy_input, residuals, dy):
   x, kernel = residuals
   _, input_vjp = jax.vjp(lambda x_: _conv2d_forward(x_, kernel, stride, padding), x)
-  kernel_grad = weight_grad(_opaque_copy(x), dy, kernel.shape, stride, padding, chunk)
+  x_read = _opaque_copy(x) if copy_input else x
+  kernel_grad = weight_grad(x_read, dy, kernel.shape, stride, padding, chunk)
   return input_vjp(dy)[0], kernel_grad
 
 
@@ -109,6 +113,7 @@ class Conv(nn.Module):
   features: int
   kernel_size: int
   stride: int = 1
+  copy_input: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -116,12 +121,13 @@ class Conv(nn.Module):
     kernel = self.param("kernel", conv_kernel_init, (k, k, x.shape[-1], self.features))
     pad = k // 2
     return conv2d(x, kernel.astype(x.dtype), self.stride, ((pad, pad), (pad, pad)),
-                  WEIGHT_GRAD_CHUNK)
+                  WEIGHT_GRAD_CHUNK, self.copy_input)
 
 
-def conv(features: int, kernel_size: int, stride: int = 1, name: Optional[str] = None):
+def conv(features: int, kernel_size: int, stride: int = 1, name: Optional[str] = None,
+         copy_input: bool = True):
   """Bias-free NHWC convolution with PyTorch's symmetric padding (k // 2)."""
-  return Conv(features, kernel_size, stride, name=name)
+  return Conv(features, kernel_size, stride, copy_input, name=name)
 
 
 class Dense(nn.Module):

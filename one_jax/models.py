@@ -55,7 +55,8 @@ class BasicBlock(nn.Module):
     bn = functools.partial(layers.BatchNorm, use_running_average=not self.train,
                            axis_name=self.axis_name)
     out = nn.relu(bn(name="bn1")(layers.conv(self.planes, 3, self.stride, "conv1")(x)))
-    out = bn(name="bn2")(layers.conv(self.planes, 3, 1, "conv2")(out))
+    # conv2 reads one fusion (relu(bn(conv1))), not the residual stream: no copy needed.
+    out = bn(name="bn2")(layers.conv(self.planes, 3, 1, "conv2", copy_input=False)(out))
     if self.downsample:
       x = bn(name="downsample_bn")(layers.conv(self.planes, 1, self.stride, "downsample_conv")(x))
     return nn.relu(out + x)
@@ -74,8 +75,10 @@ class Bottleneck(nn.Module):
     bn = functools.partial(layers.BatchNorm, use_running_average=not self.train,
                            axis_name=self.axis_name)
     out = nn.relu(bn(name="bn1")(layers.conv(self.planes, 1, 1, "conv1")(x)))
-    out = nn.relu(bn(name="bn2")(layers.conv(self.planes, 3, self.stride, "conv2")(out)))
-    out = bn(name="bn3")(layers.conv(self.planes * 4, 1, 1, "conv3")(out))
+    # conv2 and conv3 read one fusion each, not the residual stream: no copy needed.
+    out = nn.relu(bn(name="bn2")(layers.conv(self.planes, 3, self.stride, "conv2",
+                                             copy_input=False)(out)))
+    out = bn(name="bn3")(layers.conv(self.planes * 4, 1, 1, "conv3", copy_input=False)(out))
     if self.downsample:
       x = bn(name="downsample_bn")(
           layers.conv(self.planes * 4, 1, self.stride, "downsample_conv")(x))

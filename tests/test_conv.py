@@ -22,7 +22,9 @@ SHAPE_CLASSES = {
     "down_1x1_s2": (32, 32, 16, 32, 1, 2),
     "bottleneck_1x1": (8, 8, 64, 256, 1, 1),
 }
-FORMULATIONS = {"single": None, "chunk8": 8, "chunk4": 4}
+# (images per weight-gradient slice, copy of x for the weight gradient)
+FORMULATIONS = {"single": (None, True), "chunk8": (8, True), "chunk4": (4, True),
+                "chunk8_nocopy": (8, False)}
 
 
 def _reference(x, kernel, stride, k):
@@ -35,7 +37,7 @@ def _reference(x, kernel, stride, k):
 @pytest.mark.parametrize("shape_class", list(SHAPE_CLASSES))
 def test_value_and_gradients_match_lax(shape_class, formulation):
   h, w, cin, cout, k, stride = SHAPE_CLASSES[shape_class]
-  chunk = FORMULATIONS[formulation]
+  chunk, copy_input = FORMULATIONS[formulation]
   kx, kk, kc = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (16, h, w, cin))
   kernel = jax.random.normal(kk, (k, k, cin, cout)) * np.sqrt(2.0 / (k * k * cout))
@@ -43,12 +45,13 @@ def test_value_and_gradients_match_lax(shape_class, formulation):
   probe = jax.random.normal(kc, _reference(x, kernel, stride, k).shape)
 
   def ours(x, kernel):
-    return jnp.sum(layers.conv2d(x, kernel, stride, pad, chunk) * probe)
+    return jnp.sum(layers.conv2d(x, kernel, stride, pad, chunk, copy_input) * probe)
 
   def theirs(x, kernel):
     return jnp.sum(_reference(x, kernel, stride, k) * probe)
 
-  value = jax.jit(lambda x, kern: layers.conv2d(x, kern, stride, pad, chunk))(x, kernel)
+  value = jax.jit(lambda x, kern: layers.conv2d(x, kern, stride, pad, chunk, copy_input))(
+      x, kernel)
   chex.assert_trees_all_close(value, _reference(x, kernel, stride, k), atol=1e-5, rtol=1e-5)
   got = jax.jit(jax.grad(ours, argnums=(0, 1)))(x, kernel)
   want = jax.jit(jax.grad(theirs, argnums=(0, 1)))(x, kernel)
@@ -97,7 +100,8 @@ def test_model_gradients_match_flax_conv(monkeypatch):
       jax.random.key(4), images[:1])
   (loss, stats), grads = loss_and_grads(variables)
 
-  def flax_conv(features, kernel_size, stride=1, name=None):
+  def flax_conv(features, kernel_size, stride=1, name=None, copy_input=True):
+    del copy_input  # only changes how layers.conv computes its weight gradient
     pad = kernel_size // 2
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=False,
