@@ -144,8 +144,7 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
       device_count=jax.device_count(), model=c.model, depth=c.depth,
       num_branches=c.num_branches if train.is_one_model(c) else 1, num_classes=c.num_classes,
       batch=batch_size, branch_impl=models.resolve_branch_impl(c.branch_impl),
-      cpu_conv_library=(xla_options.resolve_cpu_conv_library(c.get("cpu_conv_library", "auto"))
-                        if jax.default_backend() == "cpu" else None), steps=steps,
+      cpu_conv_library=xla_options.cpu_conv_library(c, jax.default_backend()), steps=steps,
       jax_version=jax.__version__, loss=loss)
   return result
 

@@ -7,7 +7,7 @@ convolutions of the 16x16x32 and 8x8x64 stages 1.3-1.6x faster; benchmarks/NOTES
 entry 6). The choice is made per executable (jax.jit's `compiler_options`), so nothing
 global changes and other backends are untouched.
 """
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 CPU_CONV_LIBRARIES = ("auto", "eigen", "ynnpack")
 
@@ -24,9 +24,14 @@ def resolve_cpu_conv_library(name: str) -> str:
   return "eigen" if name == "auto" else name
 
 
+def cpu_conv_library(config, platform: str) -> Optional[str]:
+  """The library that runs `config`'s convolutions on `platform`; None off CPU."""
+  library = resolve_cpu_conv_library(config.get("cpu_conv_library", "auto"))
+  return library if platform == "cpu" else None
+
+
 def compiler_options(config, platform: str) -> Dict[str, Any]:
   """The options for a step of `config` compiled for `platform` ('cpu', 'gpu', 'tpu')."""
-  library = resolve_cpu_conv_library(config.get("cpu_conv_library", "auto"))
-  if platform != "cpu" or library == "ynnpack":
+  if cpu_conv_library(config, platform) != "eigen":
     return {}
   return dict(_EIGEN_CONVOLUTIONS)

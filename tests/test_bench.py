@@ -13,7 +13,8 @@ from one_jax import bench
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("images_per_sec", "eval_images_per_sec", "step_ms", "eval_step_ms", "compile_s",
           "backend", "device_kind", "device_count", "flops_per_image", "gflops_per_sec",
-          "model", "depth", "num_branches", "num_classes", "batch", "branch_impl", "cpu_conv_library", "loss")
+          "model", "depth", "num_branches", "num_classes", "batch", "branch_impl",
+          "cpu_conv_library", "loss")
 
 
 def test_bench_command_prints_json():
