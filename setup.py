@@ -1,6 +1,18 @@
 """Package metadata for one_jax (ONE and two-stage cooperative networks in JAX/Flax)."""
 import setuptools
 
+# The CPU convolution kernels (one_jax/kernels.py): a plain shared library that XLA calls
+# through its FFI, loaded with ctypes (no Python C API). Optional: where it cannot be built,
+# the install still succeeds and one_jax uses XLA's own convolutions.
+conv_kernels = setuptools.Extension(
+    "one_jax._conv_kernels",
+    sources=["one_jax/csrc/conv_kernels.cc"],
+    include_dirs=["one_jax/csrc"],   # the XLA FFI headers, vendored (Apache-2.0)
+    language="c++",
+    extra_compile_args=["-std=c++17", "-O3"],
+    optional=True,
+)
+
 setuptools.setup(
     name="one_jax",
     version="0.1.0",
@@ -9,6 +21,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["one_jax", "one_jax.*"]),
+    ext_modules=[conv_kernels],
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.8",
