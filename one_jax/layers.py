@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from one_jax import kernels
+
 # Reference conv init: normal(0, sqrt(2 / (k * k * out_channels))) == He, fan-out, untruncated.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -74,31 +76,86 @@ def weight_grad(x, dy, kernel_shape, stride: int, padding, chunk: Optional[int] 
   return total
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _xla_input_grad(dy, kernel, x_shape, stride, padding):
+  """XLA's input gradient: the transpose of the forward convolution (a convolution of dy
+  with the flipped kernel, lhs-dilated for strides > 1)."""
+  _, vjp = jax.vjp(lambda x_: _conv2d_forward(x_, kernel, stride, padding),
+                   jnp.zeros(x_shape, dy.dtype))
+  return vjp(dy)[0]
+
+
+def _kernel_input_grad(dy, kernel, stride, padding):
+  """The input gradient of a stride-1, symmetrically padded convolution as a forward
+  convolution of dy with the flipped, in/out-swapped kernel (the kernels' scope)."""
+  del stride
+  kh, kw = kernel.shape[:2]
+  (pt, _), (pl, _) = padding
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  q_h, q_w = kh - 1 - pt, kw - 1 - pl
+  return kernels.conv_forward(dy, flipped, 1, ((q_h, q_h), (q_w, q_w)))
+
+
+def _kernel_input_grad_applies(dy, kernel, stride, padding) -> bool:
+  kh, kw = kernel.shape[:2]
+  (pt, pb), (pl, pr) = padding
+  return (stride == 1 and pt == pb and pl == pr and pt <= kh - 1 and pl <= kw - 1
+          and kernels.supports(dy, (kh, kw, kernel.shape[3], kernel.shape[2])))
+
+
+def _on_cpu(use_kernel: bool, kernel_fn, xla_fn, *args):
+  """kernel_fn(*args) in computations lowered for the CPU (where use_kernel), else xla_fn."""
+  if not use_kernel:
+    return xla_fn(*args)
+  return jax.lax.platform_dependent(*args, cpu=kernel_fn, default=xla_fn)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_CHUNK,
-           copy_input: bool = True):
-  """NHWC x HWIO convolution: lax.conv_general_dilated's value and gradients, faster backward.
+           copy_input: bool = True, impl: str = "xla"):
+  """NHWC x HWIO convolution: lax.conv_general_dilated's value and gradients, faster.
 
-  The input gradient is XLA's (a convolution with the flipped kernel). The weight gradient is
-  `weight_grad` over `chunk`-image slices, reading x through `_opaque_copy`: XLA lowers each
-  slice with x transposed to [C, H, W, N], and without the copy it fuses the producers of x
-  into that transpose, recomputing residual chains with a transpose's strided access pattern.
-  `copy_input=False` skips the copy where x is one element-wise fusion away from a library op
-  (nothing long to recompute), e.g. the second convolution of a residual block.
+  impl='kernel' (resolved by kernels.resolve_conv_impl): in computations lowered for the CPU,
+  the compiled kernels of one_jax/csrc compute the output, the weight gradient and (stride 1)
+  the input gradient, reading NHWC data in place (float32, output channels a multiple of 16);
+  elsewhere, and outside that scope, XLA's forms below. impl='xla':
+  - forward and input gradient: XLA's (the input gradient is a convolution with the flipped
+    kernel);
+  - weight gradient: `weight_grad` over `chunk`-image slices, reading x through
+    `_opaque_copy`: XLA lowers each slice with x transposed to [C, H, W, N], and without the
+    copy it fuses the producers of x into that transpose, recomputing residual chains with a
+    transpose's strided access pattern. `copy_input=False` skips the copy where x is one
+    element-wise fusion away from a library op (nothing long to recompute), e.g. the second
+    convolution of a residual block.
   """
-  return _conv2d_forward(x, kernel, stride, padding)
+  return _conv2d_value(x, kernel, stride, padding, impl)
 
 
-def _conv2d_fwd(x, kernel, stride, padding, chunk, copy_input):
-  return _conv2d_forward(x, kernel, stride, padding), (x, kernel)
+def _conv2d_value(x, kernel, stride, padding, impl):
+  return _on_cpu(impl == "kernel" and kernels.supports(x, kernel.shape),
+                 lambda x, k: kernels.conv_forward(x, k, stride, padding),
+                 lambda x, k: _conv2d_forward(x, k, stride, padding), x, kernel)
 
 
-def _conv2d_bwd(stride, padding, chunk, copy_input, residuals, dy):
+def _conv2d_fwd(x, kernel, stride, padding, chunk, copy_input, impl):
+  return _conv2d_value(x, kernel, stride, padding, impl), (x, kernel)
+
+
+def _conv2d_bwd(stride, padding, chunk, copy_input, impl, residuals, dy):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x_: _conv2d_forward(x_, kernel, stride, padding), x)
-  x_read = _opaque_copy(x) if copy_input else x
-  kernel_grad = weight_grad(x_read, dy, kernel.shape, stride, padding, chunk)
-  return input_vjp(dy)[0], kernel_grad
+
+  def xla_weight_grad(x, dy):
+    x_read = _opaque_copy(x) if copy_input else x
+    return weight_grad(x_read, dy, kernel.shape, stride, padding, chunk)
+
+  kernel_grad = _on_cpu(
+      impl == "kernel" and kernels.supports(x, kernel.shape),
+      lambda x, dy: kernels.conv_weight_grad(x, dy, kernel.shape, stride, padding),
+      xla_weight_grad, x, dy)
+  input_grad = _on_cpu(
+      impl == "kernel" and _kernel_input_grad_applies(dy, kernel, stride, padding),
+      lambda dy, k: _kernel_input_grad(dy, k, stride, padding),
+      lambda dy, k: _xla_input_grad(dy, k, x.shape, stride, padding), dy, kernel)
+  return input_grad, kernel_grad
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
@@ -114,6 +171,7 @@ class Conv(nn.Module):
   kernel_size: int
   stride: int = 1
   copy_input: bool = True
+  impl: str = "auto"   # kernels.CONV_IMPLS
 
   @nn.compact
   def __call__(self, x):
@@ -121,13 +179,14 @@ class Conv(nn.Module):
     kernel = self.param("kernel", conv_kernel_init, (k, k, x.shape[-1], self.features))
     pad = k // 2
     return conv2d(x, kernel.astype(x.dtype), self.stride, ((pad, pad), (pad, pad)),
-                  WEIGHT_GRAD_CHUNK, self.copy_input)
+                  WEIGHT_GRAD_CHUNK, self.copy_input,
+                  kernels.resolve_conv_impl(self.impl))
 
 
 def conv(features: int, kernel_size: int, stride: int = 1, name: Optional[str] = None,
-         copy_input: bool = True):
+         copy_input: bool = True, impl: str = "auto"):
   """Bias-free NHWC convolution with PyTorch's symmetric padding (k // 2)."""
-  return Conv(features, kernel_size, stride, copy_input, name=name)
+  return Conv(features, kernel_size, stride, copy_input, impl, name=name)
 
 
 class Dense(nn.Module):

@@ -19,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from one_jax import kernels
 from one_jax import layers
 
 BRANCH_IMPLS = ("auto", "loop", "vmap")
@@ -48,17 +49,19 @@ class BasicBlock(nn.Module):
   downsample: bool
   train: bool
   axis_name: Optional[str] = None
+  conv_impl: str = "auto"
   expansion = 1
 
   @nn.compact
   def __call__(self, x):
     bn = functools.partial(layers.BatchNorm, use_running_average=not self.train,
                            axis_name=self.axis_name)
-    out = nn.relu(bn(name="bn1")(layers.conv(self.planes, 3, self.stride, "conv1")(x)))
+    conv = functools.partial(layers.conv, impl=self.conv_impl)
+    out = nn.relu(bn(name="bn1")(conv(self.planes, 3, self.stride, "conv1")(x)))
     # conv2 reads one fusion (relu(bn(conv1))), not the residual stream: no copy needed.
-    out = bn(name="bn2")(layers.conv(self.planes, 3, 1, "conv2", copy_input=False)(out))
+    out = bn(name="bn2")(conv(self.planes, 3, 1, "conv2", copy_input=False)(out))
     if self.downsample:
-      x = bn(name="downsample_bn")(layers.conv(self.planes, 1, self.stride, "downsample_conv")(x))
+      x = bn(name="downsample_bn")(conv(self.planes, 1, self.stride, "downsample_conv")(x))
     return nn.relu(out + x)
 
 
@@ -68,24 +71,25 @@ class Bottleneck(nn.Module):
   downsample: bool
   train: bool
   axis_name: Optional[str] = None
+  conv_impl: str = "auto"
   expansion = 4
 
   @nn.compact
   def __call__(self, x):
     bn = functools.partial(layers.BatchNorm, use_running_average=not self.train,
                            axis_name=self.axis_name)
-    out = nn.relu(bn(name="bn1")(layers.conv(self.planes, 1, 1, "conv1")(x)))
+    conv = functools.partial(layers.conv, impl=self.conv_impl)
+    out = nn.relu(bn(name="bn1")(conv(self.planes, 1, 1, "conv1")(x)))
     # conv2 and conv3 read one fusion each, not the residual stream: no copy needed.
-    out = nn.relu(bn(name="bn2")(layers.conv(self.planes, 3, self.stride, "conv2",
-                                             copy_input=False)(out)))
-    out = bn(name="bn3")(layers.conv(self.planes * 4, 1, 1, "conv3", copy_input=False)(out))
+    out = nn.relu(bn(name="bn2")(conv(self.planes, 3, self.stride, "conv2",
+                                      copy_input=False)(out)))
+    out = bn(name="bn3")(conv(self.planes * 4, 1, 1, "conv3", copy_input=False)(out))
     if self.downsample:
-      x = bn(name="downsample_bn")(
-          layers.conv(self.planes * 4, 1, self.stride, "downsample_conv")(x))
+      x = bn(name="downsample_bn")(conv(self.planes * 4, 1, self.stride, "downsample_conv")(x))
     return nn.relu(out + x)
 
 
-def _stage(x, name, depth, planes, stride, train, axis_name):
+def _stage(x, name, depth, planes, stride, train, axis_name, conv_impl):
   """One ResNet stage of n blocks, named '{name}_{i}' like the reference's Sequential."""
   n = check_depth(depth)
   block = Bottleneck if block_type(depth) == "bottleneck" else BasicBlock
@@ -93,7 +97,7 @@ def _stage(x, name, depth, planes, stride, train, axis_name):
     in_ch = x.shape[-1]
     s = stride if i == 0 else 1
     down = i == 0 and (s != 1 or in_ch != planes * block.expansion)
-    x = block(planes, s, down, train, axis_name, name=f"{name}_{i}")(x)
+    x = block(planes, s, down, train, axis_name, conv_impl, name=f"{name}_{i}")(x)
   return x
 
 
@@ -102,18 +106,19 @@ class Trunk(nn.Module):
   depth: int
   train: bool = False
   axis_name: Optional[str] = None
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
-    x = layers.conv(16, 3, 1, "conv1")(x)
+    x = layers.conv(16, 3, 1, "conv1", impl=self.conv_impl)(x)
     x = nn.relu(layers.BatchNorm(not self.train, self.axis_name, name="bn1")(x))
-    x = _stage(x, "layer1", self.depth, 16, 1, self.train, self.axis_name)
-    return _stage(x, "layer2", self.depth, 32, 2, self.train, self.axis_name)
+    x = _stage(x, "layer1", self.depth, 16, 1, self.train, self.axis_name, self.conv_impl)
+    return _stage(x, "layer2", self.depth, 32, 2, self.train, self.axis_name, self.conv_impl)
 
 
-def _branch_logits(x, depth, num_classes, train, axis_name):
+def _branch_logits(x, depth, num_classes, train, axis_name, conv_impl):
   """Stage 3 + global average pool + classifier, created in the calling module's scope."""
-  x = _stage(x, "layer3", depth, 64, 2, train, axis_name)
+  x = _stage(x, "layer3", depth, 64, 2, train, axis_name, conv_impl)
   x = jnp.mean(x, axis=(1, 2))
   return layers.Dense(num_classes, name="classifier")(x)
 
@@ -124,10 +129,12 @@ class Branch(nn.Module):
   num_classes: int
   train: bool = False
   axis_name: Optional[str] = None
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
-    return _branch_logits(x, self.depth, self.num_classes, self.train, self.axis_name)
+    return _branch_logits(x, self.depth, self.num_classes, self.train, self.axis_name,
+                          self.conv_impl)
 
 
 class _ScanBranch(Branch):
@@ -135,7 +142,8 @@ class _ScanBranch(Branch):
 
   @nn.compact
   def __call__(self, x):
-    return x, _branch_logits(x, self.depth, self.num_classes, self.train, self.axis_name)
+    return x, _branch_logits(x, self.depth, self.num_classes, self.train, self.axis_name,
+                             self.conv_impl)
 
 
 class Gate(nn.Module):
@@ -160,7 +168,8 @@ class Gate(nn.Module):
     return jax.nn.softmax(x, axis=-1)
 
 
-def stacked_branches(depth, num_classes, num_branches, impl, train, axis_name, name):
+def stacked_branches(depth, num_classes, num_branches, impl, train, axis_name, name,
+                     conv_impl="auto"):
   """B branches with parameters stacked on axis 0, computed by an unrolled loop or by vmap.
 
   Both read and write the same layout (the one nn.vmap with variable_axes={'params': 0,
@@ -170,14 +179,14 @@ def stacked_branches(depth, num_classes, num_branches, impl, train, axis_name, n
     vmapped = nn.vmap(Branch, variable_axes={"params": 0, "batch_stats": 0},
                       split_rngs={"params": True}, in_axes=None, out_axes=0,
                       axis_size=num_branches)
-    return vmapped(depth, num_classes, train, axis_name, name=name)
+    return vmapped(depth, num_classes, train, axis_name, conv_impl, name=name)
   # A fully unrolled scan: B separate (un-batched) branch computations on slices of the
   # stacked variables; XLA's CPU backend runs these much faster than vmapped convolutions.
   # unroll=0 unrolls every length; unroll=B would leave B = 1 as a one-trip while loop, whose
   # backward convolutions XLA:CPU then runs in a naive, ~50x slower form (benchmarks/NOTES.md).
   looped = nn.scan(_ScanBranch, variable_axes={"params": 0, "batch_stats": 0},
                    split_rngs={"params": True}, in_axes=(), length=num_branches,
-                   unroll=0)(depth, num_classes, train, axis_name, name=name)
+                   unroll=0)(depth, num_classes, train, axis_name, conv_impl, name=name)
   return lambda x: looped(x)[1]
 
 
@@ -206,16 +215,19 @@ class CifarResNet(nn.Module):
   depth: int = 32
   num_classes: int = 10
   axis_name: Optional[str] = None
+  conv_impl: str = "auto"   # layers.conv2d: 'auto' | 'kernel' | 'xla' (kernels.py)
 
   def __post_init__(self):
     check_depth(self.depth)
     _check_positive("num_classes", self.num_classes)
+    kernels.resolve_conv_impl(self.conv_impl)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    x = Trunk(self.depth, train, self.axis_name, name="trunk")(images)
-    return Branch(self.depth, self.num_classes, train, self.axis_name, name="branch")(x)
+    x = Trunk(self.depth, train, self.axis_name, self.conv_impl, name="trunk")(images)
+    return Branch(self.depth, self.num_classes, train, self.axis_name, self.conv_impl,
+                  name="branch")(x)
 
 
 class OneResNet(nn.Module):
@@ -226,12 +238,14 @@ class OneResNet(nn.Module):
   branch_impl: str = "auto"
   active_branches: Optional[Sequence[bool]] = None
   axis_name: Optional[str] = None
+  conv_impl: str = "auto"   # layers.conv2d: 'auto' | 'kernel' | 'xla' (kernels.py)
 
   def __post_init__(self):
     check_depth(self.depth)
     _check_positive("num_branches", self.num_branches)
     _check_positive("num_classes", self.num_classes)
     resolve_branch_impl(self.branch_impl)
+    kernels.resolve_conv_impl(self.conv_impl)
     if self.active_branches is not None:
       object.__setattr__(self, "active_branches", tuple(bool(a) for a in self.active_branches))
       if len(self.active_branches) != self.num_branches or not any(self.active_branches):
@@ -241,10 +255,10 @@ class OneResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False) -> OneOutput:
-    x = Trunk(self.depth, train, self.axis_name, name="trunk")(images)
+    x = Trunk(self.depth, train, self.axis_name, self.conv_impl, name="trunk")(images)
     branch_logits = stacked_branches(
         self.depth, self.num_classes, self.num_branches, resolve_branch_impl(self.branch_impl),
-        train, self.axis_name, name="branches")(x)
+        train, self.axis_name, name="branches", conv_impl=self.conv_impl)(x)
     offset = self.variable("gate_offset", "log_weight",
                            lambda: jnp.zeros((self.num_branches,), jnp.float32))
     gate = Gate(self.num_branches, train, self.axis_name, self.active_branches,

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from one_jax import checkpoints, input_pipeline, losses, metric_writers, models, optimizer
-from one_jax import parallel, preemption, workdirs, xla_options
+from one_jax import kernels, parallel, preemption, workdirs, xla_options
 
 DATA = parallel.DATA_AXIS
 
@@ -59,9 +59,10 @@ def create_model(config, axis_name: Optional[str] = None):
   if is_one_model(config):
     return models.OneResNet(depth=config.depth, num_branches=config.num_branches,
                             num_classes=config.num_classes, branch_impl=config.branch_impl,
-                            active_branches=active_branches(config), axis_name=axis_name)
+                            active_branches=active_branches(config), axis_name=axis_name,
+                            conv_impl=config.get("conv_impl", "auto"))
   return models.CifarResNet(depth=config.depth, num_classes=config.num_classes,
-                            axis_name=axis_name)
+                            axis_name=axis_name, conv_impl=config.get("conv_impl", "auto"))
 
 
 def heads(config) -> list:
@@ -286,6 +287,7 @@ def check_config(config) -> None:
   active_branches(config)
   models.resolve_branch_impl(config.branch_impl)
   xla_options.resolve_cpu_conv_library(config.get("cpu_conv_library", "auto"))
+  kernels.resolve_conv_impl(config.get("conv_impl", "auto"))
   milestones = config.get("milestones", ())
   if not isinstance(milestones, (tuple, list)) or not all(
       isinstance(m, int) and not isinstance(m, bool) for m in milestones):

@@ -22,9 +22,11 @@ SHAPE_CLASSES = {
     "down_1x1_s2": (32, 32, 16, 32, 1, 2),
     "bottleneck_1x1": (8, 8, 64, 256, 1, 1),
 }
-# (images per weight-gradient slice, copy of x for the weight gradient)
-FORMULATIONS = {"single": (None, True), "chunk8": (8, True), "chunk4": (4, True),
-                "chunk8_nocopy": (8, False)}
+# (images per weight-gradient slice, copy of x for the weight gradient, implementation);
+# the slices and the copy only shape XLA's weight gradient, 'kernel' is one_jax's CPU kernels.
+FORMULATIONS = {"single": (None, True, "xla"), "chunk8": (8, True, "xla"),
+                "chunk4": (4, True, "xla"), "chunk8_nocopy": (8, False, "xla"),
+                "kernel": (16, True, "kernel")}
 
 
 def _reference(x, kernel, stride, k):
@@ -37,7 +39,7 @@ def _reference(x, kernel, stride, k):
 @pytest.mark.parametrize("shape_class", list(SHAPE_CLASSES))
 def test_value_and_gradients_match_lax(shape_class, formulation):
   h, w, cin, cout, k, stride = SHAPE_CLASSES[shape_class]
-  chunk, copy_input = FORMULATIONS[formulation]
+  chunk, copy_input, impl = FORMULATIONS[formulation]
   kx, kk, kc = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (16, h, w, cin))
   kernel = jax.random.normal(kk, (k, k, cin, cout)) * np.sqrt(2.0 / (k * k * cout))
@@ -45,13 +47,13 @@ def test_value_and_gradients_match_lax(shape_class, formulation):
   probe = jax.random.normal(kc, _reference(x, kernel, stride, k).shape)
 
   def ours(x, kernel):
-    return jnp.sum(layers.conv2d(x, kernel, stride, pad, chunk, copy_input) * probe)
+    return jnp.sum(layers.conv2d(x, kernel, stride, pad, chunk, copy_input, impl) * probe)
 
   def theirs(x, kernel):
     return jnp.sum(_reference(x, kernel, stride, k) * probe)
 
-  value = jax.jit(lambda x, kern: layers.conv2d(x, kern, stride, pad, chunk, copy_input))(
-      x, kernel)
+  value = jax.jit(lambda x, kern: layers.conv2d(x, kern, stride, pad, chunk, copy_input,
+                                                impl))(x, kernel)
   chex.assert_trees_all_close(value, _reference(x, kernel, stride, k), atol=1e-5, rtol=1e-5)
   got = jax.jit(jax.grad(ours, argnums=(0, 1)))(x, kernel)
   want = jax.jit(jax.grad(theirs, argnums=(0, 1)))(x, kernel)
@@ -79,8 +81,9 @@ def test_conv_module_is_a_flax_conv():
 
 
 def test_model_gradients_match_flax_conv(monkeypatch):
-  """A whole ONE ResNet step (loss, gradients, BatchNorm statistics) with layers.conv equals
-  the same model built on flax.linen.Conv, to float32 tolerance."""
+  """A whole ONE ResNet step (loss, gradients, BatchNorm statistics) with layers.conv (one_jax's
+  CPU kernels, conv_impl='auto') equals the same model built on flax.linen.Conv, to float32
+  tolerance."""
   from one_jax import losses, models
 
   images = jax.random.normal(jax.random.key(3), (16, 32, 32, 3))
@@ -100,8 +103,8 @@ def test_model_gradients_match_flax_conv(monkeypatch):
       jax.random.key(4), images[:1])
   (loss, stats), grads = loss_and_grads(variables)
 
-  def flax_conv(features, kernel_size, stride=1, name=None, copy_input=True):
-    del copy_input  # only changes how layers.conv computes its weight gradient
+  def flax_conv(features, kernel_size, stride=1, name=None, copy_input=True, impl="auto"):
+    del copy_input, impl  # only change how layers.conv computes the same numbers
     pad = kernel_size // 2
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=False,

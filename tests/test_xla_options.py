@@ -31,6 +31,7 @@ def test_unknown_library_is_a_one_line_error():
 def _one_step(library):
   config = step1.get_config("three_branch,smoke")
   config.cpu_conv_library = library
+  config.conv_impl = "xla"   # the library runs XLA's convolutions, not one_jax's kernels
   timer = bench.StepTimer(config, batch_size=16, with_eval=True)
   loss = float(timer.train_once())
   return timer, loss
