@@ -102,20 +102,20 @@ void WeightGradImages(const float* x, const float* dy, float* dw, const Shape& s
     avx2::WeightGradImages(x, dy, dw, s, n0, n1);
 }
 
-void ForwardImages(const float* x, const float* w, float* out, const Shape& s,
-                   const float* zeros, int64_t n0, int64_t n1) {
+void ForwardImages(const float* x, const float* w, float* out, const Shape& s, float* padded,
+                   int64_t hp, int64_t wp, int64_t n0, int64_t n1) {
   if (SimdLevel() == 2)
-    avx512::ForwardImages(x, w, out, s, zeros, n0, n1);
+    avx512::ForwardImages(x, w, out, s, padded, hp, wp, n0, n1);
   else
-    avx2::ForwardImages(x, w, out, s, zeros, n0, n1);
+    avx2::ForwardImages(x, w, out, s, padded, hp, wp, n0, n1);
 }
 
 
 #else
 
 void WeightGradImages(const float*, const float*, float*, const Shape&, int64_t, int64_t) {}
-void ForwardImages(const float*, const float*, float*, const Shape&, const float*, int64_t,
-                   int64_t) {}
+void ForwardImages(const float*, const float*, float*, const Shape&, float*, int64_t, int64_t,
+                   int64_t, int64_t) {}
 std::atomic<int> max_simd_level{0};
 int SimdLevel() { return 0; }
 
@@ -206,12 +206,18 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const Shape s = shape.value();
   const int64_t batch = x.dimensions()[0];
   const int64_t slices = Slices(pool, batch);
-  auto zeros = std::make_shared<std::vector<float>>(s.ci, 0.0f);
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  float* op = out->typed_data();
+  // Each slice copies its images, one at a time, into a zero-bordered buffer large enough
+  // for every tap of every output pixel.
+  const int64_t hp = std::max(s.pad_h + s.h, (s.oh - 1) * s.stride + s.kh);
+  const int64_t wp = std::max(s.pad_w + s.w, (s.ow - 1) * s.stride + s.kw);
+  const int64_t image = hp * wp * s.ci;
+  auto padded = std::make_shared<std::vector<float>>(slices * image, 0.0f);
+  const float* xd = x.typed_data();
+  const float* wd = w.typed_data();
+  float* od = out->typed_data();
   ParallelFor(pool, slices, [=](int64_t k) {
-    ForwardImages(xp, wp, op, s, zeros->data(), batch * k / slices, batch * (k + 1) / slices);
+    ForwardImages(xd, wd, od, s, padded->data() + k * image, hp, wp, batch * k / slices,
+                  batch * (k + 1) / slices);
   });
   return ffi::Error::Success();
 }
