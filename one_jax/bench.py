@@ -10,7 +10,8 @@ medians over --steps. FLOPs come from XLA's cost analysis of the train step (`st
 Fields: images_per_sec, eval_images_per_sec, step_ms, eval_step_ms, compile_s, backend,
 device_kind, device_count, flops_per_image, gflops_per_sec (achieved, train step), and the
 model fields (model, depth, num_branches, num_classes, batch, branch_impl), cpu_conv_library,
-conv_impl ('kernel': one_jax's compiled CPU convolutions, 'xla': XLA's), jax_version, loss.
+conv_impl ('kernel': one_jax's compiled CPU convolutions, 'xla': XLA's), jax_version, loss,
+and (from the command line) reuse_host_memory (one_jax/host_memory.py).
 """
 import json
 import statistics
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from one_jax import host_memory
 from one_jax import kernels
 from one_jax import models
 from one_jax import optimizer
@@ -166,8 +168,10 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  reused = host_memory.apply_flag()   # before JAX starts its threads
   result = run_benchmark(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
                          batch=_BATCH.value, eval_too=_EVAL.value)
+  result["reuse_host_memory"] = reused
   print(json.dumps(result), flush=True)
 
 

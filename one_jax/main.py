@@ -18,6 +18,7 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
+from one_jax import host_memory
 from one_jax import preemption
 
 FLAGS = flags.FLAGS
@@ -50,6 +51,7 @@ def main(argv):
                      "--config.FIELD=VALUE")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO logs (checkpointing) only on request
+  host_memory.apply_flag()   # before JAX starts its threads
   config = FLAGS.config
   if config is None:
     raise ValueError("--config is required, e.g. --config=configs/step1.py:three_branch")
