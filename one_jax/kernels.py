@@ -94,9 +94,11 @@ def conv_impl_on(impl: str, platform: str) -> str:
   return resolved if platform == "cpu" else "xla"
 
 
-def supports(x, kernel_shape: Sequence[int]) -> bool:
-  """The kernels' scope: float32 data and a multiple of 16 output channels."""
-  return x.dtype == jnp.float32 and len(kernel_shape) == 4 and kernel_shape[-1] % 16 == 0
+def supports(x, kernel_shape: Sequence[int], padding=((0, 0), (0, 0))) -> bool:
+  """The kernels' scope: float32 data, a multiple of 16 output channels, no negative padding
+  (lax's cropping)."""
+  return (x.dtype == jnp.float32 and len(kernel_shape) == 4 and kernel_shape[-1] % 16 == 0
+          and min(p for pair in padding for p in pair) >= 0)
 
 
 def _ffi_call(target: str, result_shape):

@@ -99,7 +99,7 @@ def _kernel_input_grad_applies(dy, kernel, stride, padding) -> bool:
   kh, kw = kernel.shape[:2]
   (pt, pb), (pl, pr) = padding
   return (stride == 1 and pt == pb and pl == pr and pt <= kh - 1 and pl <= kw - 1
-          and kernels.supports(dy, (kh, kw, kernel.shape[3], kernel.shape[2])))
+          and kernels.supports(dy, (kh, kw, kernel.shape[3], kernel.shape[2]), padding))
 
 
 def _on_cpu(use_kernel: bool, kernel_fn, xla_fn, *args):
@@ -131,7 +131,7 @@ def conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_C
 
 
 def _conv2d_value(x, kernel, stride, padding, impl):
-  return _on_cpu(impl == "kernel" and kernels.supports(x, kernel.shape),
+  return _on_cpu(impl == "kernel" and kernels.supports(x, kernel.shape, padding),
                  lambda x, k: kernels.conv_forward(x, k, stride, padding),
                  lambda x, k: _conv2d_forward(x, k, stride, padding), x, kernel)
 
@@ -148,7 +148,7 @@ def _conv2d_bwd(stride, padding, chunk, copy_input, impl, residuals, dy):
     return weight_grad(x_read, dy, kernel.shape, stride, padding, chunk)
 
   kernel_grad = _on_cpu(
-      impl == "kernel" and kernels.supports(x, kernel.shape),
+      impl == "kernel" and kernels.supports(x, kernel.shape, padding),
       lambda x, dy: kernels.conv_weight_grad(x, dy, kernel.shape, stride, padding),
       xla_weight_grad, x, dy)
   input_grad = _on_cpu(

@@ -43,7 +43,7 @@ def test_bad_or_unavailable_impl_is_a_one_line_error(monkeypatch):
 
 # (batch, height, width, in, out, kernel size, stride, padding): the model's shapes and the
 # kernels' edge cases (odd sizes, one image, 48 = 3 x 16 output channels, 5x5 stride 3,
-# asymmetric and zero padding, more padding than kernel - 1 on the input gradient's side).
+# asymmetric and zero padding, a 9x9 kernel).
 CASES = {
     "stage1_3x3": (4, 32, 32, 16, 16, 3, 1, ((1, 1), (1, 1))),
     "stem_c3": (2, 32, 32, 3, 16, 3, 1, ((1, 1), (1, 1))),
@@ -54,6 +54,7 @@ CASES = {
     "odd_5x5_s3_c48": (1, 9, 7, 7, 48, 5, 3, ((2, 2), (2, 2))),
     "asymmetric_pad": (2, 7, 6, 32, 16, 3, 1, ((0, 2), (1, 0))),
     "valid_3x3": (2, 6, 6, 16, 32, 3, 1, ((0, 0), (0, 0))),
+    "large_9x9": (1, 12, 12, 16, 16, 9, 1, ((4, 4), (4, 4))),
 }
 
 
@@ -118,11 +119,13 @@ def test_kernel_calls_are_in_the_cpu_program_only():
 
 
 def test_unsupported_shapes_use_xla():
-  """Float64/bfloat16 data and output channels that are not a multiple of 16 stay with XLA."""
+  """bfloat16 data, output channels that are not a multiple of 16 and negative padding stay
+  with XLA."""
   x = jnp.ones((2, 8, 8, 16))
   assert not kernels.supports(x, (3, 3, 16, 24))
   assert not kernels.supports(x.astype(jnp.bfloat16), (3, 3, 16, 32))
   assert kernels.supports(x, (3, 3, 16, 32))
+  assert not kernels.supports(x, (3, 3, 16, 32), ((-1, 0), (0, 0)))
   k24 = jnp.ones((3, 3, 16, 24))
   text = jax.jit(lambda x, k: layers.conv2d(x, k, 1, ((1, 1), (1, 1)), 16, True, "kernel")).lower(
       x, k24).as_text()

@@ -161,7 +161,7 @@ ffi::ErrorOr<Shape> CheckShapes(ffi::Span<const int64_t> xd, ffi::Span<const int
   if (xd.size() != 4 || yd.size() != 4 || kd.size() != 4)
     return ffi::Unexpected(ffi::Error::InvalidArgument("one_jax conv: operands must be 4-D"));
   if (xd[0] != yd[0] || xd[3] != kd[2] || yd[3] != kd[3] || kd[3] % 16 != 0 || stride < 1 ||
-      kd[0] * kd[1] > 64 || pad_h < 0 || pad_w < 0)
+      pad_h < 0 || pad_w < 0)
     return ffi::Unexpected(ffi::Error::InvalidArgument(
         "one_jax conv: shapes disagree (NHWC data, HWIO kernel, output channels % 16 == 0)"));
   if (SimdLevel() == 0)
