@@ -45,3 +45,25 @@ def test_bad_arguments_fail_clearly():
     bench.run_benchmark(None, steps=0)
   with pytest.raises(ValueError, match="batch=0"):
     bench.run_benchmark(None, batch=0)
+
+
+def test_torch_vs_jax_script_runs_both_and_reports_ratios():
+  """benchmarks/torch_vs_jax.py end to end on a tiny model: PyTorch in its child process,
+  one_jax here, one JSON line per branch count and the summary table."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "benchmarks/torch_vs_jax.py", "--config=configs/step1.py:three_branch",
+       "--config.depth=8", "--branches=1,2", "--steps=2", "--warmup=1", "--batch=8",
+       "--num_classes=10", "--pause=0"],
+      cwd=root, check=True, capture_output=True, text=True, timeout=600).stdout
+  results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  assert [r["num_branches"] for r in results] == [1, 2]
+  for r in results:
+    assert r["batch"] == 8 and r["depth"] == 8 and r["reuse_host_memory"] is True
+    assert r["torch_step_ms"] > 0 and r["jax_step_ms"] > 0
+    assert abs(r["speedup"] - r["torch_step_ms"] / r["jax_step_ms"]) < 1e-9
+  assert "| 2 |" in out and "time(B=2) / time(B=1)" in out
