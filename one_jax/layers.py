@@ -84,10 +84,9 @@ def _xla_input_grad(dy, kernel, x_shape, stride, padding):
   return vjp(dy)[0]
 
 
-def _kernel_input_grad(dy, kernel, stride, padding):
+def _kernel_input_grad(dy, kernel, padding):
   """The input gradient of a stride-1, symmetrically padded convolution as a forward
   convolution of dy with the flipped, in/out-swapped kernel (the kernels' scope)."""
-  del stride
   kh, kw = kernel.shape[:2]
   (pt, _), (pl, _) = padding
   flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
@@ -153,7 +152,7 @@ def _conv2d_bwd(stride, padding, chunk, copy_input, impl, residuals, dy):
       xla_weight_grad, x, dy)
   input_grad = _on_cpu(
       impl == "kernel" and _kernel_input_grad_applies(dy, kernel, stride, padding),
-      lambda dy, k: _kernel_input_grad(dy, k, stride, padding),
+      lambda dy, k: _kernel_input_grad(dy, k, padding),
       lambda dy, k: _xla_input_grad(dy, k, x.shape, stride, padding), dy, kernel)
   return input_grad, kernel_grad
 

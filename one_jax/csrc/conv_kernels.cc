@@ -103,11 +103,11 @@ void WeightGradImages(const float* x, const float* dy, float* dw, const Shape& s
 }
 
 void ForwardImages(const float* x, const float* w, float* out, const Shape& s, float* padded,
-                   int64_t hp, int64_t wp, int64_t n0, int64_t n1) {
+                   int64_t wp, int64_t n0, int64_t n1) {
   if (SimdLevel() == 2)
-    avx512::ForwardImages(x, w, out, s, padded, hp, wp, n0, n1);
+    avx512::ForwardImages(x, w, out, s, padded, wp, n0, n1);
   else
-    avx2::ForwardImages(x, w, out, s, padded, hp, wp, n0, n1);
+    avx2::ForwardImages(x, w, out, s, padded, wp, n0, n1);
 }
 
 
@@ -115,7 +115,7 @@ void ForwardImages(const float* x, const float* w, float* out, const Shape& s, f
 
 void WeightGradImages(const float*, const float*, float*, const Shape&, int64_t, int64_t) {}
 void ForwardImages(const float*, const float*, float*, const Shape&, float*, int64_t, int64_t,
-                   int64_t, int64_t) {}
+                   int64_t) {}
 std::atomic<int> max_simd_level{0};
 int SimdLevel() { return 0; }
 
@@ -216,7 +216,7 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float* wd = w.typed_data();
   float* od = out->typed_data();
   ParallelFor(pool, slices, [=](int64_t k) {
-    ForwardImages(xd, wd, od, s, padded->data() + k * image, hp, wp, batch * k / slices,
+    ForwardImages(xd, wd, od, s, padded->data() + k * image, wp, batch * k / slices,
                   batch * (k + 1) / slices);
   });
   return ffi::Error::Success();
