@@ -3,7 +3,7 @@
     python benchmarks/torch_vs_jax.py [--branches=1,3,5] [--batch=128] [--steps=10]
         [--threads=2] [--config=configs/step1.py:three_branch] [--config.FIELD=VALUE ...]
 
-PyTorch runs `one_jax.torch_reference` (the reference model, `one_loss` and torch.optim.SGD with
+PyTorch runs `tests/torch_reference.py` (the reference model, `one_loss` and torch.optim.SGD with
 the config's momentum and weight decay) eagerly with --threads intra-op threads, in a child
 process with the default memory allocator; one_jax runs the jitted train step of `one_jax.train`
 (as `python -m one_jax.bench` does) in this process, with --reuse_host_memory
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from one_jax import bench  # noqa: E402
 from one_jax import host_memory  # noqa: E402
-from one_jax import torch_reference  # noqa: E402
+from tests import torch_reference  # noqa: E402  (the reference lives with the tests)
 
 # --config, --steps, --warmup and --batch are one_jax.bench's flags.
 _BRANCHES = flags.DEFINE_list("branches", ["1", "3", "5"], "Branch counts to compare.")

@@ -1,4 +1,4 @@
-"""Parity with the PyTorch reference (one_jax.torch_reference) through one_jax.convert.
+"""Parity with the PyTorch reference (tests/torch_reference.py) through one_jax.convert.
 
 Torch models get random weights and non-trivial BatchNorm statistics, are converted, and
 must give the same eval outputs, ONE loss, gradients, BatchNorm updates and SGD step; the
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from one_jax import checkpoints, convert, losses, models
-from one_jax import torch_reference as tr
+from tests import torch_reference as tr
 
 ONE_CONFIGS = [(8, 1), (8, 3), (8, 5), (20, 3), (56, 3)]  # (depth, branches); 56: Bottleneck
 BASELINE_DEPTH = 14
