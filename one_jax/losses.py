@@ -14,10 +14,13 @@ REFERENCE_TEACHER_EPS = 1e-7
 
 
 def kl_weight(epoch, rampup_epochs: float = 80.0):
-  """Sigmoid-shaped ramp-up exp(-5 (1 - clip(epoch / R, 0, 1))^2); R = 0 gives 1."""
+  """Sigmoid-shaped ramp-up exp(-5 (1 - clip(epoch / R, 0, 1))^2); R = 0 gives 1.
+
+  In the default float type (float64 where x64 is enabled, as the reference's Python float).
+  """
   if rampup_epochs <= 0:
-    return jnp.ones_like(jnp.asarray(epoch, jnp.float32))
-  phase = 1.0 - jnp.clip(jnp.asarray(epoch, jnp.float32) / rampup_epochs, 0.0, 1.0)
+    return jnp.ones_like(jnp.asarray(epoch, float))
+  phase = 1.0 - jnp.clip(jnp.asarray(epoch, float) / rampup_epochs, 0.0, 1.0)
   return jnp.exp(-5.0 * phase * phase)
 
 
@@ -28,9 +31,14 @@ def _mean_over_examples(values, weights):
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def _at_least_float32(x):
+  """bfloat16/float16 logits are computed on in float32; float64 stays float64."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def cross_entropy(logits, labels, weights=None):
   """Mean softmax cross-entropy with integer labels, as torch.nn.CrossEntropyLoss."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  log_probs = jax.nn.log_softmax(_at_least_float32(logits), axis=-1)
   nll = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
   return _mean_over_examples(nll, weights)
 
@@ -38,9 +46,9 @@ def cross_entropy(logits, labels, weights=None):
 def distillation_kl(student_logits, teacher_logits, temperature: float,
                     teacher_eps: float = REFERENCE_TEACHER_EPS, weights=None):
   """T^2 * KL(softmax(teacher/T) + eps || softmax(student/T)), summed over classes."""
-  teacher = jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  teacher = jax.nn.softmax(_at_least_float32(teacher_logits) / temperature, axis=-1)
   teacher = teacher + teacher_eps
-  log_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  log_student = jax.nn.log_softmax(_at_least_float32(student_logits) / temperature, axis=-1)
   per_example = jnp.sum(teacher * (jnp.log(teacher) - log_student), axis=-1)
   return temperature ** 2 * _mean_over_examples(per_example, weights)
 
@@ -74,7 +82,7 @@ def one_loss(output, labels, *, epoch, temperature: float = 3.0, rampup_epochs: 
   if stop_gradient:
     teacher = jax.lax.stop_gradient(teacher)
   terms = {}
-  ce_sum = jnp.zeros((), jnp.float32)
+  ce_sum = jnp.zeros((), jnp.float32)  # promoted to float64 by float64 terms
   kl_sum = jnp.zeros((), jnp.float32)
   for b in range(num_branches):
     if not active[b]:

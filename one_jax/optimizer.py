@@ -77,7 +77,7 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 
     def base(step):
       decays = jnp.sum(step >= boundaries)
-      return lr * jnp.power(jnp.float32(gamma), decays.astype(jnp.float32))
+      return lr * jnp.power(jnp.asarray(gamma, float), decays.astype(float))
   else:
     def base(step):
       progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
@@ -89,7 +89,7 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     value = base(step)
     if warmup_steps > 0:
       value = value * jnp.minimum(1.0, (step + 1) / warmup_steps)
-    return jnp.asarray(value, jnp.float32)
+    return jnp.asarray(value, float)  # float64 where x64 is enabled, else float32
 
   return schedule
 
