@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.steps_per_epoch = -1          # > 0 caps the steps of an epoch (smoke runs)
   # ONE loss (DESIGN.md section 3).
   c.temperature = 3.0
-  c.rampup_epochs = 80
+  c.rampup_epochs = 80.0          # epochs, a float as the reference's --consistency_rampup
   c.kl_scale = 1.0
   c.ensemble_ce = True
   c.stop_gradient = True
@@ -76,7 +76,7 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
   c.synthetic_test_size = 250
   c.num_epochs = 2
   c.milestones = (1,)
-  c.rampup_epochs = 1
+  c.rampup_epochs = 1.0
   c.warmup_epochs = 0
   c.steps_per_epoch = 4
   c.lr = 0.05
