@@ -5,7 +5,8 @@ The reference trains on
              Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))])
 with DataLoader(trainset, batch_size=128, shuffle=True) (drop_last=False by default).
 torchvision cannot be installed beside this torch build, so its documented semantics are
-written here in torch ops (torchvision/transforms/transforms.py and functional.py):
+written in torch ops in tests/torch_reference.py (from torchvision/transforms/transforms.py
+and functional.py):
   RandomCrop.forward: F.pad(img, padding, fill=0, padding_mode='constant') on the uint8
     image, then get_params draws i = randint(0, h - th + 1) (top) and j = randint(0, w - tw
     + 1) (left) and F.crop(img, i, j, th, tw): offsets uniform on 0..2 * padding;
@@ -17,6 +18,7 @@ import torch
 from scipy import stats
 
 from one_jax import input_pipeline
+from tests import torch_reference as tr
 
 MEAN = (0.4914, 0.4822, 0.4465)    # the reference's transforms.Normalize arguments
 STD = (0.2023, 0.1994, 0.2010)
@@ -24,22 +26,9 @@ PADDING = 4
 SIZE = 32
 
 
-def _torchvision_train_transform(image_hwc: np.ndarray, top: int, left: int, flip: bool):
-  """RandomCrop(32, padding=4) -> RandomHorizontalFlip -> ToTensor -> Normalize for given draws."""
-  img = torch.from_numpy(image_hwc).permute(2, 0, 1)                       # uint8 CHW
-  img = torch.nn.functional.pad(img, (PADDING,) * 4, mode="constant", value=0)
-  img = img[:, top:top + SIZE, left:left + SIZE]                           # F.crop(i, j, h, w)
-  if flip:
-    img = img.flip(-1)                                                     # F.hflip
-  x = img.to(torch.float32).div(255)                                       # ToTensor
-  mean = torch.tensor(MEAN).view(3, 1, 1)
-  std = torch.tensor(STD).view(3, 1, 1)
-  return ((x - mean) / std).permute(1, 2, 0).numpy()                       # back to HWC
-
-
 def test_normalisation_constants_are_the_references():
-  assert input_pipeline.MEAN == MEAN and input_pipeline.STD == STD
-  assert input_pipeline.CROP_PADDING == PADDING
+  assert input_pipeline.MEAN == MEAN == tr.MEAN and input_pipeline.STD == STD == tr.STD
+  assert input_pipeline.CROP_PADDING == PADDING == tr.CROP_PADDING
 
 
 def test_crop_flip_normalise_equal_torchvision_for_given_draws():
@@ -51,8 +40,8 @@ def test_crop_flip_normalise_equal_torchvision_for_given_draws():
   flips[:4] = [False, True, False, True]
   got = input_pipeline.normalize(input_pipeline.random_crop_flip(images, offsets, flips))
   for k in range(len(images)):
-    want = _torchvision_train_transform(images[k], int(offsets[k, 0]), int(offsets[k, 1]),
-                                        bool(flips[k]))
+    want = tr.crop_flip_normalize(images[k], int(offsets[k, 0]), int(offsets[k, 1]),
+                                  bool(flips[k])).permute(1, 2, 0).numpy()
     np.testing.assert_allclose(got[k], want, rtol=0, atol=2e-6, err_msg=f"image {k}")
   # The padding is black before normalisation: (0 - mean) / std in every channel.
   np.testing.assert_allclose(got[0, 0, 0], -np.asarray(MEAN) / np.asarray(STD), atol=2e-6)
@@ -60,10 +49,8 @@ def test_crop_flip_normalise_equal_torchvision_for_given_draws():
 
 def test_test_images_are_only_normalised():
   image = np.random.default_rng(1).integers(0, 256, size=(1, SIZE, SIZE, 3), dtype=np.uint8)
-  want = ((torch.from_numpy(image[0]).permute(2, 0, 1).float() / 255
-           - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1))
-  np.testing.assert_allclose(input_pipeline.normalize(image)[0], want.permute(1, 2, 0).numpy(),
-                             rtol=0, atol=2e-6)
+  want = tr.test_transform(image[0]).permute(1, 2, 0).numpy()
+  np.testing.assert_allclose(input_pipeline.normalize(image)[0], want, rtol=0, atol=2e-6)
 
 
 # ----------------------------------------------------------------------------- distribution
@@ -132,6 +119,16 @@ def test_offsets_and_flips_are_distributed_as_torchvision():
   coupled_table = np.stack([np.bincount(coupled[coupled < 4], minlength=9),
                             np.bincount(coupled[coupled >= 4], minlength=9)])
   assert stats.chi2_contingency(coupled_table + 1).pvalue < 1e-6
+
+
+def test_the_reference_transform_draws_the_same_distribution():
+  """tests/torch_reference.train_transform (the PyTorch trainer's augmentation) passes too."""
+  image = _coordinate_images(1)[0]
+  g = torch.Generator().manual_seed(0)
+  out = np.stack([tr.train_transform(image, g).permute(1, 2, 0).numpy() for _ in range(2000)])
+  top, left, flip = _decode_draws(out)
+  assert _uniform_p(top * 9 + left, 81) > P_MIN
+  assert stats.binomtest(int(flip.sum()), len(flip), 0.5).pvalue > P_MIN
 
 
 # ----------------------------------------------------------------------------- epochs

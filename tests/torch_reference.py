@@ -192,15 +192,88 @@ def sgd(model, lr=0.1, momentum=0.9, weight_decay=5e-4):
   return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def train_step(model, optimizer, images, targets, epoch, rampup=80.0):
-  """One reference training step (ONE or baseline); returns the loss tensor (detached)."""
+def adjust_learning_rate(optimizer, lr, epoch, milestones, gamma=0.1):
+  """The reference's adjust_learning_rate, called at the start of every (0-based) epoch.
+
+  `lr` is the current learning rate (the reference keeps it in its global `state['lr']`); at a
+  milestone epoch it is multiplied by gamma before that epoch's first step. Returns the new lr.
+  """
+  if epoch in milestones:
+    lr *= gamma
+    for group in optimizer.param_groups:
+      group["lr"] = lr
+  return lr
+
+
+def train_step_terms(model, optimizer, images, targets, epoch, rampup=80.0) -> Dict:
+  """One reference training step (ONE or baseline) as the reference's train() runs it.
+
+  The loss is built as the reference builds it (the CE terms, then the weighted KL sum),
+  zero_grad, backward, optimizer.step(). Returns the loss terms (detached): 'ce_branches'
+  (a list, one per branch), 'ce_ensemble', 'kl' (the unweighted sum), 'kl_weight' and 'loss';
+  'ce' and 'loss' for the baseline.
+  """
   model.train()
-  optimizer.zero_grad()
   if isinstance(model, ONE_ResNet):
     logits, _, ensemble = model(images)
-    loss, _ = one_loss(logits, ensemble, targets, epoch, rampup)
+    ces = [F.cross_entropy(z, targets) for z in logits]
+    ce_ensemble = F.cross_entropy(ensemble, targets)
+    kl = sum(kl_loss(z, ensemble) for z in logits)
+    weight = sigmoid_rampup(epoch, rampup)
+    loss = sum(ces) + ce_ensemble + weight * kl
+    terms = {"ce_branches": [c.detach() for c in ces], "ce_ensemble": ce_ensemble.detach(),
+             "kl": kl.detach(), "kl_weight": weight}
   else:
     loss = F.cross_entropy(model(images), targets)
+    terms = {"ce": loss.detach()}
+  optimizer.zero_grad()
   loss.backward()
   optimizer.step()
-  return loss.detach()
+  terms["loss"] = loss.detach()
+  return terms
+
+
+def train_step(model, optimizer, images, targets, epoch, rampup=80.0):
+  """One reference training step (ONE or baseline); returns the loss tensor (detached)."""
+  return train_step_terms(model, optimizer, images, targets, epoch, rampup)["loss"]
+
+
+# ----------------------------------------------------------------------------- data
+# The reference's CIFAR transforms (torchvision's documented semantics in torch ops:
+# torchvision cannot be installed beside every torch build). Images are uint8 HWC arrays.
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2023, 0.1994, 0.2010)
+CROP_PADDING = 4
+
+
+def crop_flip_normalize(image_hwc, top: int, left: int, flip: bool) -> torch.Tensor:
+  """RandomCrop(size, padding=4) -> RandomHorizontalFlip -> ToTensor -> Normalize, given draws.
+
+  RandomCrop pads the uint8 image with zeros (fill=0, padding_mode='constant') and crops at
+  row `top`, column `left` of the padded image; hflip mirrors the columns; ToTensor divides by
+  255 (CHW float32); Normalize subtracts the mean and divides by the std per channel.
+  """
+  img = torch.as_tensor(image_hwc).permute(2, 0, 1)
+  h, w = img.shape[1:]
+  img = F.pad(img, (CROP_PADDING,) * 4, mode="constant", value=0)
+  img = img[:, top:top + h, left:left + w]
+  if flip:
+    img = img.flip(-1)
+  x = img.to(torch.float32).div(255)
+  return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+def train_transform(image_hwc, generator=None) -> torch.Tensor:
+  """The reference's training transform with torchvision's draws: RandomCrop.get_params takes
+  top = randint(0, 2p + 1) then left = randint(0, 2p + 1); the flip happens if rand(1) < 0.5."""
+  top = int(torch.randint(0, 2 * CROP_PADDING + 1, (1,), generator=generator))
+  left = int(torch.randint(0, 2 * CROP_PADDING + 1, (1,), generator=generator))
+  flip = bool(torch.rand(1, generator=generator) < 0.5)
+  return crop_flip_normalize(image_hwc, top, left, flip)
+
+
+def test_transform(image_hwc) -> torch.Tensor:
+  """ToTensor -> Normalize."""
+  x = torch.as_tensor(image_hwc).permute(2, 0, 1).to(torch.float32).div(255)
+  return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
