@@ -1,0 +1,61 @@
+"""benchmarks/fidelity/measure_gain.py end to end on tiny synthetic data: both implementations
+train the baseline and ONE-3 (depth 8, 2 steps), the table and the JSON are written, a rerun
+reuses the finished runs, and bad arguments get a one-line error."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from one_jax import input_pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "benchmarks", "fidelity", "measure_gain.py")
+
+
+def _tiny_npz(path):
+  train, test = input_pipeline.synthetic_sources(64, 40, 10, seed=0)
+  np.savez(path, x_train=train.images, y_train=train.labels, x_test=test.images,
+           y_test=test.labels)
+  return str(path)
+
+
+def _measure(*args):
+  return subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=900)
+
+
+def test_measure_gain_trains_both_implementations_and_writes_the_table(tmp_path):
+  npz = _tiny_npz(tmp_path / "tiny.npz")
+  out = tmp_path / "out"
+  args = [f"--npz={npz}", f"--out_dir={out}", "--seeds=0", "--depth=8", "--epochs=1",
+          "--batch=16", "--steps_per_epoch=2", "--threads=1"]
+  proc = _measure(*args)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  rows = json.loads((out / "results.json").read_text())
+  assert sorted((r["implementation"], r["model"]) for r in rows) == [
+      ("one_jax", "baseline"), ("one_jax", "one"), ("pytorch", "baseline"), ("pytorch", "one")]
+  for r in rows:
+    heads = {"model"} if r["model"] == "baseline" else {
+        "branch_0", "branch_1", "branch_2", "ensemble", "mean_branch"}
+    assert heads <= set(r["top1"]), r
+    assert all(0.0 <= r["top1"][h] <= 100.0 for h in heads), r
+  table = (out / "results.md").read_text()
+  assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["pytorch", "one_jax"]
+  assert table in proc.stdout
+  # A rerun reuses every finished run (nothing is trained again).
+  again = _measure(*args)
+  assert again.returncode == 0 and "training" not in again.stdout
+  assert (out / "results.md").read_text() == table
+
+
+def test_measure_gain_rejects_bad_arguments_without_writing(tmp_path):
+  out = tmp_path / "out"
+  proc = _measure(f"--npz={tmp_path / 'missing.npz'}", f"--out_dir={out}")
+  assert proc.returncode == 1
+  assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+  npz = _tiny_npz(tmp_path / "tiny.npz")
+  proc = _measure(f"--npz={npz}", f"--out_dir={out}", "--implementations=tensorflow")
+  assert proc.returncode == 1 and "one_jax" in proc.stderr
+  assert not out.exists()
