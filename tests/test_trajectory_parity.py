@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from scipy import stats
 
 from configs import common
 from one_jax import convert, input_pipeline, optimizer, parallel, train
@@ -163,3 +164,32 @@ def test_trajectory_matches_reference_in_float64(model_kind):
   print(f"{model_kind}: largest relative difference of any variable over {len(worst)} steps: "
         f"{max(worst):.3g}; parameters moved by up to {moved:.3g} (relative)")
   assert moved > 1e6 * RTOL   # the comparison is not vacuous: training moved the weights
+
+
+def test_initial_weights_are_distributed_as_the_references():
+  """What the trajectory test cannot see (both sides start from one converted init): one_jax's
+  own initialisation draws each tensor from the reference's distribution (two-sample
+  Kolmogorov-Smirnov against a fresh reference model; BatchNorm exactly 1 / 0, running
+  statistics 0 / 1; small bias vectors within the reference's bounds)."""
+  model = train.create_model(_config("one_resnet"))
+  variables = train.init_variables(model, (32, 32, 3), jax.random.key(0))
+  ours = _export(model, variables["params"], variables["batch_stats"])
+  torch.manual_seed(0)
+  reference = tr.ONE_ResNet(DEPTH, CLASSES, BRANCHES)
+  modules = dict(reference.named_modules())
+  tested = 0
+  for name, want in reference.state_dict().items():
+    if name.endswith("num_batches_tracked"):
+      continue
+    got, want = ours[name], want.numpy()
+    module = modules[name.rsplit(".", 1)[0]]
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+      np.testing.assert_array_equal(got, want, err_msg=name)
+    elif want.size >= 90:
+      p = stats.ks_2samp(got.ravel(), want.ravel()).pvalue
+      assert p > 1e-3, f"{name}: one_jax's init is not the reference's distribution (KS p={p:.2g})"
+      tested += 1
+    else:   # a Linear bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+      bound = 1 / np.sqrt(module.in_features)
+      assert np.all(np.abs(got) <= bound) and np.ptp(got) > 0, name
+  assert tested >= 15
