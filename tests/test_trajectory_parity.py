@@ -70,6 +70,12 @@ def _to_float64(tree):
                       if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x), tree)
 
 
+def _init(config, seed):
+  """(the model one_jax trains for `config`, its freshly initialised variables)."""
+  model = train.create_model(config)
+  return model, train.init_variables(model, (32, 32, 3), jax.random.key(seed))
+
+
 def _export(model, params, batch_stats):
   """Reference-named numpy arrays of a params-shaped tree (and the BatchNorm statistics)."""
   sd = convert.export_torch_state_dict(model, {"params": params, "batch_stats": batch_stats},
@@ -107,17 +113,18 @@ def _run_both(model_kind: str):
   config = _config(model_kind)
   batches = _batches()
   with jax.enable_x64(True):
-    model = train.create_model(config)
+    model, variables = _init(config, SEED)
+    variables = _to_float64(variables)
     mesh = parallel.make_mesh()
-    variables = _to_float64(train.init_variables(model, (32, 32, 3), jax.random.key(SEED)))
     tx = optimizer.create_optimizer(config, STEPS_PER_EPOCH, variables["params"])
     state = dict(variables, opt_state=_to_float64(tx.init(variables["params"])))
     initial = _export(model, state["params"], state["batch_stats"])
 
     torch_model = (tr.ONE_ResNet(DEPTH, CLASSES, BRANCHES) if model_kind == "one_resnet"
                    else tr.ResNet(DEPTH, CLASSES)).double()
-    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in initial.items()},
-                                strict=False)
+    missing, unexpected = torch_model.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in initial.items()}, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
     torch_opt = tr.sgd(torch_model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     torch_params = dict(torch_model.named_parameters())
 
@@ -180,8 +187,7 @@ def test_initial_weights_are_distributed_as_the_references():
   own initialisation draws each tensor from the reference's distribution (two-sample
   Kolmogorov-Smirnov against a fresh reference model; BatchNorm exactly 1 / 0, running
   statistics 0 / 1; small bias vectors within the reference's bounds)."""
-  model = train.create_model(_config("one_resnet"))
-  variables = train.init_variables(model, (32, 32, 3), jax.random.key(0))
+  model, variables = _init(_config("one_resnet"), 0)
   ours = _export(model, variables["params"], variables["batch_stats"])
   torch.manual_seed(0)
   reference = tr.ONE_ResNet(DEPTH, CLASSES, BRANCHES)
