@@ -1,11 +1,13 @@
-"""The PyTorch reference models, loss and SGD step, written independently of one_jax.
+"""The PyTorch reference: models, loss, training loop and data transforms, written
+independently of one_jax.
 
-Used as ground truth by the parity tests and as the eager PyTorch side of the speed
-benchmark; it lives with the tests because it imports torch, which one_jax itself never needs. Module and parameter names follow the reference code (Lan1991Xu/ONE_NeurIPS2018,
-with bearpaw's pytorch-classification CIFAR ResNet), so `state_dict()` keys are those of the
-reference checkpoints: 'layer3_1.0.conv1.weight', 'classfier3_1.weight' (sic), 'control_v1.*',
-'bn_v1.*'. Branches are numbered from 1 here, as in the reference; the branch count is free
-(the reference hardcodes 3). Tensors are NCHW.
+Used as ground truth by the parity tests, as the eager PyTorch side of the speed benchmark and
+by the PyTorch trainer of benchmarks/fidelity; it lives with the tests because it imports
+torch, which one_jax itself never needs. Module and parameter names follow the reference code
+(Lan1991Xu/ONE_NeurIPS2018, with bearpaw's pytorch-classification CIFAR ResNet), so
+`state_dict()` keys are those of the reference checkpoints: 'layer3_1.0.conv1.weight',
+'classfier3_1.weight' (sic), 'control_v1.*', 'bn_v1.*'. Branches are numbered from 1 here, as
+in the reference; the branch count is free (the reference hardcodes 3). Tensors are NCHW.
 """
 import math
 from typing import Dict, Tuple
