@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from one_jax import checkpoints
 from one_jax import host_memory
 from one_jax import kernels
+from one_jax import model_spec
 from one_jax import models
 from one_jax import optimizer
 from one_jax import parallel
@@ -93,13 +95,11 @@ class StepTimer:
     self.config = config
     self.mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, self.mesh)
-    self.model = train.create_model(config)
-    rng = jax.random.key(config.seed)
-    param_shapes = jax.eval_shape(
-        lambda r: train.init_variables(self.model, IMAGE_SHAPE, r), rng)["params"]
-    tx = optimizer.create_optimizer(config, STEPS_PER_EPOCH, param_shapes)
-    self.state = parallel.replicate(train.initial_state(self.model, tx, IMAGE_SHAPE, rng),
-                                    self.mesh)
+    self.spec = model_spec.ModelSpec.from_config(config)
+    tx = optimizer.create_optimizer(config, STEPS_PER_EPOCH,
+                                    self.spec.abstract_variables(IMAGE_SHAPE)["params"])
+    self.state = parallel.replicate(
+        train.initial_state(self.spec, tx, IMAGE_SHAPE, jax.random.key(config.seed)), self.mesh)
     host_batch = synthetic_batch(config, config.batch_size, config.seed)
     self.batch = parallel.shard_batch({k: host_batch[k] for k in ("image", "label")}, self.mesh)
     self.epoch = jnp.float32(1.0)
@@ -118,7 +118,7 @@ class StepTimer:
     self.metrics = None
 
   def _variables(self):
-    return {k: self.state[k] for k in ("params", "batch_stats", "gate_offset") if k in self.state}
+    return checkpoints.variables_of(self.state)
 
   def train_once(self):
     self.state, self.metrics = self.train_compiled(self.state, self.batch, self.epoch)
@@ -155,9 +155,9 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
   c = timer.config
   result.update(
       backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
-      device_count=jax.device_count(), model=c.model, depth=c.depth,
-      num_branches=c.num_branches if train.is_one_model(c) else 1, num_classes=c.num_classes,
-      batch=batch_size, branch_impl=models.resolve_branch_impl(c.branch_impl),
+      device_count=jax.device_count(), model=timer.spec.kind, depth=timer.spec.depth,
+      num_branches=timer.spec.num_branches, num_classes=timer.spec.num_classes,
+      batch=batch_size, branch_impl=models.resolve_branch_impl(timer.spec.branch_impl),
       cpu_conv_library=xla_options.cpu_conv_library(c, jax.default_backend()),
       conv_impl=kernels.conv_impl_on(c.get("conv_impl", "auto"), jax.default_backend()),
       steps=steps,

@@ -62,7 +62,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   from one_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from one_jax import train, two_stage, workdirs  # pylint: disable=g-import-not-at-top
+  from one_jax import train, workdirs  # pylint: disable=g-import-not-at-top
 
   # Bad input ends here, before anything is written (train_and_evaluate writes nothing
   # before it has checked the data, the model and the checkpoint it resumes from).
@@ -86,12 +86,8 @@ def main(argv):
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
-  config = two_stage.prepare(config, workdir)  # step-2 variants: surgery into WORKDIR/init
-  if config.eval_only:
-    train.run_eval_only(config, workdir)
-    return
   try:
-    train.train_and_evaluate(config, workdir)
+    train.run(config, workdir)  # step-2 surgery first; then evaluation only, or training
   except preemption.Interrupted as e:
     raise _Stopped(f"{e}; resume with the same command: {resume_command(workdir)}") from None
 

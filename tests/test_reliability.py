@@ -250,15 +250,14 @@ def test_non_finite_step_is_reported_exactly(tmp_path):
 
 def test_train_step_does_not_apply_a_non_finite_update():
   from configs import step1  # pylint: disable=g-import-not-at-top
-  from one_jax import optimizer, parallel  # pylint: disable=g-import-not-at-top
+  from one_jax import model_spec, optimizer, parallel  # pylint: disable=g-import-not-at-top
   config = step1.get_config("three_branch,smoke")
   config.batch_size = 32
   mesh = parallel.make_mesh(jax.devices()[:1])
-  model = train.create_model(config)
+  spec = model_spec.ModelSpec.from_config(config)
   rng = jax.random.key(0)
-  tx = optimizer.create_optimizer(config, 4, jax.eval_shape(
-      lambda r: train.init_variables(model, (32, 32, 3), r), rng)["params"])
-  before = train.initial_state(model, tx, (32, 32, 3), rng)
+  tx = optimizer.create_optimizer(config, 4, spec.abstract_variables()["params"])
+  before = train.initial_state(spec, tx, (32, 32, 3), rng)
   step = train.make_train_step(config, tx, mesh)
   batch = {"image": np.full((32, 32, 32, 3), np.inf, np.float32),
            "label": np.zeros(32, np.int32)}
