@@ -134,7 +134,7 @@ class ModelSpec:
     """ONE-style: stacked 'branches' and a 'gate' (else one 'branch', logits out)."""
     return architecture(self.kind).branched
 
-  def with_branches(self, num_branches: int) -> "ModelSpec":
+  def with_branches(self, num_branches: Optional[int]) -> "ModelSpec":
     """The model of the same family with num_branches (the unbranched kind for None)."""
     arch = architecture(self.kind)
     kinds = [k for k, a in ARCHITECTURES.items()
@@ -157,8 +157,8 @@ class ModelSpec:
     return architecture(spec.kind).module(spec, axis_name)
 
   def abstract_variables(self, image_shape=(32, 32, 3)) -> Dict[str, Any]:
-    """Shapes and dtypes of the variables (jax.eval_shape of init; nothing is computed).
-    Parameter shapes do not depend on the image size."""
+    """Shapes and dtypes of the variables (jax.eval_shape of init; nothing is computed;
+    cached, so read-only). Parameter shapes do not depend on the image size."""
     return _abstract_variables(self, tuple(image_shape))
 
   def init(self, rng, image_shape=(32, 32, 3)) -> Dict[str, Any]:

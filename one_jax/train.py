@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from one_jax import checkpoints, input_pipeline, losses, metric_writers, model_spec, optimizer
-from one_jax import kernels, parallel, preemption, two_stage, workdirs, xla_options
+from one_jax import parallel, preemption, two_stage, workdirs, xla_options
 
 DATA = parallel.DATA_AXIS
 
@@ -237,7 +237,6 @@ def check_config(config) -> None:
   written (the data, the optimizer and the batch sizes are checked where they are built)."""
   model_spec.ModelSpec.from_config(config)  # kind, depth, branches, classes, impls, active mask
   xla_options.resolve_cpu_conv_library(config.get("cpu_conv_library", "auto"))
-  kernels.resolve_conv_impl(config.get("conv_impl", "auto"))
   milestones = config.get("milestones", ())
   if not isinstance(milestones, (tuple, list)) or not all(
       isinstance(m, int) and not isinstance(m, bool) for m in milestones):

@@ -407,13 +407,13 @@ def test_gate_offset_cannot_be_exported_silently():
   convert.export_torch_state_dict(result.spec, variables, ignore_gate_offset=True)
 
 
-def test_command_line_entry_point(tmp_path):
+def test_command_line_entry_point(tmp_path, repo_root):
   """`python -m one_jax.convert` exits non-zero with a one-line message."""
   missing = tmp_path / "nope.pth.tar"
   proc = subprocess.run([sys.executable, "-m", "one_jax.convert", str(missing),
                          str(tmp_path / "out")], capture_output=True, text=True, check=False,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                        cwd=repo_root)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [f"error: {missing} does not exist: pass a PyTorch "
                                               ".pth.tar or state-dict file"]

@@ -132,6 +132,22 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(reference_run, tmp_pa
   _assert_same_run(reference_run, workdir)
 
 
+def test_sigterm_at_the_end_of_an_epoch_stops_after_its_checkpoint(reference_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  args = SMOKE + [f"--workdir={workdir}"]
+  first = _main(args, fault="signal_at_step=SIGTERM:4")  # during the epoch's last step
+  assert first.returncode == preemption.EXIT_INTERRUPTED, first.stderr
+  assert (f"stopped by SIGTERM at the end of epoch 1 (step 4): checkpoint 4 written to "
+          f"{workdir}/checkpoints") in first.stderr
+  _, meta = checkpoints.restore_raw(workdir)
+  assert (meta["step"], meta["epoch"]) == (4, 1) and "step_in_epoch" not in meta
+  assert len(_metrics_rows(workdir)) == 1
+  second = _main(args)
+  assert second.returncode == 0, second.stderr
+  assert "from checkpoint step 4 (epoch 2)" in second.stdout
+  _assert_same_run(reference_run, workdir)
+
+
 def test_stop_request_turns_signals_into_a_flag_and_restores_handlers():
   before = signal.getsignal(signal.SIGINT)
   with preemption.StopRequest(announce=False) as stop:
