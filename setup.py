@@ -1,13 +1,13 @@
 """Package metadata for one_jax (ONE and two-stage cooperative networks in JAX/Flax)."""
 import setuptools
 
-# The CPU convolution kernels (one_jax/kernels.py): a plain shared library that XLA calls
+# The CPU convolution kernels (one_jax/cpu/kernels.py): a plain shared library that XLA calls
 # through its FFI, loaded with ctypes (no Python C API). Optional: where it cannot be built,
 # the install still succeeds and one_jax uses XLA's own convolutions.
 conv_kernels = setuptools.Extension(
-    "one_jax._conv_kernels",
-    sources=["one_jax/csrc/conv_kernels.cc"],
-    include_dirs=["one_jax/csrc"],   # the XLA FFI headers, vendored (Apache-2.0)
+    "one_jax.cpu._conv_kernels",
+    sources=["one_jax/cpu/csrc/conv_kernels.cc"],
+    include_dirs=["one_jax/cpu/csrc"],   # the XLA FFI headers, vendored (Apache-2.0)
     language="c++",
     extra_compile_args=["-std=c++17", "-O3"],
     optional=True,

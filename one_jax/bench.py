@@ -11,7 +11,7 @@ Fields: images_per_sec, eval_images_per_sec, step_ms, eval_step_ms, compile_s, b
 device_kind, device_count, flops_per_image, gflops_per_sec (achieved, train step), and the
 model fields (model, depth, num_branches, num_classes, batch, branch_impl), cpu_conv_library,
 conv_impl ('kernel': one_jax's compiled CPU convolutions, 'xla': XLA's), jax_version, loss,
-and (from the command line) reuse_host_memory (one_jax/host_memory.py).
+and (from the command line) reuse_host_memory (one_jax/cpu/host_memory.py).
 """
 import json
 import statistics
@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from one_jax import host_memory
-from one_jax import kernels
 from one_jax import models
 from one_jax import optimizer
 from one_jax import parallel
 from one_jax import train
-from one_jax import xla_options
+from one_jax.cpu import host_memory
+from one_jax.cpu import kernels
+from one_jax.cpu import xla_options
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/step1.py:three_branch", "Training config (ml_collections), e.g. "

@@ -18,7 +18,7 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
-from one_jax import host_memory
+from one_jax.cpu import host_memory
 from one_jax import preemption
 
 FLAGS = flags.FLAGS

@@ -22,7 +22,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from one_jax import checkpoints, input_pipeline, losses, metric_writers, models, optimizer
-from one_jax import kernels, parallel, preemption, workdirs, xla_options
+from one_jax import parallel, preemption, workdirs
+from one_jax.cpu import kernels, xla_options
 
 DATA = parallel.DATA_AXIS
 

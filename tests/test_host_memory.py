@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # step's buffers, and counts the minor page faults of the second round.
 _PROBE = textwrap.dedent("""
     import resource, sys, threading
-    from one_jax import host_memory
+    from one_jax.cpu import host_memory
     applied = host_memory.reuse_freed_memory() if sys.argv[1] == "reuse" else False
     import numpy as np
     def round_trip():
@@ -39,7 +39,7 @@ def test_freed_memory_is_reused_without_page_faults():
 
 
 def test_flag_turns_it_off():
-  script = ("from absl import flags; from one_jax import host_memory; "
+  script = ("from absl import flags; from one_jax.cpu import host_memory; "
             "flags.FLAGS(['x', '--noreuse_host_memory']); print(host_memory.apply_flag())")
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True,
                        capture_output=True, text=True).stdout

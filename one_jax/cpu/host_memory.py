@@ -20,7 +20,7 @@ from absl import flags
 REUSE_HOST_MEMORY = flags.DEFINE_bool(
     "reuse_host_memory", True, "Keep freed host memory mapped for reuse (glibc: one malloc "
     "arena, no mmap for large blocks, no trimming): XLA:CPU steps then do not page-fault. "
-    "one_jax/host_memory.py says why.")
+    "one_jax/cpu/host_memory.py says why.")
 
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1

@@ -1,11 +1,11 @@
-"""Compiled CPU convolution kernels (one_jax/csrc/conv_kernels.cc), called through XLA's FFI.
+"""Compiled CPU convolution kernels (one_jax/cpu/csrc/conv_kernels.cc), called through XLA's FFI.
 
 XLA:CPU computes a convolution's weight gradient at a third of its forward speed, and its
 forward convolution runs at about half of this machine's FMA throughput on CIFAR shapes
 (benchmarks/NOTES.md, entry 10). These kernels read NHWC data in place instead. setup.py
 builds them as an optional extension: where they could not be built, or the CPU has neither
 AVX-512 nor AVX2 with FMA, `conv_impl='auto'` keeps XLA's convolutions and `'kernel'` is an
-error that says why. Other platforms always use XLA's convolutions (layers.conv2d picks per
+error that says why. Other platforms always use XLA's convolutions (convolution.conv2d picks per
 platform at lowering).
 """
 import contextlib
