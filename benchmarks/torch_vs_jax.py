@@ -126,7 +126,8 @@ def compare(config, steps: int, warmup: int, pause: float = 0.1) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  reused = host_memory.apply_flag()   # for one_jax (PyTorch runs in its own process)
+  # For one_jax (PyTorch runs in its own process).
+  reused = host_memory.apply_for_cpu(bench.REUSE_HOST_MEMORY.value)
   results = []
   for b in [int(x) for x in _BRANCHES.value]:
     config = ml_collections.ConfigDict(bench._CONFIG.value.to_dict())

@@ -15,6 +15,7 @@ and (from the command line) reuse_host_memory (one_jax/cpu/host_memory.py).
 """
 import json
 import statistics
+import sys
 import time
 from typing import Any, Dict
 
@@ -40,6 +41,7 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: the config's).")
 _EVAL = flags.DEFINE_bool("eval", True, "Also time the eval (inference) step.")
+REUSE_HOST_MEMORY = flags.DEFINE_bool(host_memory.FLAG_NAME, True, host_memory.FLAG_HELP)
 
 IMAGE_SHAPE = (32, 32, 3)
 STEPS_PER_EPOCH = 390  # CIFAR: 50000 // 128; only the learning-rate schedule sees it
@@ -168,7 +170,10 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  reused = host_memory.apply_flag()   # before JAX starts its threads
+  reused = host_memory.apply_for_cpu(REUSE_HOST_MEMORY.value)   # before JAX starts its threads
+  warning = kernels.off_warning(_CONFIG.value.get("conv_impl", "auto"), jax.default_backend())
+  if warning:
+    print(warning, file=sys.stderr, flush=True)
   result = run_benchmark(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
                          batch=_BATCH.value, eval_too=_EVAL.value)
   result["reuse_host_memory"] = reused

@@ -434,6 +434,7 @@ def _parser():
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  checkpoints.quiet_orbax_noise()
   try:
     if args.to_torch:
       prefix = None if args.module_prefix is None else args.module_prefix == "yes"

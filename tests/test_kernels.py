@@ -41,6 +41,17 @@ def test_bad_or_unavailable_impl_is_a_one_line_error(monkeypatch):
     models.OneResNet(depth=8, conv_impl="kernel")
 
 
+def test_the_tools_say_when_the_kernels_are_off(monkeypatch):
+  """main and bench print kernels.off_warning: one line, only where 'auto' fell back on a CPU."""
+  assert kernels.off_warning("auto", "cpu") == ""   # built and usable here
+  monkeypatch.setattr(kernels, "_library", lambda: (None, "the compiled kernels are missing"))
+  warning = kernels.off_warning("auto", "cpu")
+  assert warning == ("warning: one_jax's CPU convolution kernels are off (the compiled kernels "
+                     "are missing); XLA's slower convolutions run instead")
+  assert kernels.off_warning("xla", "cpu") == ""    # asked for: nothing to say
+  assert kernels.off_warning("auto", "gpu") == ""   # never used off the CPU
+
+
 # (batch, height, width, in, out, kernel size, stride, padding): the model's shapes and the
 # kernels' edge cases (odd sizes, one image, 48 = 3 x 16 output channels, 5x5 stride 3,
 # asymmetric and zero padding, a 9x9 kernel).

@@ -94,6 +94,18 @@ def conv_impl_on(impl: str, platform: str) -> str:
   return resolved if platform == "cpu" else "xla"
 
 
+def off_warning(impl: str, platform: str) -> str:
+  """The one line the command-line tools print where `impl='auto'` falls back to XLA's CPU
+  convolutions because the kernels cannot run here ('' where nothing is off)."""
+  if impl != "auto" or platform != "cpu":
+    return ""
+  usable, why = kernel_status()
+  if usable:
+    return ""
+  return (f"warning: one_jax's CPU convolution kernels are off ({why}); XLA's slower "
+          "convolutions run instead")
+
+
 def supports(x, kernel_shape: Sequence[int], padding=((0, 0), (0, 0))) -> bool:
   """The kernels' scope: float32 data, a multiple of 16 output channels, no negative padding
   (lax's cropping)."""
