@@ -180,5 +180,10 @@ def main(argv):
   print(json.dumps(result), flush=True)
 
 
-if __name__ == "__main__":
+def run():
+  """Console entry (`one-jax-bench`)."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

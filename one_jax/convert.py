@@ -449,6 +449,11 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run():
+  """Console entry (`one-jax-convert`): main's return value is the exit status."""
   logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

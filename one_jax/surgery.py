@@ -857,5 +857,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run():
+  """Console entry (`one-jax-surgery`): main's return value is the exit status."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()
