@@ -107,8 +107,8 @@ def conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_C
 
   impl='kernel' (resolved by kernels.resolve_conv_impl): in computations lowered for the CPU,
   the compiled kernels of one_jax/cpu/csrc compute the output, the weight gradient and
-  (stride 1) the input gradient, reading NHWC data in place (float32, output channels a multiple of 16);
-  elsewhere, and outside that scope, XLA's forms below. impl='xla':
+  (stride 1) the input gradient, reading NHWC data in place (float32, output channels a
+  multiple of 16); elsewhere, and outside that scope, XLA's forms below. impl='xla':
   - forward and input gradient: XLA's (the input gradient is a convolution with the flipped
     kernel);
   - weight gradient: `weight_grad` over `chunk`-image slices, reading x through
