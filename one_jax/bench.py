@@ -11,7 +11,9 @@ Fields: images_per_sec, eval_images_per_sec, step_ms, eval_step_ms, compile_s, b
 device_kind, device_count, flops_per_image, gflops_per_sec (achieved, train step), and the
 model fields (model, depth, num_branches, num_classes, batch, branch_impl), cpu_conv_library,
 conv_impl ('kernel': one_jax's compiled CPU convolutions, 'xla': XLA's), jax_version, loss,
-and (from the command line) reuse_host_memory (one_jax/cpu/host_memory.py).
+and (from the command line) reuse_host_memory (one_jax/cpu/host_memory.py). Where
+conv_impl='auto' fell back to XLA on a CPU, one line on stderr says that the kernels are off
+and why (kernels.off_warning).
 """
 import json
 import statistics
