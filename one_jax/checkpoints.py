@@ -38,9 +38,6 @@ class _QuietReadOnly:
     return not ("read_only=True" in text or "Given directory is read only" in text)
 
 
-logging.get_absl_logger().addFilter(_QuietReadOnly())
-
-
 def _without_closed_loop_noise(previous):
   """When a restore fails (a damaged file), TensorStore reads still in flight finish after
   Orbax has closed its event loop, and each prints 'RuntimeError: Event loop is closed' as an
@@ -51,10 +48,19 @@ def _without_closed_loop_noise(previous):
         and str(unraisable.exc_value) == "Event loop is closed"):
       return
     previous(unraisable)
+  hook._one_jax_quiet = True  # pylint: disable=protected-access
   return hook
 
 
-sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+def quiet_orbax_noise():
+  """Drops, for this process, Orbax's read-only notices (absl log filter) and TensorStore's
+  late 'Event loop is closed' reports after a failed restore (sys.unraisablehook). The
+  command-line tools call it first thing; importing this module changes neither. Idempotent."""
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _QuietReadOnly) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietReadOnly())
+  if not getattr(sys.unraisablehook, "_one_jax_quiet", False):
+    sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
 
 
 class CheckpointError(ValueError):

@@ -425,6 +425,7 @@ def _parser():
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  checkpoints.quiet_orbax_noise()
   try:
     if args.to_torch:
       prefix = None if args.module_prefix is None else args.module_prefix == "yes"
@@ -439,6 +440,11 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run():
+  """Console entry (`one-jax-convert`): main's return value is the exit status."""
   logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

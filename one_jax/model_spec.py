@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from one_jax import kernels
 from one_jax import models
+from one_jax.cpu import kernels
 
 
 def parse_active_branches(text, num_branches: int) -> Optional[Tuple[bool, ...]]:

@@ -19,7 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from one_jax import kernels
+from one_jax.cpu import kernels
 from one_jax import layers
 
 BRANCH_IMPLS = ("auto", "loop", "vmap")

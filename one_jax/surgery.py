@@ -782,6 +782,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs one command; on failure prints one line `error: ...` on stderr and returns 1."""
   from absl import logging as absl_logging  # Orbax logs warnings on every read-only restore
   absl_logging.set_verbosity(absl_logging.ERROR)
+  checkpoints.quiet_orbax_noise()
   try:
     args = _parser().parse_args(argv)
     if args.command == "expand":
@@ -808,5 +809,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run():
+  """Console entry (`one-jax-surgery`): main's return value is the exit status."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

@@ -26,7 +26,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from one_jax import checkpoints, input_pipeline, losses, metric_writers, model_spec, optimizer
-from one_jax import parallel, preemption, two_stage, workdirs, xla_options
+from one_jax import parallel, preemption, two_stage, workdirs
+from one_jax.cpu import xla_options
 
 DATA = parallel.DATA_AXIS
 
