@@ -20,7 +20,7 @@ import torch
 from scipy import stats
 
 from configs import common
-from one_jax import convert, input_pipeline, optimizer, parallel, train
+from one_jax import convert, input_pipeline, model_spec, optimizer, parallel, train
 from tests import torch_reference as tr
 
 DEPTH = 8
@@ -71,14 +71,14 @@ def _to_float64(tree):
 
 
 def _init(config, seed):
-  """(the model one_jax trains for `config`, its freshly initialised variables)."""
-  model = train.create_model(config)
-  return model, train.init_variables(model, (32, 32, 3), jax.random.key(seed))
+  """(the ModelSpec one_jax trains for `config`, its freshly initialised variables)."""
+  spec = model_spec.ModelSpec.from_config(config)
+  return spec, spec.init(jax.random.key(seed))
 
 
-def _export(model, params, batch_stats):
+def _export(spec, params, batch_stats):
   """Reference-named numpy arrays of a params-shaped tree (and the BatchNorm statistics)."""
-  sd = convert.export_torch_state_dict(model, {"params": params, "batch_stats": batch_stats},
+  sd = convert.export_torch_state_dict(spec, {"params": params, "batch_stats": batch_stats},
                                        module_prefix=False, num_batches_tracked=None)
   return {k: v.numpy() for k, v in sd.items()}
 
@@ -113,12 +113,12 @@ def _run_both(model_kind: str):
   config = _config(model_kind)
   batches = _batches()
   with jax.enable_x64(True):
-    model, variables = _init(config, SEED)
+    spec, variables = _init(config, SEED)
     variables = _to_float64(variables)
     mesh = parallel.make_mesh()
     tx = optimizer.create_optimizer(config, STEPS_PER_EPOCH, variables["params"])
     state = dict(variables, opt_state=_to_float64(tx.init(variables["params"])))
-    initial = _export(model, state["params"], state["batch_stats"])
+    initial = _export(spec, state["params"], state["batch_stats"])
 
     torch_model = (tr.ONE_ResNet(DEPTH, CLASSES, BRANCHES) if model_kind == "one_resnet"
                    else tr.ResNet(DEPTH, CLASSES)).double()
@@ -146,8 +146,8 @@ def _run_both(model_kind: str):
                                "metrics": metrics})
       assert float(host["metrics"][train.FINITE_ALL]) == 1.0, f"step {step + 1} was not applied"
       jax_terms = {k: float(host["metrics"][f"train/{k}"]) for k in torch_terms}
-      jax_vars = _export(model, host["params"], host["batch_stats"])
-      jax_trace = _export(model, host["trace"], host["batch_stats"])
+      jax_vars = _export(spec, host["params"], host["batch_stats"])
+      jax_trace = _export(spec, host["trace"], host["batch_stats"])
       torch_vars = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()
                     if not k.endswith("num_batches_tracked")}
       torch_trace = {k: torch_opt.state[p]["momentum_buffer"].numpy()
@@ -187,8 +187,8 @@ def test_initial_weights_are_distributed_as_the_references():
   own initialisation draws each tensor from the reference's distribution (two-sample
   Kolmogorov-Smirnov against a fresh reference model; BatchNorm exactly 1 / 0, running
   statistics 0 / 1; small bias vectors within the reference's bounds)."""
-  model, variables = _init(_config("one_resnet"), 0)
-  ours = _export(model, variables["params"], variables["batch_stats"])
+  spec, variables = _init(_config("one_resnet"), 0)
+  ours = _export(spec, variables["params"], variables["batch_stats"])
   torch.manual_seed(0)
   reference = tr.ONE_ResNet(DEPTH, CLASSES, BRANCHES)
   modules = dict(reference.named_modules())
