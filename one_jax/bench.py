@@ -15,6 +15,7 @@ and (from the command line) reuse_host_memory (one_jax/host_memory.py).
 """
 import json
 import statistics
+import sys
 import time
 from typing import Any, Dict
 
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from one_jax import cli
 from one_jax import host_memory
 from one_jax import kernels
 from one_jax import models
@@ -176,4 +178,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.exit_status(app.run, main))

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from one_jax import checkpoints, models
+from one_jax import checkpoints, cli, models, workdirs
 
 SPELLINGS = ("classfier", "classifier")  # the reference's spelling, and later forks'
 NBT = "num_batches_tracked"
@@ -425,7 +425,9 @@ def export_torch_state_dict(model, variables, *, module_prefix: bool = True,
 
 
 def convert_to_one_jax(in_path: str, out_dir: str, *, allow_pickle: bool = False) -> str:
-  """Writes the one_jax checkpoint of a torch file at OUT_DIR (never overwriting)."""
+  """Writes the one_jax checkpoint of a torch file at OUT_DIR (never overwriting, never inside
+  a run or checkpoint directory)."""
+  workdirs.check_destination(out_dir, [in_path], flag="OUT_DIR")
   if os.path.exists(out_dir):
     raise ConversionError(f"{os.path.abspath(out_dir)} already exists: choose a new output "
                           "directory (nothing was written)")
@@ -445,7 +447,7 @@ def convert_to_torch(ckpt: str, out_path: str, *, module_prefix: Optional[bool] 
   otherwise the reference's ('module.' prefix, 'classfier', the checkpoint's step count).
   """
   import torch  # pylint: disable=g-import-not-at-top
-  out_path = os.path.abspath(out_path)
+  out_path = workdirs.check_destination(out_path, [ckpt], flag="OUT.pth.tar")
   if os.path.exists(out_path):
     raise ConversionError(f"{out_path} already exists: choose a new output file (nothing was "
                           "written)")
@@ -489,21 +491,19 @@ def _parser():
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
-  try:
-    if args.to_torch:
-      prefix = None if args.module_prefix is None else args.module_prefix == "yes"
-      out = convert_to_torch(args.src, args.dst, module_prefix=prefix, spelling=args.spelling,
-                             ignore_gate_offset=args.ignore_gate_offset)
-    else:
-      if args.allow_pickle:
-        print(ALLOW_PICKLE_WARNING.format(path=args.src), file=sys.stderr, flush=True)
-      out = convert_to_one_jax(args.src, args.dst, allow_pickle=args.allow_pickle)
-  except (ValueError, OSError) as e:  # CheckpointError and ConversionError are ValueErrors
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 1
-  print(out)
-  return 0
+  return cli.exit_status(_run, args)
 
+
+def _run(args) -> None:
+  if args.to_torch:
+    prefix = None if args.module_prefix is None else args.module_prefix == "yes"
+    out = convert_to_torch(args.src, args.dst, module_prefix=prefix, spelling=args.spelling,
+                           ignore_gate_offset=args.ignore_gate_offset)
+  else:
+    if args.allow_pickle:
+      print(ALLOW_PICKLE_WARNING.format(path=args.src), file=sys.stderr, flush=True)
+    out = convert_to_one_jax(args.src, args.dst, allow_pickle=args.allow_pickle)
+  print(out)
 
 if __name__ == "__main__":
   logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices

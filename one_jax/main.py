@@ -18,6 +18,7 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
+from one_jax import cli
 from one_jax import host_memory
 from one_jax import preemption
 
@@ -62,7 +63,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   from one_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from one_jax import train, two_stage, workdirs  # pylint: disable=g-import-not-at-top
+  from one_jax import run_lock, train, workdirs  # pylint: disable=g-import-not-at-top
 
   # Bad input ends here, before anything is written (train_and_evaluate writes nothing
   # before it has checked the data, the model and the checkpoint it resumes from).
@@ -79,9 +80,22 @@ def main(argv):
     if suffix:
       workdir, moved = f"{os.path.normpath(workdir)}-{suffix}", True
   workdirs.check_usable(workdir)
+  workdirs.check_not_inside_a_run(workdir)
+  # One live run per workdir, from here to the end (a refused start writes nothing).
+  lock = run_lock.hold(workdir, jax.process_index(), jax.process_count())
+  try:
+    _run_in(config, workdir, announce=jax.process_index() == 0 and (moved or not FLAGS.workdir))
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run_in(config, workdir: str, announce: bool) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from one_jax import train, two_stage, workdirs  # pylint: disable=g-import-not-at-top
   if not config.eval_only:
     workdirs.check_config(config, workdir)
-  if jax.process_index() == 0 and (moved or not FLAGS.workdir):
+  if announce:
     print(f"workdir: {workdir}", flush=True)
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -94,10 +108,22 @@ def main(argv):
     train.train_and_evaluate(config, workdir)
   except preemption.Interrupted as e:
     raise _Stopped(f"{e}; resume with the same command: {resume_command(workdir)}") from None
+  except KeyboardInterrupt:  # a second signal: stopped at once, without a checkpoint
+    found = workdirs.checkpoint_config(workdir)
+    raise _StoppedAtOnce(
+        "interrupted again while stopping: no checkpoint of the current step was written; " + (
+            f"the last checkpoint (step {found[0]}) is intact and the same command resumes "
+            f"from it: {resume_command(workdir)}" if found else
+            "no checkpoint had been written yet, so the same command starts the run again: "
+            f"{resume_command(workdir)}")) from None
 
 
 class _Stopped(Exception):
   """Training stopped on a signal with a checkpoint (exit status EXIT_INTERRUPTED)."""
+
+
+class _StoppedAtOnce(Exception):
+  """A second signal stopped training at once (exit status 130, as for SIGINT)."""
 
 
 def resume_command(workdir: str) -> str:
@@ -115,10 +141,6 @@ def resume_command(workdir: str) -> str:
                                            f"--workdir={workdir}"])
 
 
-def _one_line(text: str) -> str:
-  return " ".join(str(text).split())
-
-
 def _parse_flags(argv):
   """absl flag parsing whose errors are one-line ValueErrors (bad flag, config file, field)."""
   try:
@@ -131,20 +153,20 @@ def _parse_flags(argv):
     if "Traceback (most recent call last)" in text:  # the config file's get_config raised
       last = [line for line in text.splitlines() if line.strip()][-1]
       text = f"--config={argv_config(argv)}: {last.split(': ', 1)[-1]}"
-    raise ValueError(_one_line(text)) from None
+    raise ValueError(cli.one_line(text)) from None
   except OSError as e:  # the config file could not be loaded
     path = argv_config(argv).split(":", 1)[0]
     if path and not os.path.exists(path):
       raise ValueError(f"config file {path} does not exist: use --config=configs/step1.py:VARIANT "
                        "or --config=configs/step2.py:VARIANT") from None
-    raise ValueError(f"cannot load --config={argv_config(argv)}: {_one_line(e)}") from None
+    raise ValueError(f"cannot load --config={argv_config(argv)}: {cli.one_line(e)}") from None
   except (AttributeError, KeyError) as e:  # --config.FIELD of a field the config lacks
     known = _config_fields(argv)
     given = [a.split("=", 1)[0].split(".", 1)[1] for a in argv[1:]
              if a.lstrip("-").startswith("config.")]
     text = str(e).replace("\\", "")
     name = ([n for n in given if n not in known] or re.findall(r"'([\w.]+)'", text)
-            or [_one_line(text)])[0]
+            or [cli.one_line(text)])[0]
     hint = difflib.get_close_matches(name, known, n=1)
     raise ValueError(
         f"unknown config field --config.{name}: "
@@ -177,18 +199,17 @@ def run():
   """Console entry: bad input ends with a one-line `error: ...` and exit status 1, not a
   traceback; a run stopped by SIGTERM/SIGINT says how to resume and exits with 75."""
   try:
-    app.run(main, flags_parser=_parse_flags)
+    sys.exit(cli.exit_status(app.run, main, flags_parser=_parse_flags))
   except _Stopped as e:
     print(f"interrupted: {e}", file=sys.stderr)
     sys.exit(preemption.EXIT_INTERRUPTED)
+  except _StoppedAtOnce as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(130)
   except KeyboardInterrupt:
-    print("error: interrupted again while stopping: no checkpoint of the current step was "
-          "written; the last checkpoint is intact and the same command resumes from it",
+    print("error: interrupted before training started; nothing to resume from was written",
           file=sys.stderr)
     sys.exit(130)
-  except (ValueError, OSError, FloatingPointError) as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-    sys.exit(1)
 
 
 if __name__ == "__main__":
