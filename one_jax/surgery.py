@@ -47,6 +47,7 @@ import numpy as np
 
 from one_jax import checkpoints
 from one_jax import cli
+from one_jax import config_checks
 from one_jax import models
 from one_jax import workdirs
 
@@ -308,7 +309,7 @@ Slot = Tuple[Optional[_Model], int]  # (source model, its branch index); None: a
 
 
 def _check_index(op, name, index, size, what):
-  if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not 0 <= index < size:
+  if not config_checks.is_int(index) or not 0 <= index < size:
     raise SurgeryError(f"{op}: {name}={index!r} is out of range: {what} has {size} branch"
                        f"{'es' if size != 1 else ''} (0-based: 0..{size - 1})")
 
@@ -487,7 +488,7 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
   """
   model = _view(state, info, "the model")
   m = model.num_branches
-  if not isinstance(num_branches, (int, np.integer)) or isinstance(num_branches, bool):
+  if not config_checks.is_int(num_branches):
     raise SurgeryError(f"expand: --branches={num_branches!r} is not an integer")
   n = int(num_branches)
   if n < m:
@@ -549,7 +550,7 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
   branches = [(v, b) for v in views for b in range(v.num_branches)]
   total = len(branches)
   order = list(range(total)) if slots is None else list(slots)
-  if (not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in order)
+  if (not all(config_checks.is_int(s) for s in order)
       or sorted(order) != list(range(total))):
     raise SurgeryError(f"merge: --slots={','.join(map(str, order))} is not an ordering of the "
                        f"{total} source branches: give each of 0..{total - 1} once")
@@ -581,8 +582,7 @@ def _fresh_column(fresh: Optional[_Model], fresh_gate: str, k: int) -> Slot:
 
 
 def _check_trunk_from(trunk_from, k):
-  if (isinstance(trunk_from, bool) or not isinstance(trunk_from, (int, np.integer))
-      or not 0 <= trunk_from < k):
+  if not config_checks.is_int(trunk_from) or not 0 <= trunk_from < k:
     raise SurgeryError(f"merge: --trunk_from={trunk_from!r} is invalid: use a source index "
                        f"0..{k - 1} or 'mean'")
 

@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from one_jax import checkpoints, input_pipeline, losses, metric_writers, models, optimizer
-from one_jax import kernels, parallel, preemption, workdirs, xla_options
+from one_jax import checkpoints, config_checks, input_pipeline, losses, metric_writers, models, optimizer
+from one_jax import parallel, preemption, workdirs, xla_options
 
 DATA = parallel.DATA_AXIS
 
@@ -276,23 +276,10 @@ def _host_info():
 
 
 def check_config(config) -> None:
-  """Cheap checks of the fields everything else builds on: one-line errors, nothing read or
-  written (the data, the optimizer and the batch sizes are checked where they are built)."""
-  is_one_model(config)
-  models.check_depth(config.depth)
-  branches = config.num_branches
-  if not isinstance(branches, int) or isinstance(branches, bool) or branches < 1:
-    raise ValueError(f"num_branches={branches!r} is invalid: a model has at least one branch "
-                     "(--config.num_branches=1 or more)")
-  active_branches(config)
-  models.resolve_branch_impl(config.branch_impl)
-  xla_options.resolve_cpu_conv_library(config.get("cpu_conv_library", "auto"))
-  kernels.resolve_conv_impl(config.get("conv_impl", "auto"))
-  milestones = config.get("milestones", ())
-  if not isinstance(milestones, (tuple, list)) or not all(
-      isinstance(m, int) and not isinstance(m, bool) for m in milestones):
-    raise ValueError(f"milestones={milestones!r} is invalid: give epochs as integers, e.g. "
-                     "--config.milestones='(150, 225)'")
+  """Every field's range or set of values (config_checks.RULES): one-line errors, nothing
+  read or written (the data and the batch sizes vs devices are checked where they are
+  built)."""
+  config_checks.check(config)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
