@@ -52,6 +52,9 @@ def main(argv):
                      "--config.FIELD=VALUE")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO logs (checkpointing) only on request
+    # A failed save (a full disk) makes Orbax log the same error with a traceback from each
+    # of its threads; the error itself ends the command as its one line.
+    logging.get_absl_logger().addFilter(_no_orbax_error_tracebacks)
   host_memory.apply_flag()   # before JAX starts its threads
   config = FLAGS.config
   if config is None:
@@ -108,6 +111,13 @@ def _run_in(config, workdir: str, announce: bool) -> None:
     train.train_and_evaluate(config, workdir)
   except preemption.Interrupted as e:
     raise _Stopped(f"{e}; resume with the same command: {resume_command(workdir)}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    if not _disk_full(e):
+      raise
+    raise OSError(f"no space left on the disk of {workdir}: free some space (or move the run "
+                  "to another disk) and run the same command again, which resumes from the last "
+                  f"complete checkpoint: {resume_command(workdir)} [{cli.one_line(e)[:300]}]"
+                  ) from None
   except KeyboardInterrupt:  # a second signal: stopped at once, without a checkpoint
     found = workdirs.checkpoint_config(workdir)
     raise _StoppedAtOnce(
@@ -124,6 +134,15 @@ class _Stopped(Exception):
 
 class _StoppedAtOnce(Exception):
   """A second signal stopped training at once (exit status 130, as for SIGINT)."""
+
+
+def _no_orbax_error_tracebacks(record) -> bool:
+  return not (record.levelno >= 40  # ERROR and record.exc_info
+              and "orbax" in (record.pathname or ""))
+
+
+def _disk_full(error: BaseException) -> bool:
+  return getattr(error, "errno", None) == 28 or "No space left on device" in str(error)
 
 
 def resume_command(workdir: str) -> str:

@@ -214,6 +214,10 @@ class MetricWriter:
       return ""
     if self._tb is not None:
       self._tb.flush()
+    if not self._rows:  # e.g. a finished run whose metrics files were deleted: keep its summary
+      print(f"no epochs in {os.path.join(self.workdir, JSONL_NAME)} to summarise: "
+            f"{SUMMARY_NAME} and {PLOT_NAME} were left as they were", flush=True)
+      return ""
     if heads is None:
       heads = heads_from_keys(self._keys)
     plot_curves(self._rows, os.path.join(self.workdir, PLOT_NAME))

@@ -322,7 +322,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     start_epoch = int(meta["epoch"])
     start_step = int(meta.get("step_in_epoch", 0))
     partial_sums = meta.get("train_sums")
-    if is_main:
+    if is_main and start_epoch >= config.num_epochs:
+      print(f"{workdir} has finished its {config.num_epochs} epochs (checkpoint step "
+            f"{last_saved}): nothing to train; raise --config.num_epochs to train on", flush=True)
+    elif is_main:
       where = f", step {start_step} of {steps_per_epoch}" if start_step else ""
       print(f"resuming {workdir} from checkpoint step {last_saved} (epoch {start_epoch + 1}"
             f"{where})", flush=True)
@@ -473,7 +476,8 @@ def _check_finite(config, pending, steps_per_epoch: int, last_saved: Optional[in
       f"non-finite values at step {epoch * steps_per_epoch + index + 1} (epoch {epoch + 1}, step "
       f"{index + 1} of {steps_per_epoch}) in: {'; '.join(parts)}. Training stopped without "
       f"applying that update and {kept}: lower the learning rate ({lr_now}) or check the data, "
-      "then rerun")
+      "then start again with a new --workdir or --config.new_run=True (this workdir keeps the "
+      "run's config)")
 
 
 def _best_metric(config, metrics):
