@@ -243,7 +243,7 @@ def _prepare(tfds, builder, name: str, where: str, offline_fix: str) -> None:
 
 def _quiet_tfds(record) -> bool:
   """Drops TFDS's warnings about a dataset folder that is not prepared yet (we say so)."""
-  return "has no dataset_info.json" not in str(record.msg)
+  return "has no dataset_info.json" not in record.getMessage()
 
 
 def _first_line(e: Exception) -> str:
