@@ -19,6 +19,7 @@ reproduces the original state dict exactly.
 
 Command line:
   python -m one_jax.convert IN.pth.tar OUT_DIR            # -> a one_jax checkpoint
+  python -m one_jax.convert --allow_pickle IN OUT_DIR     # a trusted file outside the safe list
   python -m one_jax.convert --to_torch CKPT OUT.pth.tar   # -> {'state_dict': ..., 'epoch': ...}
 """
 import argparse

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.traverse_util
 
+from one_jax import run_lock
+
 CONFIG_NAME = "config.json"
 CHECKPOINT_SUBDIR = "checkpoints"  # == checkpoints.CHECKPOINT_SUBDIR (no JAX import here)
 
@@ -72,9 +74,11 @@ def differences(stored: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
 
 
 def holds_run(workdir: str) -> bool:
-  """True when WORKDIR has a config.json or a checkpoint directory with anything in it."""
+  """True when WORKDIR has a config.json, a run's lock (a run is starting there) or a
+  checkpoint directory with anything in it."""
   ckpt = os.path.join(workdir, CHECKPOINT_SUBDIR)
   return (os.path.exists(os.path.join(workdir, CONFIG_NAME))
+          or os.path.exists(os.path.join(workdir, run_lock.LOCK_NAME))
           or (os.path.isdir(ckpt) and bool(os.listdir(ckpt))))
 
 

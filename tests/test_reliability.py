@@ -742,7 +742,8 @@ def test_bad_config_field_is_refused_before_anything_is_written(field_refusals, 
 
 def test_random_invalid_values_of_every_field_are_refused(tmp_path):
   """Property: any invalid value of any field -> exit 1, one `error:` line, nothing written."""
-  rng = np.random.default_rng(int(time.time()))
+  seed = int(time.time())
+  rng = np.random.default_rng(seed)
   cases, meta = [], []
   for field in CHECKED_FIELDS:
     for i, value in enumerate(_invalid_values(field, rng)):
@@ -752,4 +753,4 @@ def test_random_invalid_values_of_every_field_are_refused(tmp_path):
       meta.append((field, value, workdir))
   results = _run_cases(cases, tmp_path)
   for (field, value, workdir), result in zip(meta, results):
-    _check_refusal(result, workdir, field, value)
+    _check_refusal(result, workdir, field, f"{value} (draw seed {seed})")
