@@ -237,6 +237,8 @@ def test_diverging_learning_rate_stops_at_the_first_non_finite_step(tmp_path):
   assert "(epoch 2, step " in message and " of 4) in: " in message
   assert any(w in message for w in ("loss term", "gradients", "parameter update"))
   assert f"the last good checkpoint, step 4 in {workdir}/checkpoints, is kept" in message
+  assert message.endswith("then start again with a new --workdir or --config.new_run=True "
+                          "(this workdir keeps the run's config)")
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
   state, _ = checkpoints.restore_raw(workdir)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state)
