@@ -150,6 +150,7 @@ class Rule:
   field: str
   kind: Any
   why: str = ""  # replaces "it must be <kind>" when the reason is worth saying
+  extra: Optional[Callable[[Any, Any], None]] = None  # a further check with its own message
 
 
 # ----------------------------------------------------------------------------- custom checks
@@ -196,7 +197,7 @@ _RATIO = Number(integer=False, low=0, high=1, high_open=True)
 RULES: Sequence[Rule] = (
     # Model.
     Rule("model", OneOf(("one_resnet", "cifar_resnet"))),
-    Rule("depth", Number(integer=True, low=8), why="it must be a CIFAR ResNet depth 6n+2"),
+    Rule("depth", Number(integer=True, low=8), extra=_depth),  # 6n+2: 8, 14, 20, 32, ...
     Rule("num_branches", _POSITIVE_INT,
          why="a model has at least one branch (--config.num_branches=1 or more)"),
     Rule("branch_impl", _enum("models", "BRANCH_IMPLS")),
@@ -283,8 +284,8 @@ def check(config) -> None:
     if rule.field not in config:
       continue
     value = config[rule.field]
-    if rule.field == "depth":  # the model's own check: 6n+2 (8, 14, 20, 32, ...)
-      _depth(value, config)
+    if rule.extra is not None:
+      rule.extra(value, config)
     kind = _kind(rule)
     if kind.valid(value, config):
       continue
