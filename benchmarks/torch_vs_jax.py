@@ -7,7 +7,7 @@ PyTorch runs `one_jax.torch_reference` (the reference model, `one_loss` and torc
 the config's momentum and weight decay) eagerly with --threads intra-op threads, in a child
 process with the default memory allocator; one_jax runs the jitted train step of `one_jax.train`
 (as `python -m one_jax.bench` does) in this process, with --reuse_host_memory
-(one_jax/host_memory.py). Steps alternate (torch, jax, torch, jax, ...) after a warm-up, each
+(one_jax/cpu/host_memory.py). Steps alternate (torch, jax, torch, jax, ...) after a warm-up, each
 framework idle while the other runs, so load from other processes hits both alike.
 Prints a table and one JSON line per branch count; speedup = torch step time / jax step time
 (> 1: one_jax is faster).
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from one_jax import bench  # noqa: E402
-from one_jax import host_memory  # noqa: E402
+from one_jax.cpu import host_memory  # noqa: E402
 from one_jax import torch_reference  # noqa: E402
 
 # --config, --steps, --warmup and --batch are one_jax.bench's flags.
@@ -72,7 +72,7 @@ def _serve_torch_steps(connection, config_dict: dict, batch: dict, threads: int)
 
 class TorchProcess:
   """TorchStep in a child process with the default allocator (PyTorch's fastest set-up here;
-  one_jax/host_memory.py's setting would slow it down), driven step by step from this one."""
+  one_jax/cpu/host_memory.py's setting would slow it down), driven step by step from this one."""
 
   def __init__(self, config, batch: dict, threads: int):
     context = multiprocessing.get_context("spawn")
@@ -126,7 +126,8 @@ def compare(config, steps: int, warmup: int, pause: float = 0.1) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  reused = host_memory.apply_flag()   # for one_jax (PyTorch runs in its own process)
+  # For one_jax (PyTorch runs in its own process).
+  reused = host_memory.apply_for_cpu(bench.REUSE_HOST_MEMORY.value)
   results = []
   for b in [int(x) for x in _BRANCHES.value]:
     config = ml_collections.ConfigDict(bench._CONFIG.value.to_dict())

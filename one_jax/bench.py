@@ -11,7 +11,9 @@ Fields: images_per_sec, eval_images_per_sec, step_ms, eval_step_ms, compile_s, b
 device_kind, device_count, flops_per_image, gflops_per_sec (achieved, train step), and the
 model fields (model, depth, num_branches, num_classes, batch, branch_impl), cpu_conv_library,
 conv_impl ('kernel': one_jax's compiled CPU convolutions, 'xla': XLA's), jax_version, loss,
-and (from the command line) reuse_host_memory (one_jax/host_memory.py).
+and (from the command line) reuse_host_memory (one_jax/cpu/host_memory.py). Where
+conv_impl='auto' fell back to XLA on a CPU, one line on stderr says that the kernels are off
+and why (kernels.off_warning).
 """
 import json
 import statistics
@@ -26,14 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from one_jax import checkpoints
 from one_jax import cli
-from one_jax import host_memory
-from one_jax import kernels
+from one_jax import model_spec
 from one_jax import models
 from one_jax import optimizer
 from one_jax import parallel
 from one_jax import train
-from one_jax import xla_options
+from one_jax.cpu import host_memory
+from one_jax.cpu import kernels
+from one_jax.cpu import xla_options
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/step1.py:three_branch", "Training config (ml_collections), e.g. "
@@ -42,6 +46,7 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: the config's).")
 _EVAL = flags.DEFINE_bool("eval", True, "Also time the eval (inference) step.")
+REUSE_HOST_MEMORY = flags.DEFINE_bool(host_memory.FLAG_NAME, True, host_memory.FLAG_HELP)
 
 IMAGE_SHAPE = (32, 32, 3)
 STEPS_PER_EPOCH = 390  # CIFAR: 50000 // 128; only the learning-rate schedule sees it
@@ -95,13 +100,11 @@ class StepTimer:
     self.config = config
     self.mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, self.mesh)
-    self.model = train.create_model(config)
-    rng = jax.random.key(config.seed)
-    param_shapes = jax.eval_shape(
-        lambda r: train.init_variables(self.model, IMAGE_SHAPE, r), rng)["params"]
-    tx = optimizer.create_optimizer(config, STEPS_PER_EPOCH, param_shapes)
-    self.state = parallel.replicate(train.initial_state(self.model, tx, IMAGE_SHAPE, rng),
-                                    self.mesh)
+    self.spec = model_spec.ModelSpec.from_config(config)
+    tx = optimizer.create_optimizer(config, STEPS_PER_EPOCH,
+                                    self.spec.abstract_variables(IMAGE_SHAPE)["params"])
+    self.state = parallel.replicate(
+        train.initial_state(self.spec, tx, IMAGE_SHAPE, jax.random.key(config.seed)), self.mesh)
     host_batch = synthetic_batch(config, config.batch_size, config.seed)
     self.batch = parallel.shard_batch({k: host_batch[k] for k in ("image", "label")}, self.mesh)
     self.epoch = jnp.float32(1.0)
@@ -120,7 +123,7 @@ class StepTimer:
     self.metrics = None
 
   def _variables(self):
-    return {k: self.state[k] for k in ("params", "batch_stats", "gate_offset") if k in self.state}
+    return checkpoints.variables_of(self.state)
 
   def train_once(self):
     self.state, self.metrics = self.train_compiled(self.state, self.batch, self.epoch)
@@ -157,9 +160,9 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
   c = timer.config
   result.update(
       backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
-      device_count=jax.device_count(), model=c.model, depth=c.depth,
-      num_branches=c.num_branches if train.is_one_model(c) else 1, num_classes=c.num_classes,
-      batch=batch_size, branch_impl=models.resolve_branch_impl(c.branch_impl),
+      device_count=jax.device_count(), model=timer.spec.kind, depth=timer.spec.depth,
+      num_branches=timer.spec.num_branches, num_classes=timer.spec.num_classes,
+      batch=batch_size, branch_impl=models.resolve_branch_impl(timer.spec.branch_impl),
       cpu_conv_library=xla_options.cpu_conv_library(c, jax.default_backend()),
       conv_impl=kernels.conv_impl_on(c.get("conv_impl", "auto"), jax.default_backend()),
       steps=steps,
@@ -170,12 +173,20 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  reused = host_memory.apply_flag()   # before JAX starts its threads
+  reused = host_memory.apply_for_cpu(REUSE_HOST_MEMORY.value)   # before JAX starts its threads
+  warning = kernels.off_warning(_CONFIG.value.get("conv_impl", "auto"), jax.default_backend())
+  if warning:
+    print(warning, file=sys.stderr, flush=True)
   result = run_benchmark(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
                          batch=_BATCH.value, eval_too=_EVAL.value)
   result["reuse_host_memory"] = reused
   print(json.dumps(result), flush=True)
 
 
-if __name__ == "__main__":
+def run():
+  """Console entry (`one-jax-bench`): bad input ends in one `error: ...` line (one_jax.cli)."""
   sys.exit(cli.exit_status(app.run, main))
+
+
+if __name__ == "__main__":
+  run()

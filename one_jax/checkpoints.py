@@ -4,7 +4,8 @@ Every checkpoint one_jax writes (training, surgery, conversion) has one layout: 
 CheckpointManager directory whose step folders hold two items,
 
   state: {'params', 'batch_stats', ['gate_offset'], ['opt_state'], 'step'}   (a plain pytree)
-  meta:  JSON {'model': {'kind', 'depth', 'num_classes', ['num_branches']}, 'epoch', ...}
+  meta:  JSON {'model': ModelSpec.to_dict() ({'kind', 'depth', 'num_classes', ['num_branches'],
+                  'block'}), 'epoch', ...}
 
 A training workdir keeps them under WORKDIR/checkpoints. The optimizer state is stored as
 flax.serialization.to_state_dict(opt_state): nested dicts that surgery can edit without
@@ -23,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from one_jax import models
+from one_jax import model_spec
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_METRIC = "test/top1/ensemble"
@@ -37,9 +38,6 @@ class _QuietReadOnly:
     return not ("read_only=True" in text or "Given directory is read only" in text)
 
 
-logging.get_absl_logger().addFilter(_QuietReadOnly())
-
-
 def _without_closed_loop_noise(previous):
   """When a restore fails (a damaged file), TensorStore reads still in flight finish after
   Orbax has closed its event loop, and each prints 'RuntimeError: Event loop is closed' as an
@@ -50,40 +48,37 @@ def _without_closed_loop_noise(previous):
         and str(unraisable.exc_value) == "Event loop is closed"):
       return
     previous(unraisable)
+  hook._one_jax_quiet = True  # pylint: disable=protected-access
   return hook
 
 
-sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+def quiet_orbax_noise():
+  """Drops, for this process, Orbax's read-only notices (absl log filter) and TensorStore's
+  late 'Event loop is closed' reports after a failed restore (sys.unraisablehook). The
+  command-line tools call it first thing; importing this module changes neither. Idempotent."""
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _QuietReadOnly) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietReadOnly())
+  if not getattr(sys.unraisablehook, "_one_jax_quiet", False):
+    sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
 
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, unreadable or of the wrong kind (the message says which)."""
 
 
-# ----------------------------------------------------------------------------- model info
+# ----------------------------------------------------------------------------- model
 
 
-def model_info(model) -> Dict[str, Any]:
-  """What is needed to rebuild the module: kind, depth, classes (and branches)."""
-  if isinstance(model, models.OneResNet):
-    return {"kind": "one_resnet", "depth": model.depth, "num_classes": model.num_classes,
-            "num_branches": model.num_branches, "block": models.block_type(model.depth)}
-  if isinstance(model, models.CifarResNet):
-    return {"kind": "cifar_resnet", "depth": model.depth, "num_classes": model.num_classes,
-            "block": models.block_type(model.depth)}
-  raise TypeError(f"cannot checkpoint a {type(model).__name__}: use OneResNet or CifarResNet")
-
-
-def model_from_info(info: Dict[str, Any], **overrides):
-  """Inverse of model_info; overrides (branch_impl, axis_name, ...) go to the constructor."""
-  if info["kind"] == "one_resnet":
-    return models.OneResNet(depth=info["depth"], num_branches=info["num_branches"],
-                            num_classes=info["num_classes"], **overrides)
-  if info["kind"] == "cifar_resnet":
-    overrides.pop("branch_impl", None)
-    overrides.pop("active_branches", None)
-    return models.CifarResNet(depth=info["depth"], num_classes=info["num_classes"], **overrides)
-  raise CheckpointError(f"unknown model kind {info['kind']!r} in checkpoint metadata")
+def spec_of(meta: Dict[str, Any], source: str = "the checkpoint", **runtime) -> model_spec.ModelSpec:
+  """The ModelSpec of a checkpoint's meta (its 'model' entry); runtime fields (branch_impl,
+  conv_impl, active_branches) as keyword arguments."""
+  try:
+    return model_spec.ModelSpec.from_dict(meta["model"], **runtime)
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{source} has model metadata one_jax cannot build "
+                          f"({' '.join(str(e).split())}): it was not written by this version "
+                          "of one_jax, or its meta was edited") from None
 
 
 def variables_of(state) -> Dict[str, Any]:
@@ -311,8 +306,15 @@ def save_standalone(path: str, state: Dict[str, Any], meta: Dict[str, Any]) -> s
   return path
 
 
-def load_model(path: str, step: Optional[int] = None, **model_overrides):
-  """(model, variables) of any one_jax checkpoint: a workdir (its latest), surgery or convert output."""
+def load(path: str, step: Optional[int] = None, **runtime):
+  """(ModelSpec, variables) of any one_jax checkpoint: a workdir (its latest), surgery or
+  convert output; runtime fields of the spec (branch_impl, ...) as keyword arguments."""
   state, meta = restore_raw(path, step)
-  model = model_from_info(meta["model"], **model_overrides)
-  return model, jax.tree.map(jax.numpy.asarray, variables_of(state))
+  spec = spec_of(meta, f"checkpoint {path}", **runtime)
+  return spec, jax.tree.map(jax.numpy.asarray, variables_of(state))
+
+
+def load_model(path: str, step: Optional[int] = None, **runtime):
+  """(Flax module, variables) of any one_jax checkpoint (see `load`)."""
+  spec, variables = load(path, step, **runtime)
+  return spec.build(), variables

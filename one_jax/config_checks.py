@@ -162,8 +162,8 @@ def _depth(value, config) -> None:  # pylint: disable=unused-argument
 
 
 def _active_branches(value, config) -> None:
-  from one_jax import train  # pylint: disable=g-import-not-at-top
-  train.active_branches(config)
+  from one_jax import model_spec  # pylint: disable=g-import-not-at-top
+  model_spec.parse_active_branches(value, config.num_branches)
 
 
 def _int_list(name):
@@ -196,13 +196,13 @@ _RATIO = Number(integer=False, low=0, high=1, high_open=True)
 
 RULES: Sequence[Rule] = (
     # Model.
-    Rule("model", OneOf(("one_resnet", "cifar_resnet"))),
+    Rule("model", _enum("model_spec", "ARCHITECTURES")),
     Rule("depth", Number(integer=True, low=8), extra=_depth),  # 6n+2: 8, 14, 20, 32, ...
     Rule("num_branches", _POSITIVE_INT,
          why="a model has at least one branch (--config.num_branches=1 or more)"),
     Rule("branch_impl", _enum("models", "BRANCH_IMPLS")),
-    Rule("cpu_conv_library", _enum("xla_options", "CPU_CONV_LIBRARIES")),
-    Rule("conv_impl", _enum("kernels", "CONV_IMPLS")),
+    Rule("cpu_conv_library", _enum("cpu.xla_options", "CPU_CONV_LIBRARIES")),
+    Rule("conv_impl", _enum("cpu.kernels", "CONV_IMPLS")),
     Rule("active_branches", Text(_active_branches)),
     # Data.
     Rule("dataset", _enum("input_pipeline", "DATASETS")),

@@ -25,7 +25,6 @@ Command line:
 import argparse
 import collections
 import dataclasses
-import functools
 import logging
 import os
 import re
@@ -37,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from one_jax import checkpoints, cli, models, workdirs
+from one_jax import checkpoints, cli, model_spec, models, workdirs
 
 SPELLINGS = ("classfier", "classifier")  # the reference's spelling, and later forks'
 NBT = "num_batches_tracked"
@@ -56,13 +55,18 @@ class ConversionError(ValueError):
 @dataclasses.dataclass
 class TorchImport:
   """Everything read from a torch checkpoint: the model, its variables, and what export needs."""
-  model: Any
+  spec: model_spec.ModelSpec
   variables: Dict[str, Any]
   num_batches_tracked: Optional[Dict[str, int]]  # None: the file had none (PyTorch < 0.4.1)
   spelling: str
   module_prefix: bool
   epoch: int = 0
   extras: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def model(self):
+    """The Flax module of `spec`."""
+    return self.spec.build()
 
   def torch_meta(self) -> Dict[str, Any]:
     """The JSON-able part that export_torch_state_dict needs to reproduce the file."""
@@ -116,18 +120,11 @@ def _torch_order(key: str):
   return ranks
 
 
-@functools.lru_cache(maxsize=16)
-def _variable_shapes(model):
-  """Shapes of model.init's variables, without computing them (read-only: cached)."""
-  images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-
-
-def name_table(model, spelling: str = "classfier"):
+def name_table(spec: model_spec.ModelSpec, spelling: str = "classfier"):
   """[(torch key, (collection, *flax path), branch slot or None, flax leaf shape)] in order."""
   if spelling not in SPELLINGS:
     raise ValueError(f"spelling={spelling!r} is unknown: use one of {', '.join(SPELLINGS)}")
-  shapes = _variable_shapes(model)
+  shapes = spec.abstract_variables()
   table = []
   for col in ("params", "batch_stats"):
     for path, leaf in flax.traverse_util.flatten_dict(shapes.get(col, {})).items():
@@ -260,7 +257,7 @@ def _strip_prefix(state_dict):
 
 
 def _infer_model(state_dict, source: str):
-  """(model, spelling) from the key names: blocks per stage, block type, branches, classes."""
+  """(ModelSpec, spelling) from the key names: blocks per stage, block type, branches, classes."""
   keys = list(state_dict)
   blocks = {int(m[1]) for k in keys for m in [re.match(r"layer1\.(\d+)\.", k)] if m}
   if not blocks:
@@ -286,8 +283,8 @@ def _infer_model(state_dict, source: str):
                           "from it)")
   num_classes = int(weight.shape[0])
   if not is_one:
-    return models.CifarResNet(depth=depth, num_classes=num_classes), spelling
-  return models.OneResNet(depth=depth, num_branches=max(branches), num_classes=num_classes), spelling
+    return model_spec.ModelSpec("cifar_resnet", depth, num_classes), spelling
+  return model_spec.ModelSpec("one_resnet", depth, num_classes, max(branches)), spelling
 
 
 def _as_numpy(tensor):
@@ -305,8 +302,8 @@ def import_state_dict(state_dict, source: str = "state dict") -> TorchImport:
   not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
   if not_tensors:
     raise ConversionError(f"{source}: entries that are not tensors: {_list(not_tensors)}")
-  model, spelling = _infer_model(sd, source)
-  table = name_table(model, spelling)
+  spec, spelling = _infer_model(sd, source)
+  table = name_table(spec, spelling)
   nbt_keys = {f"{m}.{NBT}" for m in _bn_modules(table)}
   expected = {k for k, *_ in table}
   missing = expected - set(sd)
@@ -314,7 +311,7 @@ def import_state_dict(state_dict, source: str = "state dict") -> TorchImport:
   if missing or unknown:
     parts = ([f"missing keys {_list(missing)}"] if missing else []) + (
         [f"unknown keys {_list(unknown)}"] if unknown else [])
-    raise ConversionError(f"{source}: does not match the {_describe(model)} its keys imply: "
+    raise ConversionError(f"{source}: does not match the {spec.describe()} its keys imply: "
                           + "; ".join(parts))
   flat, bad_shapes = {}, []
   for key, path, b, shape in table:
@@ -325,24 +322,18 @@ def import_state_dict(state_dict, source: str = "state dict") -> TorchImport:
       continue
     flat.setdefault(path, []).append(x)
   if bad_shapes:
-    raise ConversionError(f"{source}: tensors with shapes that do not fit the {_describe(model)}: "
+    raise ConversionError(f"{source}: tensors with shapes that do not fit the {spec.describe()}: "
                           f"{_list(bad_shapes)}")
   flat = {p: (np.stack(xs) if p[1] == "branches" else xs[0]) for p, xs in flat.items()}
   variables = flax.traverse_util.unflatten_dict(flat)
-  shapes = _variable_shapes(model)
+  shapes = spec.abstract_variables()
   if "gate_offset" in shapes:  # zeros: the reference gate has no offset
     variables["gate_offset"] = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                                             shapes["gate_offset"])
   present = sorted(k for k in nbt_keys if k in sd)
   nbt = {k: int(sd[k].item()) for k in present} if present else None
   variables = jax.tree.map(jnp.asarray, variables)
-  return TorchImport(model, variables, nbt, spelling, prefixed)
-
-
-def _describe(model) -> str:
-  info = checkpoints.model_info(model)
-  text = f"depth-{info['depth']} {info['block']} {info['kind']} with {info['num_classes']} classes"
-  return text + (f" and {info['num_branches']} branches" if "num_branches" in info else "")
+  return TorchImport(spec, variables, nbt, spelling, prefixed)
 
 
 def _jsonable_extras(obj) -> Dict[str, Any]:
@@ -388,7 +379,7 @@ def load_torch_checkpoint(path: str, *, allow_pickle: bool = False):
 # ----------------------------------------------------------------------------- one_jax -> torch
 
 
-def export_torch_state_dict(model, variables, *, module_prefix: bool = True,
+def export_torch_state_dict(spec: model_spec.ModelSpec, variables, *, module_prefix: bool = True,
                             spelling: str = "classfier",
                             num_batches_tracked: Union[None, int, Mapping[str, int]] = 0,
                             ignore_gate_offset: bool = False) -> "collections.OrderedDict":
@@ -405,7 +396,7 @@ def export_torch_state_dict(model, variables, *, module_prefix: bool = True,
   if not ignore_gate_offset and any(np.any(np.asarray(o) != 0) for o in offsets):
     raise ValueError("the gate has a non-zero log-weight offset (from surgery), which the "
                      "reference ONE model cannot express: pass ignore_gate_offset=True to drop it")
-  table = name_table(model, spelling)
+  table = name_table(spec, spelling)
   flat = flax.traverse_util.flatten_dict(
       {c: variables[c] for c in ("params", "batch_stats") if c in variables})
   prefix = "module." if module_prefix else ""
@@ -435,7 +426,7 @@ def convert_to_one_jax(in_path: str, out_dir: str, *, allow_pickle: bool = False
   result = read_torch_checkpoint(in_path, allow_pickle=allow_pickle)
   state = {k: jax.tree.map(np.asarray, v) for k, v in result.variables.items()}
   state["step"] = 0
-  meta = {"model": checkpoints.model_info(result.model), "epoch": result.epoch,
+  meta = {"model": result.spec.to_dict(), "epoch": result.epoch,
           "source": "torch", "source_path": os.path.abspath(in_path), "torch": result.torch_meta()}
   return checkpoints.save_standalone(out_dir, state=state, meta=meta)
 
@@ -455,12 +446,12 @@ def convert_to_torch(ckpt: str, out_path: str, *, module_prefix: Optional[bool] 
   if not os.path.isdir(os.path.dirname(out_path)):
     raise ConversionError(f"the parent directory of {out_path} does not exist: create it first")
   state, meta = checkpoints.restore_raw(ckpt)
-  model = checkpoints.model_from_info(meta["model"])
+  spec = checkpoints.spec_of(meta, ckpt)
   recorded = meta.get("torch") or {}
   nbt = recorded["num_batches_tracked"] if "num_batches_tracked" in recorded else int(
       np.asarray(state.get("step", 0)))
   state_dict = export_torch_state_dict(
-      model, checkpoints.variables_of(state),
+      spec, checkpoints.variables_of(state),
       module_prefix=recorded.get("module_prefix", True) if module_prefix is None else module_prefix,
       spelling=spelling or recorded.get("spelling", "classfier"),
       num_batches_tracked=nbt, ignore_gate_offset=ignore_gate_offset)
@@ -492,6 +483,7 @@ def _parser():
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  checkpoints.quiet_orbax_noise()
   return cli.exit_status(_run, args)
 
 
@@ -506,6 +498,12 @@ def _run(args) -> None:
     out = convert_to_one_jax(args.src, args.dst, allow_pickle=args.allow_pickle)
   print(out)
 
-if __name__ == "__main__":
+
+def run():
+  """Console entry (`one-jax-convert`): main's return value is the exit status."""
   logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

@@ -19,10 +19,11 @@ from ml_collections import config_flags
 import numpy as np
 
 from one_jax import cli
-from one_jax import host_memory
+from one_jax.cpu import host_memory
 from one_jax import preemption
 
 FLAGS = flags.FLAGS
+flags.DEFINE_bool(host_memory.FLAG_NAME, True, host_memory.FLAG_HELP)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots). Default: "
                     "runs/<config variant>-<timestamp>, printed at start.")
 config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. "
@@ -55,7 +56,7 @@ def main(argv):
     # A failed save (a full disk) makes Orbax log the same error with a traceback from each
     # of its threads; the error itself ends the command as its one line.
     logging.get_absl_logger().addFilter(_no_orbax_error_tracebacks)
-  host_memory.apply_flag()   # before JAX starts its threads
+  host_memory.apply_for_cpu(FLAGS[host_memory.FLAG_NAME].value)   # before JAX's threads start
   config = FLAGS.config
   if config is None:
     raise ValueError("--config is required, e.g. --config=configs/step1.py:three_branch")
@@ -66,11 +67,16 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   from one_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from one_jax import run_lock, train, workdirs  # pylint: disable=g-import-not-at-top
+  from one_jax import checkpoints, run_lock, train, workdirs  # pylint: disable=g-import-not-at-top
+  from one_jax.cpu import kernels  # pylint: disable=g-import-not-at-top
+  checkpoints.quiet_orbax_noise()
 
   # Bad input ends here, before anything is written (train_and_evaluate writes nothing
   # before it has checked the data, the model and the checkpoint it resumes from).
   train.check_config(config)
+  warning = kernels.off_warning(config.get("conv_impl", "auto"), jax.default_backend())
+  if warning and jax.process_index() == 0:
+    print(warning, file=sys.stderr, flush=True)
   workdir = FLAGS.workdir or default_workdir(config)
   moved = False
   if config.get("new_run", False):  # a fresh run beside an existing one, never over it
@@ -95,7 +101,7 @@ def main(argv):
 
 def _run_in(config, workdir: str, announce: bool) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from one_jax import train, two_stage, workdirs  # pylint: disable=g-import-not-at-top
+  from one_jax import train, workdirs  # pylint: disable=g-import-not-at-top
   if not config.eval_only:
     workdirs.check_config(config, workdir)
   if announce:
@@ -103,12 +109,8 @@ def _run_in(config, workdir: str, announce: bool) -> None:
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
-  config = two_stage.prepare(config, workdir)  # step-2 variants: surgery into WORKDIR/init
-  if config.eval_only:
-    train.run_eval_only(config, workdir)
-    return
   try:
-    train.train_and_evaluate(config, workdir)
+    train.run(config, workdir)  # step-2 surgery first; then evaluation only, or training
   except preemption.Interrupted as e:
     raise _Stopped(f"{e}; resume with the same command: {resume_command(workdir)}") from None
   except Exception as e:  # pylint: disable=broad-except

@@ -21,6 +21,7 @@ import uuid
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from one_jax import config_checks
 
@@ -340,45 +341,8 @@ def plot_curves(rows: Sequence[dict], path: str) -> None:
   _atomic_write(path, buf.getvalue(), mode="wb")
 
 
-class _NoOpBar:
-  """Stands in for a tqdm bar where nothing should be drawn (disabled, non-zero processes)."""
-
-  n = 0
-  total = None
-
-  def update(self, n=1):
-    del n
-
-  def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
-    del ordered_dict, refresh, kwargs
-
-  def set_postfix_str(self, s="", refresh=True):
-    del s, refresh
-
-  def set_description(self, desc=None, refresh=True):
-    del desc, refresh
-
-  def write(self, s, *args, **kwargs):
-    del s, args, kwargs
-
-  def refresh(self):
-    pass
-
-  def close(self):
-    pass
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
-
-
 def progress_bar(total: int, desc: str, enabled: bool = True):
-  """A per-epoch tqdm bar on stderr; a no-op object when disabled."""
-  if not enabled:
-    return _NoOpBar()
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  """A per-epoch tqdm bar on stderr; disabled (draws nothing) where `enabled` is False."""
   stream = sys.stderr
   try:
     tty = stream.isatty()
@@ -387,4 +351,4 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
   # Off a terminal every refresh is a new line in the log: refresh rarely there.
   return tqdm(total=total, desc=desc, file=stream, unit="step", dynamic_ncols=tty,
               mininterval=0.1 if tty else 5.0, maxinterval=10.0 if tty else 60.0,
-              leave=True, ascii=not tty)
+              leave=True, ascii=not tty, disable=not enabled)

@@ -12,7 +12,7 @@ concatenating on axis 0. The gate's non-trainable log-weight offset lives in the
 'gate_offset' collection (not in 'params'), shape [B].
 """
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import flax.struct
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from one_jax import config_checks
-from one_jax import kernels
+from one_jax.cpu import kernels
 from one_jax import layers
 
 BRANCH_IMPLS = ("auto", "loop", "vmap")
@@ -39,53 +39,68 @@ def block_type(depth: int) -> str:
   return "bottleneck" if check_depth(depth) and depth >= 44 else "basic"
 
 
-class BasicBlock(nn.Module):
+ModuleDef = Any  # a module constructor: a Flax module class, or a partial of one
+
+
+def conv_and_norm(train: bool = False, axis_name: Optional[str] = None,
+                  conv_impl: str = "auto") -> Tuple[ModuleDef, ModuleDef]:
+  """The convolution and the normalisation of every layer, chosen here once per model call.
+
+  conv(features, kernel_size, stride, name, copy_input=True) runs on the backend of conv_impl
+  (layers.conv: 'auto' | 'kernel' | 'xla'); norm(name=...) is BatchNorm in training or eval
+  mode, synchronised over axis_name when set. Blocks receive both, as in flax's
+  examples/imagenet ResNet, instead of each threading (train, axis_name, conv_impl).
+  """
+  conv = functools.partial(layers.conv, impl=conv_impl)
+  norm = functools.partial(layers.BatchNorm, use_running_average=not train, axis_name=axis_name)
+  return conv, norm
+
+
+class _Block(nn.Module):
+  """What both residual blocks share: their fields and the projection shortcut."""
   planes: int
   stride: int
   downsample: bool
-  train: bool
-  axis_name: Optional[str] = None
-  conv_impl: str = "auto"
+  conv: ModuleDef
+  norm: ModuleDef
+  expansion = 1
+
+  def shortcut(self, x):
+    """x, or its 1x1 strided projection to the block's output channels."""
+    if not self.downsample:
+      return x
+    features = self.planes * self.expansion
+    return self.norm(name="downsample_bn")(
+        self.conv(features, 1, self.stride, "downsample_conv")(x))
+
+
+class BasicBlock(_Block):
   expansion = 1
 
   @nn.compact
   def __call__(self, x):
-    bn = functools.partial(layers.BatchNorm, use_running_average=not self.train,
-                           axis_name=self.axis_name)
-    conv = functools.partial(layers.conv, impl=self.conv_impl)
-    out = nn.relu(bn(name="bn1")(conv(self.planes, 3, self.stride, "conv1")(x)))
+    conv, norm = self.conv, self.norm
+    out = nn.relu(norm(name="bn1")(conv(self.planes, 3, self.stride, "conv1")(x)))
     # conv2 reads one fusion (relu(bn(conv1))), not the residual stream: no copy needed.
-    out = bn(name="bn2")(conv(self.planes, 3, 1, "conv2", copy_input=False)(out))
-    if self.downsample:
-      x = bn(name="downsample_bn")(conv(self.planes, 1, self.stride, "downsample_conv")(x))
-    return nn.relu(out + x)
+    out = norm(name="bn2")(conv(self.planes, 3, 1, "conv2", copy_input=False)(out))
+    return nn.relu(out + self.shortcut(x))
 
 
-class Bottleneck(nn.Module):
-  planes: int
-  stride: int
-  downsample: bool
-  train: bool
-  axis_name: Optional[str] = None
-  conv_impl: str = "auto"
+class Bottleneck(_Block):
   expansion = 4
 
   @nn.compact
   def __call__(self, x):
-    bn = functools.partial(layers.BatchNorm, use_running_average=not self.train,
-                           axis_name=self.axis_name)
-    conv = functools.partial(layers.conv, impl=self.conv_impl)
-    out = nn.relu(bn(name="bn1")(conv(self.planes, 1, 1, "conv1")(x)))
+    conv, norm = self.conv, self.norm
+    out = nn.relu(norm(name="bn1")(conv(self.planes, 1, 1, "conv1")(x)))
     # conv2 and conv3 read one fusion each, not the residual stream: no copy needed.
-    out = nn.relu(bn(name="bn2")(conv(self.planes, 3, self.stride, "conv2",
-                                      copy_input=False)(out)))
-    out = bn(name="bn3")(conv(self.planes * 4, 1, 1, "conv3", copy_input=False)(out))
-    if self.downsample:
-      x = bn(name="downsample_bn")(conv(self.planes * 4, 1, self.stride, "downsample_conv")(x))
-    return nn.relu(out + x)
+    out = nn.relu(norm(name="bn2")(conv(self.planes, 3, self.stride, "conv2",
+                                        copy_input=False)(out)))
+    out = norm(name="bn3")(conv(self.planes * 4, 1, 1, "conv3", copy_input=False)(out))
+    return nn.relu(out + self.shortcut(x))
 
 
-def _stage(x, name, depth, planes, stride, train, axis_name, conv_impl):
+def _stage(x, name, depth, planes, stride, conv, norm):
   """One ResNet stage of n blocks, named '{name}_{i}' like the reference's Sequential."""
   n = check_depth(depth)
   block = Bottleneck if block_type(depth) == "bottleneck" else BasicBlock
@@ -93,28 +108,27 @@ def _stage(x, name, depth, planes, stride, train, axis_name, conv_impl):
     in_ch = x.shape[-1]
     s = stride if i == 0 else 1
     down = i == 0 and (s != 1 or in_ch != planes * block.expansion)
-    x = block(planes, s, down, train, axis_name, conv_impl, name=f"{name}_{i}")(x)
+    x = block(planes, s, down, conv, norm, name=f"{name}_{i}")(x)
   return x
 
 
 class Trunk(nn.Module):
   """Stem + stages 1 and 2: shared by every branch (and by the gate)."""
   depth: int
-  train: bool = False
-  axis_name: Optional[str] = None
-  conv_impl: str = "auto"
+  conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
   def __call__(self, x):
-    x = layers.conv(16, 3, 1, "conv1", impl=self.conv_impl)(x)
-    x = nn.relu(layers.BatchNorm(not self.train, self.axis_name, name="bn1")(x))
-    x = _stage(x, "layer1", self.depth, 16, 1, self.train, self.axis_name, self.conv_impl)
-    return _stage(x, "layer2", self.depth, 32, 2, self.train, self.axis_name, self.conv_impl)
+    x = self.conv(16, 3, 1, "conv1")(x)
+    x = nn.relu(self.norm(name="bn1")(x))
+    x = _stage(x, "layer1", self.depth, 16, 1, self.conv, self.norm)
+    return _stage(x, "layer2", self.depth, 32, 2, self.conv, self.norm)
 
 
-def _branch_logits(x, depth, num_classes, train, axis_name, conv_impl):
+def _branch_logits(x, depth, num_classes, conv, norm):
   """Stage 3 + global average pool + classifier, created in the calling module's scope."""
-  x = _stage(x, "layer3", depth, 64, 2, train, axis_name, conv_impl)
+  x = _stage(x, "layer3", depth, 64, 2, conv, norm)
   x = jnp.mean(x, axis=(1, 2))
   return layers.Dense(num_classes, name="classifier")(x)
 
@@ -123,14 +137,12 @@ class Branch(nn.Module):
   """One branch (one student): stage 3 + global average pool + classifier."""
   depth: int
   num_classes: int
-  train: bool = False
-  axis_name: Optional[str] = None
-  conv_impl: str = "auto"
+  conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
   def __call__(self, x):
-    return _branch_logits(x, self.depth, self.num_classes, self.train, self.axis_name,
-                          self.conv_impl)
+    return _branch_logits(x, self.depth, self.num_classes, self.conv, self.norm)
 
 
 class _ScanBranch(Branch):
@@ -138,8 +150,7 @@ class _ScanBranch(Branch):
 
   @nn.compact
   def __call__(self, x):
-    return x, _branch_logits(x, self.depth, self.num_classes, self.train, self.axis_name,
-                             self.conv_impl)
+    return x, _branch_logits(x, self.depth, self.num_classes, self.conv, self.norm)
 
 
 class Gate(nn.Module):
@@ -149,23 +160,21 @@ class Gate(nn.Module):
   'gate_offset' collection); inactive branches (mask False) get weight exactly 0.
   """
   num_branches: int
-  train: bool = False
-  axis_name: Optional[str] = None
+  norm: ModuleDef
   active_branches: Optional[Tuple[bool, ...]] = None
 
   @nn.compact
   def __call__(self, x, log_weight_offset):
     x = jnp.mean(x, axis=(1, 2))
     x = layers.Dense(self.num_branches, name="dense")(x)
-    x = nn.relu(layers.BatchNorm(not self.train, self.axis_name, name="bn")(x))
+    x = nn.relu(self.norm(name="bn")(x))
     x = x + log_weight_offset
     if self.active_branches is not None:
       x = jnp.where(jnp.asarray(self.active_branches), x, -jnp.inf)
     return jax.nn.softmax(x, axis=-1)
 
 
-def stacked_branches(depth, num_classes, num_branches, impl, train, axis_name, name,
-                     conv_impl="auto"):
+def stacked_branches(depth, num_classes, num_branches, impl, conv, norm, name):
   """B branches with parameters stacked on axis 0, computed by an unrolled loop or by vmap.
 
   Both read and write the same layout (the one nn.vmap with variable_axes={'params': 0,
@@ -175,14 +184,14 @@ def stacked_branches(depth, num_classes, num_branches, impl, train, axis_name, n
     vmapped = nn.vmap(Branch, variable_axes={"params": 0, "batch_stats": 0},
                       split_rngs={"params": True}, in_axes=None, out_axes=0,
                       axis_size=num_branches)
-    return vmapped(depth, num_classes, train, axis_name, conv_impl, name=name)
+    return vmapped(depth, num_classes, conv, norm, name=name)
   # A fully unrolled scan: B separate (un-batched) branch computations on slices of the
   # stacked variables; XLA's CPU backend runs these much faster than vmapped convolutions.
   # unroll=0 unrolls every length; unroll=B would leave B = 1 as a one-trip while loop, whose
   # backward convolutions XLA:CPU then runs in a naive, ~50x slower form (benchmarks/NOTES.md).
   looped = nn.scan(_ScanBranch, variable_axes={"params": 0, "batch_stats": 0},
                    split_rngs={"params": True}, in_axes=(), length=num_branches,
-                   unroll=0)(depth, num_classes, train, axis_name, conv_impl, name=name)
+                   unroll=0)(depth, num_classes, conv, norm, name=name)
   return lambda x: looped(x)[1]
 
 
@@ -221,9 +230,9 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    x = Trunk(self.depth, train, self.axis_name, self.conv_impl, name="trunk")(images)
-    return Branch(self.depth, self.num_classes, train, self.axis_name, self.conv_impl,
-                  name="branch")(x)
+    conv, norm = conv_and_norm(train, self.axis_name, self.conv_impl)
+    x = Trunk(self.depth, conv, norm, name="trunk")(images)
+    return Branch(self.depth, self.num_classes, conv, norm, name="branch")(x)
 
 
 class OneResNet(nn.Module):
@@ -251,14 +260,14 @@ class OneResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False) -> OneOutput:
-    x = Trunk(self.depth, train, self.axis_name, self.conv_impl, name="trunk")(images)
+    conv, norm = conv_and_norm(train, self.axis_name, self.conv_impl)
+    x = Trunk(self.depth, conv, norm, name="trunk")(images)
     branch_logits = stacked_branches(
         self.depth, self.num_classes, self.num_branches, resolve_branch_impl(self.branch_impl),
-        train, self.axis_name, name="branches", conv_impl=self.conv_impl)(x)
+        conv, norm, name="branches")(x)
     offset = self.variable("gate_offset", "log_weight",
                            lambda: jnp.zeros((self.num_branches,), jnp.float32))
-    gate = Gate(self.num_branches, train, self.axis_name, self.active_branches,
-                name="gate")(x, offset.value)
+    gate = Gate(self.num_branches, norm, self.active_branches, name="gate")(x, offset.value)
     ensemble = jnp.einsum("nb,bnc->nc", gate, branch_logits)
     return OneOutput(branch_logits=branch_logits, gate=gate, ensemble_logits=ensemble)
 

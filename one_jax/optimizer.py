@@ -74,26 +74,25 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   warmup_steps = int(round(_get(config, "warmup_epochs", 0) * steps_per_epoch))
 
   if config.schedule == "multistep":
-    boundaries = jnp.asarray([int(m) * steps_per_epoch for m in config.milestones], jnp.int32)
-    gamma = float(config.gamma)
-
-    def base(step):
-      decays = jnp.sum(step >= boundaries)
-      return lr * jnp.power(jnp.float32(gamma), decays.astype(jnp.float32))
+    scales = {}
+    for milestone in config.milestones:   # a repeated milestone decays twice, as in PyTorch
+      boundary = int(milestone) * int(steps_per_epoch)
+      scales[boundary] = scales.get(boundary, 1.0) * float(config.gamma)
+    base = optax.piecewise_constant_schedule(lr, scales)
   else:
-    def base(step):
-      progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-      progress = jnp.clip(progress, 0.0, 1.0)
-      return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    base = optax.join_schedules(
+        [optax.constant_schedule(lr),
+         optax.cosine_decay_schedule(lr, max(total_steps - warmup_steps, 1))], [warmup_steps])
+  if warmup_steps == 0:
+    return lambda step: jnp.asarray(base(step), jnp.float32)
 
-  def schedule(step):
-    step = jnp.asarray(step)
-    value = base(step)
-    if warmup_steps > 0:
-      value = value * jnp.minimum(1.0, (step + 1) / warmup_steps)
-    return jnp.asarray(value, jnp.float32)
+  # The ramp is written out: optax.linear_schedule computes (a - b) * frac + b, which in float32
+  # loses the small first values (1 / warmup_steps - 1 + 1), e.g. 3.5e-5 relative at step 0.
+  def warmed_up(step):
+    return jnp.asarray(base(step) * jnp.minimum(1.0, (jnp.asarray(step) + 1) / warmup_steps),
+                       jnp.float32)
 
-  return schedule
+  return warmed_up
 
 
 def epoch_learning_rate(config, epoch, steps_per_epoch: int = 1) -> float:

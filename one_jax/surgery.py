@@ -41,14 +41,14 @@ import os
 import sys
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
+from flax import traverse_util
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from one_jax import checkpoints
 from one_jax import cli
 from one_jax import config_checks
-from one_jax import models
+from one_jax import model_spec
 from one_jax import workdirs
 
 
@@ -72,27 +72,10 @@ INIT_IMAGE_SHAPE = (1, 8, 8, 3)  # parameter shapes do not depend on the image s
 
 
 # ---------------------------------------------------------------------------------------------
-# Nested dicts <-> flat {path: leaf}.
+# Nested dicts <-> flat {path: leaf}: flax.traverse_util.flatten_dict / unflatten_dict.
 
-
-def _flatten(tree: Mapping, prefix: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: Mapping[Tuple[str, ...], Any]) -> Dict[str, Any]:
-  tree: Dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = value
-  return tree
+_flatten = traverse_util.flatten_dict
+_unflatten = traverse_util.unflatten_dict
 
 
 def _keytree(tree):
@@ -133,71 +116,50 @@ def _copy(tree):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model infos.
+# Model descriptions (model_spec.ModelSpec; the checkpoint meta's 'model' entry is spec.to_dict()).
 
 
-def _describe(info) -> str:
-  if info.get("kind") == "one_resnet":
-    return (f"ONE ResNet-{info['depth']} ({info['block']}), {info['num_branches']} branches, "
-            f"{info['num_classes']} classes")
-  return f"ResNet-{info['depth']} baseline ({info['block']}), {info['num_classes']} classes"
-
-
-def _check_info(info, what: str) -> Dict[str, Any]:
-  """A complete, valid model info (block filled in), else SurgeryError."""
-  if not isinstance(info, Mapping) or info.get("kind") not in ("one_resnet", "cifar_resnet"):
+def _check_info(info, what: str) -> model_spec.ModelSpec:
+  """The ModelSpec of a model info (meta['model'], or a spec), else SurgeryError."""
+  if isinstance(info, model_spec.ModelSpec):
+    return info
+  if not isinstance(info, Mapping) or info.get("kind") not in model_spec.ARCHITECTURES:
     kind = info.get("kind") if isinstance(info, Mapping) else info
-    raise SurgeryError(f"{what} has model kind {kind!r}: surgery works on one_jax checkpoints of a "
-                       "OneResNet or a CifarResNet")
-  info = dict(info)
+    raise SurgeryError(f"{what} has model kind {kind!r}: surgery works on one_jax checkpoints of "
+                       f"a model of kind {' or '.join(model_spec.ARCHITECTURES)}")
   try:
-    checkpoints.model_from_info(info)
-    block = models.block_type(info["depth"])
-  except (KeyError, TypeError, ValueError) as e:
-    raise SurgeryError(f"{what} has invalid model info {info}: {e}") from None
-  if info.setdefault("block", block) != block:
-    raise SurgeryError(f"{what} claims {info['block']} blocks at depth {info['depth']}, which "
-                       f"uses {block} blocks: its metadata is wrong")
-  return info
+    return model_spec.ModelSpec.from_dict(info)
+  except ValueError as e:
+    text = str(e)
+    if text.startswith("claims "):
+      raise SurgeryError(f"{what} {text}") from None
+    raise SurgeryError(f"{what} has invalid model info {dict(info)}: {text}") from None
 
 
-def _check_same_architecture(infos, whats, op: str) -> None:
-  first = infos[0]
-  for info, what in zip(infos[1:], whats[1:]):
+def _check_same_architecture(specs, whats, op: str) -> None:
+  """Models whose branches combine: one architecture family, depth, block type, class count."""
+  first = specs[0].to_dict()
+  for spec, what in zip(specs[1:], whats[1:]):
+    info = spec.to_dict()
     for field, name in (("depth", "depth"), ("block", "block type"), ("num_classes", "class count")):
-      if info[field] != first[field]:
+      if info.get(field) != first.get(field):
         raise SurgeryError(f"{op}: {what} has {name} {info[field]} but {whats[0]} has "
                            f"{first[field]}: {op} needs models of the same depth, block type and "
                            "class count")
+    if spec.with_branches(None).kind != specs[0].with_branches(None).kind:
+      raise SurgeryError(f"{op}: {what} is a {spec.describe()} but {whats[0]} is a "
+                         f"{specs[0].describe()}: {op} needs models of one architecture")
 
 
-def _one_info(like, num_branches: int) -> Dict[str, Any]:
-  return {"kind": "one_resnet", "depth": like["depth"], "num_classes": like["num_classes"],
-          "num_branches": int(num_branches), "block": like["block"]}
-
-
-def _baseline_info(like) -> Dict[str, Any]:
-  return {"kind": "cifar_resnet", "depth": like["depth"], "num_classes": like["num_classes"],
-          "block": like["block"]}
-
-
-@functools.lru_cache(maxsize=32)
-def _template_shapes(kind, depth, num_classes, num_branches):
-  info = {"kind": kind, "depth": depth, "num_classes": num_classes, "num_branches": num_branches}
-  model = checkpoints.model_from_info(info)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(INIT_IMAGE_SHAPE))
+def _template(spec: model_spec.ModelSpec) -> Dict[Key, jax.ShapeDtypeStruct]:
+  """Flat {(tree, path): shape and dtype} of the variables of a model of this spec."""
+  shapes = spec.abstract_variables(INIT_IMAGE_SHAPE[1:])
   return {((tree,), path): s for tree in shapes for path, s in _flatten(shapes[tree]).items()}
 
 
-def _template(info) -> Dict[Key, jax.ShapeDtypeStruct]:
-  """Flat {(tree, path): shape and dtype} of the variables of a model of this info."""
-  return _template_shapes(info["kind"], info["depth"], info["num_classes"],
-                          info.get("num_branches"))
-
-
-def _zeros_state(info) -> Dict[str, Any]:
-  """The variables of a model of `info`, all zeros (a template for the output of an edit)."""
-  flat = {tree + path: np.zeros(s.shape, s.dtype) for (tree, path), s in _template(info).items()}
+def _zeros_state(spec) -> Dict[str, Any]:
+  """The variables of a model of `spec`, all zeros (a template for the output of an edit)."""
+  flat = {tree + path: np.zeros(s.shape, s.dtype) for (tree, path), s in _template(spec).items()}
   return _unflatten(flat)
 
 
@@ -207,7 +169,7 @@ def _zeros_state(info) -> Dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Model:
-  info: Dict[str, Any]
+  spec: model_spec.ModelSpec
   leaves: Dict[Key, np.ndarray]
   slotted: FrozenSet[Key]           # leaves with a branch slot on axis 0
   opt_state: Optional[Dict[str, Any]]  # the raw state dict (for what is not params-like)
@@ -216,11 +178,11 @@ class _Model:
 
   @property
   def num_branches(self) -> int:
-    return self.info.get("num_branches", 1)
+    return self.spec.num_branches
 
   @property
   def has_gate(self) -> bool:
-    return self.info["kind"] == "one_resnet"
+    return self.spec.branched
 
   def slot(self, key, b):
     """Branch slot b of a leaf, keeping the slot axis (a [1, ...] copy)."""
@@ -241,20 +203,20 @@ def _normalise(path, x, param_shape, num_branches):
 
 def _view(state, info, what: str) -> _Model:
   """Validates a checkpoint state against its info and reads it as a _Model (copies leaves)."""
-  info = _check_info(info, what)
+  spec = _check_info(info, what)
   if not isinstance(state, Mapping) or "params" not in state or "batch_stats" not in state:
     raise SurgeryError(f"{what} has no 'params' and 'batch_stats': it is not a model checkpoint")
   variables = {tree: _flatten(state[tree[0]]) for tree in (PARAMS, STATS)}
-  num_branches = info.get("num_branches", 1)
-  if info["kind"] == "one_resnet":
+  num_branches = spec.num_branches
+  if spec.branched:
     offset = state.get("gate_offset", {"log_weight": np.zeros([num_branches], np.float32)})
     variables[OFFSET] = _flatten(offset)
-  expected = {key: tuple(s.shape) for key, s in _template(info).items()}
+  expected = {key: tuple(s.shape) for key, s in _template(spec).items()}
   got = {(tree, path): tuple(np.shape(x)) for tree, flat in variables.items()
          for path, x in flat.items()}
   if got != expected:
     diff = sorted(set(got.items()) ^ set(expected.items()))[0]
-    raise SurgeryError(f"{what}'s variables do not match its model info ({_describe(info)}): "
+    raise SurgeryError(f"{what}'s variables do not match its model info ({spec.describe()}): "
                        f"{'/'.join(diff[0][0] + diff[0][1])} differs; the checkpoint is corrupt "
                        "or its metadata is wrong")
   leaves, slotted = {}, set()
@@ -281,24 +243,17 @@ def _view(state, info, what: str) -> _Model:
         leaves[(tree, path)] = x
         if is_slot:
           slotted.add((tree, path))
-  return _Model(info=info, leaves=leaves, slotted=frozenset(slotted), opt_state=opt_state,
+  return _Model(spec=spec, leaves=leaves, slotted=frozenset(slotted), opt_state=opt_state,
                 opt_trees=tuple(opt_trees), step=np.array(state.get("step", 0)))
 
 
-def _fresh_model(info, rng) -> _Model:
-  """A freshly initialised model of this info (no optimizer state)."""
+def _fresh_model(spec: model_spec.ModelSpec, rng) -> _Model:
+  """A freshly initialised model of this spec (no optimizer state)."""
   rng = jax.random.PRNGKey(0) if rng is None else rng
   if isinstance(rng, (int, np.integer)):
     rng = jax.random.PRNGKey(int(rng))
-  variables = _jitted_init(info["kind"], info["depth"], info["num_classes"],
-                          info.get("num_branches"))(rng, jnp.zeros(INIT_IMAGE_SHAPE))
-  return _view(jax.tree.map(np.asarray, dict(variables)), info, "the fresh model")
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_init(kind, depth, num_classes, num_branches):
-  info = {"kind": kind, "depth": depth, "num_classes": num_classes, "num_branches": num_branches}
-  return jax.jit(checkpoints.model_from_info(info).init)
+  variables = spec.init(rng, INIT_IMAGE_SHAPE[1:])
+  return _view(jax.tree.map(np.asarray, dict(variables)), spec, "the fresh model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,9 +305,9 @@ def _mean(arrays):
   return np.mean(np.stack(arrays), axis=0).astype(arrays[0].dtype)
 
 
-def _assemble(info, *, trunk: Union[_Model, Sequence[_Model]], slots: Sequence[Slot],
+def _assemble(spec: model_spec.ModelSpec, *, trunk: Union[_Model, Sequence[_Model]], slots: Sequence[Slot],
               gate: Optional[Sequence[Slot]], reset_optimizer: bool):
-  """The state of a model of `info` built from sources (fresh numpy arrays throughout).
+  """The state of a model of `spec` built from sources (fresh numpy arrays throughout).
 
   trunk: the model whose trunk is kept, or a list of models whose trunks are averaged.
   slots: the source (model, branch) of each branch slot. gate: the source of each gate column
@@ -361,7 +316,7 @@ def _assemble(info, *, trunk: Union[_Model, Sequence[_Model]], slots: Sequence[S
   """
   trunks = [trunk] if isinstance(trunk, _Model) else list(trunk)
   gate = [(m if m is not None and m.has_gate else None, b) for m, b in gate or []]
-  out = _view(_zeros_state(info), info, "the output")
+  out = _view(_zeros_state(spec), spec, "the output")
 
   def from_trunk(key, fill=None):
     have = [m.leaves[key] if key in m.leaves else fill() for m in trunks]
@@ -389,7 +344,7 @@ def _assemble(info, *, trunk: Union[_Model, Sequence[_Model]], slots: Sequence[S
       fresh_column = functools.partial(np.full, (1,) + like.shape[1:], FRESH_GATE[key[1][1:]],
                                        like.dtype)
       leaves[key] = from_slots(key, gate, fresh_column)
-  state = _denormalise(leaves, out.slotted, info)
+  state = _denormalise(leaves, out.slotted, spec)
 
   # Optimizer state: the same edit on every params-like subtree, the rest from the trunk's source.
   used = trunks + [m for m, _ in slots] + [m for m, _ in gate if m is not None]
@@ -414,7 +369,7 @@ def _assemble(info, *, trunk: Union[_Model, Sequence[_Model]], slots: Sequence[S
           opt_slotted.add(key)
         else:  # no branch axis (e.g. one factor for the whole gate): kept whole
           opt_leaves[key] = first_of(key, plan, fill)
-      subtree = _denormalise(opt_leaves, opt_slotted, info)[tree]
+      subtree = _denormalise(opt_leaves, opt_slotted, spec)[tree]
       opt_state = _replace(opt_state, tree[1:], subtree)
     state[OPT] = opt_state
   state["step"] = np.array(trunks[0].step)
@@ -452,10 +407,10 @@ def _reduced_mean(model: _Model, tree) -> float:
   return float(np.mean(np.concatenate(values))) if values else 0.0
 
 
-def _denormalise(leaves: Mapping[Key, np.ndarray], slotted, info) -> Dict[Any, Any]:
-  """Flat slot-first leaves -> nested trees in the checkpoint layout of `info`."""
+def _denormalise(leaves: Mapping[Key, np.ndarray], slotted, spec) -> Dict[Any, Any]:
+  """Flat slot-first leaves -> nested trees in the checkpoint layout of `spec`."""
   trees: Dict[Tuple[str, ...], Dict[Tuple[str, ...], np.ndarray]] = collections.defaultdict(dict)
-  baseline = info["kind"] == "cifar_resnet"
+  baseline = not spec.branched
   for (tree, path), x in leaves.items():
     is_slot = (tree, path) in slotted
     if path[0] == "gate" and is_slot:
@@ -497,8 +452,8 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
   if mode not in ("copy", "fresh"):
     raise SurgeryError(f"expand: --mode={mode!r} is unknown: use copy or fresh")
   _check_fresh_gate("expand", fresh_gate)
-  out_info = _one_info(model.info, n)
-  fresh = _fresh_model(out_info, rng) if mode == "fresh" or fresh_gate == "init" else None
+  out = model.spec.with_branches(n)
+  fresh = _fresh_model(out, rng) if mode == "fresh" or fresh_gate == "init" else None
   column = functools.partial(_fresh_column, fresh, fresh_gate)
   kept: List[Slot] = [(model, b) for b in range(m)]
   if mode == "fresh":
@@ -507,8 +462,8 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
                          "use --mode=copy")
     slots = kept + [(fresh, b) for b in range(m, n)]
     gate = [(model, b) if model.has_gate else column(b) for b in range(m)]
-    return _assemble(out_info, trunk=model, slots=slots, gate=gate + [column(b) for b in range(m, n)],
-                     reset_optimizer=reset_optimizer), out_info
+    return _assemble(out, trunk=model, slots=slots, gate=gate + [column(b) for b in range(m, n)],
+                     reset_optimizer=reset_optimizer), out.to_dict()
 
   sources = [j % m for j in range(n - m)] if sources is None else list(sources)
   if len(sources) != n - m:
@@ -518,7 +473,7 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
     _check_index("expand", "--from", s, m, "the model")
   slots = kept + [(model, s) for s in sources]  # a copy takes its source's gate column too
   gate = slots if model.has_gate else [column(0)] * n  # a baseline's copies: equal columns
-  state = _assemble(out_info, trunk=model, slots=slots, gate=gate, reset_optimizer=reset_optimizer)
+  state = _assemble(out, trunk=model, slots=slots, gate=gate, reset_optimizer=reset_optimizer)
   # Each source and its copies share its gate weight: a - log(k + 1) on k + 1 equal activations.
   origin = list(range(m)) + sources
   uses = collections.Counter(origin)
@@ -526,7 +481,7 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
          else np.zeros([m], np.float32))
   state["gate_offset"]["log_weight"] = np.asarray(
       [old[s] - np.log(uses[s]) for s in origin], old.dtype)
-  return state, out_info
+  return state, out.to_dict()
 
 
 def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
@@ -563,12 +518,12 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
   if not reset_optimizer:
     _check_opt_compatible("merge", views, whats)
   plan = [branches[order.index(slot)] for slot in range(total)]
-  out_info = _one_info(views[0].info, total)
-  fresh = _fresh_model(out_info, rng) if fresh_gate == "init" else None
+  out = views[0].spec.with_branches(total)
+  fresh = _fresh_model(out, rng) if fresh_gate == "init" else None
   gate = [(m, b) if m.has_gate else _fresh_column(fresh, fresh_gate, k)
           for k, (m, b) in enumerate(plan)]
-  return _assemble(out_info, trunk=trunk, slots=plan, gate=gate,
-                   reset_optimizer=reset_optimizer), out_info
+  return _assemble(out, trunk=trunk, slots=plan, gate=gate,
+                   reset_optimizer=reset_optimizer), out.to_dict()
 
 
 def _check_fresh_gate(op, fresh_gate):
@@ -606,8 +561,8 @@ def transplant(dst_state, dst_info, src_state, src_info, *, branch: int, slot: i
     _check_opt_compatible("transplant", [dst, src], whats)
   kept = [(dst, b) for b in range(dst.num_branches)]
   plan = kept[:slot] + [(src, int(branch))] + kept[slot + 1:]
-  state = _assemble(dst.info, trunk=dst, slots=plan, gate=kept, reset_optimizer=reset_optimizer)
-  return state, dict(dst.info)
+  state = _assemble(dst.spec, trunk=dst, slots=plan, gate=kept, reset_optimizer=reset_optimizer)
+  return state, dst.spec.to_dict()
 
 
 def extract(state, info, *, branch: int, reset_optimizer: bool = False):
@@ -616,9 +571,9 @@ def extract(state, info, *, branch: int, reset_optimizer: bool = False):
   if not model.has_gate:
     raise SurgeryError("extract: the model is already a plain ResNet (a baseline): use it as it is")
   _check_index("extract", "--branch", branch, model.num_branches, "the model")
-  out_info = _baseline_info(model.info)
-  return _assemble(out_info, trunk=model, slots=[(model, int(branch))], gate=None,
-                   reset_optimizer=reset_optimizer), out_info
+  out = model.spec.with_branches(None)
+  return _assemble(out, trunk=model, slots=[(model, int(branch))], gate=None,
+                   reset_optimizer=reset_optimizer), out.to_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,19 +605,16 @@ def parameter_counts(state, info) -> Dict[str, int]:
 def describe_checkpoint(path: str) -> str:
   """The text `inspect` prints."""
   state, meta = checkpoints.restore_raw(path)
-  info = _check_info(meta["model"], path)
-  model = _view(state, info, path)
+  model = _view(state, meta["model"], path)
   lines = [f"checkpoint: {os.path.abspath(path)}",
-           f"model:      {info['kind']}, depth {info['depth']}, {info['block']} blocks, "
-           f"{model.num_branches} branch{'es' if model.num_branches != 1 else ''}, "
-           f"{info['num_classes']} classes",
+           f"model:      {model.spec.describe()}",
            f"step:       {int(np.asarray(state.get('step', meta.get('step', 0))))}",
            f"epoch:      {meta.get('epoch', 'unknown')}"]
   if model.has_gate:
     offsets = model.leaves[(OFFSET, ("gate", "log_weight"))]
     lines.append("gate offset: " + " ".join(f"{o:.4f}" for o in offsets))
   lines.append("parameters:")
-  for part, count in parameter_counts(state, info).items():
+  for part, count in parameter_counts(state, model.spec).items():
     lines.append(f"  {part:<10} {count:>12,}")
   if OPT in state:
     subtrees = ", ".join("/".join(t[1:]) or "(root)" for t in model.opt_trees) or "none"
@@ -837,6 +789,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs one command; on failure prints one line `error: ...` on stderr and returns 1."""
   from absl import logging as absl_logging  # Orbax logs warnings on every read-only restore
   absl_logging.set_verbosity(absl_logging.ERROR)
+  checkpoints.quiet_orbax_noise()
   return cli.exit_status(_run, argv)
 
 
@@ -859,5 +812,11 @@ def _run(argv) -> None:
     out = None
   print(describe_checkpoint(out if out is not None else args.checkpoint))
 
-if __name__ == "__main__":
+
+def run():
+  """Console entry (`one-jax-surgery`): main's return value is the exit status."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

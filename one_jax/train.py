@@ -1,17 +1,21 @@
 """Training and evaluation of ONE and baseline models (DESIGN.md sections 4, 5, 7, 8).
 
-Reads top to bottom: create_model, initial_state, the per-device step functions, the
-jitted shard_map steps, evaluate, and train_and_evaluate (the loop: it owns all I/O).
-The state is a plain dict of pytrees {'params', 'batch_stats', ['gate_offset'], 'opt_state'},
-which is what checkpoints and surgery see.
+Reads top to bottom: initial_state, the per-device step functions, the jitted shard_map
+steps, evaluate, the loop's named steps (prepare, restore or initialise, train one epoch,
+evaluate and log, checkpoint and stop, finish) and train_and_evaluate, which strings them
+together; `run` is the entry point (step-2 surgery, evaluation only, or training). The model
+is a model_spec.ModelSpec built from the config. The state is a plain dict of pytrees
+{'params', 'batch_stats', ['gate_offset'], 'opt_state'}, which is what checkpoints and
+surgery see.
 """
+import dataclasses
 import functools
 import itertools
 import json
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 import flax.serialization
@@ -21,8 +25,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from one_jax import checkpoints, config_checks, input_pipeline, losses, metric_writers, models, optimizer
-from one_jax import parallel, preemption, workdirs, xla_options
+from one_jax import checkpoints, config_checks, input_pipeline, losses, metric_writers
+from one_jax import model_spec, optimizer, parallel, preemption, two_stage, workdirs
+from one_jax.cpu import xla_options
 
 DATA = parallel.DATA_AXIS
 
@@ -30,56 +35,9 @@ DATA = parallel.DATA_AXIS
 # ----------------------------------------------------------------------------- model
 
 
-def active_branches(config) -> Optional[Tuple[bool, ...]]:
-  """config.active_branches ('0,2' or '') -> a static mask over config.num_branches."""
-  spec = config.get("active_branches", "") or ""
-  if not spec:
-    return None
-  try:
-    chosen = {int(s) for s in str(spec).split(",") if s.strip()}
-  except ValueError:
-    raise ValueError(f"active_branches={spec!r} is invalid: give 0-based branch indices, "
-                     "e.g. --config.active_branches=0,2") from None
-  bad = sorted(i for i in chosen if not 0 <= i < config.num_branches)
-  if bad or not chosen:
-    raise ValueError(f"active_branches={spec!r} names branches {bad} outside 0.."
-                     f"{config.num_branches - 1}: use indices of existing branches")
-  return tuple(b in chosen for b in range(config.num_branches))
-
-
-def is_one_model(config) -> bool:
-  if config.model not in ("one_resnet", "cifar_resnet"):
-    raise ValueError(f"model={config.model!r} is unknown: use 'one_resnet' (ONE) or "
-                     "'cifar_resnet' (the baseline)")
-  return config.model == "one_resnet"
-
-
-def create_model(config, axis_name: Optional[str] = None):
-  """The module described by the config (axis_name: synchronised BatchNorm over that axis)."""
-  if is_one_model(config):
-    return models.OneResNet(depth=config.depth, num_branches=config.num_branches,
-                            num_classes=config.num_classes, branch_impl=config.branch_impl,
-                            active_branches=active_branches(config), axis_name=axis_name,
-                            conv_impl=config.get("conv_impl", "auto"))
-  return models.CifarResNet(depth=config.depth, num_classes=config.num_classes,
-                            axis_name=axis_name, conv_impl=config.get("conv_impl", "auto"))
-
-
-def heads(config) -> list:
-  """Names of the evaluated outputs: each branch, the ensemble, the branch mean (ONE)."""
-  if not is_one_model(config):
-    return ["model"]
-  return [f"branch_{b}" for b in range(config.num_branches)] + ["ensemble", "mean_branch"]
-
-
-def init_variables(model, image_shape, rng) -> Dict[str, Any]:
-  return jax.jit(functools.partial(model.init, train=False))(
-      rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
-
-
-def initial_state(model, tx, image_shape, rng) -> Dict[str, Any]:
+def initial_state(spec: model_spec.ModelSpec, tx, image_shape, rng) -> Dict[str, Any]:
   """Fresh variables and optimizer state (host numpy arrays)."""
-  state = dict(init_variables(model, image_shape, rng))
+  state = dict(spec.init(rng, image_shape))
   state["opt_state"] = tx.init(state["params"])
   return jax.tree.map(np.asarray, state)
 
@@ -93,35 +51,35 @@ def _topk_correct(logits, labels, k):
   return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)
 
 
-def _head_logits(config, output) -> Dict[str, jax.Array]:
-  if not is_one_model(config):
+def _head_logits(spec, output) -> Dict[str, jax.Array]:
+  if not spec.branched:
     return {"model": output}
-  named = {f"branch_{b}": output.branch_logits[b] for b in range(config.num_branches)}
+  named = {f"branch_{b}": output.branch_logits[b] for b in range(spec.num_branches)}
   named["ensemble"] = output.ensemble_logits
   return named
 
 
-def _loss(config, output, labels, epoch, weights=None):
-  if is_one_model(config):
+def _loss(config, spec, output, labels, epoch, weights=None):
+  if spec.branched:
     return losses.one_loss(output, labels, epoch=epoch, temperature=config.temperature,
                            rampup_epochs=config.rampup_epochs, kl_scale=config.kl_scale,
                            ensemble_ce=config.ensemble_ce, stop_gradient=config.stop_gradient,
-                           active_branches=active_branches(config), weights=weights)
+                           active_branches=spec.active_branches, weights=weights)
   return losses.baseline_loss(output, labels, weights=weights)
 
 
-def train_step_fn(config, model, tx, state, batch, epoch):
+def train_step_fn(config, spec, model, tx, state, batch, epoch):
   """One SGD step on this device's slice of the global batch (run under shard_map)."""
   def loss_fn(params):
     variables = dict(checkpoints.variables_of(state), params=params)
     output, new_vars = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
-    loss, terms = _loss(config, output, batch["label"], epoch)
+    loss, terms = _loss(config, spec, output, batch["label"], epoch)
     return loss, (output, terms, new_vars["batch_stats"])
 
   (_, (output, terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state["params"])
   grads = jax.lax.pmean(grads, DATA)
-  mask = active_branches(config) if is_one_model(config) else None
+  mask = spec.active_branches if spec.branched else None
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   updates = optimizer.mask_branch_updates(updates, mask)
   # Inactive branches stay exactly as they were: parameters, statistics and momentum.
@@ -129,7 +87,7 @@ def train_step_fn(config, model, tx, state, batch, epoch):
                    batch_stats=optimizer.select_branches(batch_stats, state["batch_stats"], mask),
                    opt_state=optimizer.select_branches(opt_state, state["opt_state"], mask))
   metrics = {f"train/{k}": v for k, v in terms.items()}
-  for head, logits in _head_logits(config, output).items():
+  for head, logits in _head_logits(spec, output).items():
     metrics[f"train/top1/{head}"] = jnp.mean(_topk_correct(logits, batch["label"], 1))
   metrics = jax.lax.pmean(metrics, DATA)
   # Non-finite guard: the update is applied only when every loss term, the gradients and the
@@ -157,14 +115,14 @@ def _all_finite(tree) -> jax.Array:
       jnp.asarray(True)
 
 
-def eval_step_fn(config, model, variables, batch):
+def eval_step_fn(config, spec, model, variables, batch):
   """Sums (not means) of correct predictions and losses over this device's real examples."""
   output = model.apply(variables, batch["image"], train=False)
   mask = batch["mask"]
-  _, terms = _loss(config, output, batch["label"], epoch=1e9, weights=mask)
+  _, terms = _loss(config, spec, output, batch["label"], epoch=1e9, weights=mask)
   count = jnp.sum(mask)
   sums = {"count": count, "test/loss": terms["loss"] * count}
-  for head, logits in _head_logits(config, output).items():
+  for head, logits in _head_logits(spec, output).items():
     for k in (1, 5):
       sums[f"test/top{k}/{head}"] = jnp.sum(_topk_correct(logits, batch["label"], k) * mask)
   return jax.lax.psum(sums, DATA)
@@ -175,16 +133,16 @@ def eval_step_fn(config, model, variables, batch):
 
 def make_train_step(config, tx, mesh):
   """jit(shard_map(train step)) over 'data': state replicated, batch split, state donated."""
-  model = create_model(config, axis_name=DATA)
-  step = functools.partial(train_step_fn, config, model, tx)
+  spec = model_spec.ModelSpec.from_config(config)
+  step = functools.partial(train_step_fn, config, spec, spec.build(axis_name=DATA), tx)
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA), P()), out_specs=(P(), P()),
                           check_vma=False)
   return jax.jit(sharded, donate_argnums=0, compiler_options=_compiler_options(config, mesh))
 
 
 def make_eval_step(config, mesh):
-  model = create_model(config, axis_name=DATA)
-  step = functools.partial(eval_step_fn, config, model)
+  spec = model_spec.ModelSpec.from_config(config)
+  step = functools.partial(eval_step_fn, config, spec, spec.build(axis_name=DATA))
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA)), out_specs=P(),
                           check_vma=False)
   return jax.jit(sharded, compiler_options=_compiler_options(config, mesh))
@@ -207,13 +165,13 @@ def evaluate(config, eval_step, mesh, variables, test_source, *, process_index=0
   count = float(totals.pop("count"))
   metrics = {k: float(v) / count for k, v in totals.items()}
   metrics["test/count"] = count
-  return _with_mean_branch(config, metrics, "test")
+  return _with_mean_branch(model_spec.ModelSpec.from_config(config), metrics, "test")
 
 
-def _with_mean_branch(config, metrics, split):
-  if is_one_model(config):
+def _with_mean_branch(spec, metrics, split):
+  if spec.branched:
     for k in ((1, 5) if split == "test" else (1,)):
-      keys = [f"{split}/top{k}/branch_{b}" for b in range(config.num_branches)
+      keys = [f"{split}/top{k}/branch_{b}" for b in range(spec.num_branches)
               if f"{split}/top{k}/branch_{b}" in metrics]
       if keys:
         metrics[f"{split}/top{k}/mean_branch"] = float(np.mean([metrics[x] for x in keys]))
@@ -223,8 +181,8 @@ def _with_mean_branch(config, metrics, split):
 # ----------------------------------------------------------------------------- state I/O
 
 
-def model_meta(config, model, epoch: int) -> Dict[str, Any]:
-  return {"model": checkpoints.model_info(model), "epoch": int(epoch),
+def model_meta(config, spec: model_spec.ModelSpec, epoch: int) -> Dict[str, Any]:
+  return {"model": spec.to_dict(), "epoch": int(epoch),
           "config": json.loads(config.to_json_best_effort())}
 
 
@@ -276,10 +234,213 @@ def _host_info():
 
 
 def check_config(config) -> None:
-  """Every field's range or set of values (config_checks.RULES): one-line errors, nothing
-  read or written (the data and the batch sizes vs devices are checked where they are
-  built)."""
+  """Every field's range or set of values (config_checks.RULES), then the model the fields
+  describe together: one-line errors, nothing read or written (the data and the batch sizes
+  vs devices are checked where they are built)."""
   config_checks.check(config)
+  model_spec.ModelSpec.from_config(config)  # kind, depth, branches, classes, impls, active mask
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the steps of one training run share; built and checked before anything is written."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  spec: model_spec.ModelSpec
+  mesh: Any
+  train_source: Any
+  test_source: Any
+  steps_per_epoch: int
+  train_step: Callable
+  eval_step: Callable
+  process_index: int
+  process_count: int
+
+  @property
+  def is_main(self) -> bool:
+    return self.process_index == 0
+
+  @property
+  def ckpt_dir(self) -> str:
+    return os.path.join(self.workdir, checkpoints.CHECKPOINT_SUBDIR)
+
+
+@dataclasses.dataclass
+class _Start:
+  """Where training starts: a checkpoint of this workdir, else init_from, else fresh."""
+  state: Dict[str, Any]
+  epoch: int = 0
+  step_in_epoch: int = 0
+  partial_sums: Optional[Dict[str, float]] = None
+  last_saved: Optional[int] = None
+  unreadable: tuple = ()
+
+
+def _prepare(config, workdir: str) -> Tuple[_Run, Dict[str, Any]]:
+  """The mesh, the data, the model, the optimizer and the jitted steps: (run, tx, fresh state)."""
+  process_index, process_count = _host_info()
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  train_source, test_source, info = input_pipeline.get_datasets(config)
+  steps_per_epoch = input_pipeline.steps_per_epoch(info.num_train, config.batch_size)
+  if config.get("steps_per_epoch", -1) > 0:
+    steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+  spec = model_spec.ModelSpec.from_config(config)
+  tx = optimizer.create_optimizer(config, steps_per_epoch,
+                                  spec.abstract_variables(info.image_shape)["params"])
+  fresh = initial_state(spec, tx, info.image_shape, jax.random.key(config.seed))
+  run = _Run(config, workdir, spec, mesh, train_source, test_source, steps_per_epoch,
+             make_train_step(config, tx, mesh), make_eval_step(config, mesh), process_index,
+             process_count)
+  return run, fresh
+
+
+def _restore_or_init(run: _Run, fresh: Dict[str, Any]) -> _Start:
+  """Resumes from the workdir's latest readable checkpoint, else starts from config.init_from
+  (a new run: its own step counters), else from the fresh state."""
+  config, workdir = run.config, run.workdir
+  resumed = checkpoints.restore_latest(run.ckpt_dir,
+                                       fallback=config.get("resume_fallback", False))
+  if resumed is not None:
+    last_saved, raw, meta, unreadable = resumed
+    start = _Start(state_from_checkpoint(raw, fresh, source=f"checkpoint {last_saved} in {workdir}"),
+                   epoch=int(meta["epoch"]), step_in_epoch=int(meta.get("step_in_epoch", 0)),
+                   partial_sums=meta.get("train_sums"), last_saved=last_saved,
+                   unreadable=tuple(unreadable))
+    if run.is_main and start.epoch >= config.num_epochs:
+      print(f"{workdir} has finished its {config.num_epochs} epochs (checkpoint step "
+            f"{last_saved}): nothing to train; raise --config.num_epochs to train on", flush=True)
+    elif run.is_main:
+      where = (f", step {start.step_in_epoch} of {run.steps_per_epoch}" if start.step_in_epoch
+               else "")
+      print(f"resuming {workdir} from checkpoint step {last_saved} (epoch {start.epoch + 1}"
+            f"{where})", flush=True)
+    return start
+  if config.init_from:
+    raw, _ = checkpoints.restore_raw(config.init_from)
+    state = state_from_checkpoint(raw, fresh, source=config.init_from,
+                                  with_optimizer=config.init_optimizer_state,
+                                  restart_counters=True)
+    logging.info("Initialised from %s", config.init_from)
+    return _Start(state)
+  return _Start(fresh)
+
+
+def _open_workdir(run: _Run, start: _Start):
+  """From here on the run writes: unreadable checkpoints set aside, the checkpoint manager,
+  the metric writer and the config. Returns (manager, writer)."""
+  if run.is_main:
+    for step in start.unreadable:
+      print(f"checkpoint step {step} is unreadable: moved to "
+            f"{checkpoints.set_aside(run.ckpt_dir, step)}; resuming from step "
+            f"{start.last_saved}", file=sys.stderr, flush=True)
+  mngr = checkpoints.manager(run.ckpt_dir, keep=run.config.keep_checkpoints)
+  writer = metric_writers.MetricWriter(run.workdir, enabled=run.is_main,
+                                       resume_epoch=start.epoch)
+  if run.is_main:
+    workdirs.write_config(run.config, run.workdir)
+  return mngr, writer
+
+
+@dataclasses.dataclass
+class _Epoch:
+  """One epoch's training: the state after it, its metric sums and its timing."""
+  state: Dict[str, Any]
+  sums: Any
+  steps_done: int        # including the steps of a resumed epoch done before the restart
+  stopped: bool          # by a signal, before the last step
+  seconds: float
+  images_per_sec: float
+
+
+def _train_epoch(run: _Run, state, epoch: int, first: int, sums, stop,
+                 last_saved: Optional[int]) -> _Epoch:
+  """Trains one epoch from step `first` (a resumed epoch continues with its partial sums);
+  stops early, after the step in flight, when a stop is requested."""
+  config, spe = run.config, run.steps_per_epoch
+  t0 = time.time()
+  n_steps, pending, stopped = first, None, False
+  # Throughput is timed from the end of the epoch's first step: in the first epoch that step
+  # includes compiling the train step.
+  t_warm, warm_steps = None, first
+  bar = metric_writers.progress_bar(spe, f"epoch {epoch + 1}/{config.num_epochs}",
+                                    enabled=run.is_main and config.progress_bar)
+  bar.update(first)
+  batches = input_pipeline.train_batches(
+      run.train_source, global_batch=config.batch_size, seed=config.seed, epoch=epoch,
+      start_step=first, process_index=run.process_index, process_count=run.process_count)
+  for batch in itertools.islice(batches, spe - first):
+    state, step_metrics = run.train_step(state, parallel.shard_batch(batch, run.mesh),
+                                         jnp.float32(epoch))
+    if pending is not None:  # the step before, checked while this one runs
+      _check_finite(config, pending, spe, last_saved, run.ckpt_dir)
+    pending = (epoch, n_steps, step_metrics)
+    step_metrics = {k: v for k, v in step_metrics.items() if not k.startswith(FINITE)}
+    sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
+    n_steps += 1
+    if t_warm is None:
+      jax.block_until_ready(step_metrics)
+      t_warm, warm_steps = time.time(), n_steps
+    bar.update(1)
+    if n_steps < spe and _stop_requested(stop, run.process_count):
+      stopped = True
+      break
+  bar.close()
+  if hasattr(batches, "close"):
+    batches.close()
+  if pending is not None:
+    _check_finite(config, pending, spe, last_saved, run.ckpt_dir)
+  t_end = time.time()
+  timed_steps = n_steps - warm_steps
+  images_per_sec = (timed_steps * config.batch_size / (t_end - t_warm) if timed_steps
+                    else (n_steps - first) * config.batch_size / (t_end - t0))
+  return _Epoch(state, sums, n_steps, stopped, t_end - t0, images_per_sec)
+
+
+def _evaluate_and_log(run: _Run, writer, epoch: int, done: _Epoch) -> Dict[str, float]:
+  """Test metrics of the epoch's state beside its training metrics, written and printed."""
+  config = run.config
+  train_metrics = {k: float(v) / done.steps_done
+                   for k, v in parallel.to_host(done.sums).items()}
+  test_metrics = evaluate(config, run.eval_step, run.mesh,
+                          checkpoints.variables_of(done.state), run.test_source,
+                          process_index=run.process_index, process_count=run.process_count)
+  metrics = dict(_with_mean_branch(run.spec, train_metrics, "train"), **test_metrics)
+  metrics.update({
+      "lr": optimizer.epoch_learning_rate(config, epoch, run.steps_per_epoch),
+      "kl_weight": float(losses.kl_weight(epoch, config.rampup_epochs) * config.kl_scale)
+                   if run.spec.branched else 0.0,
+      "epoch_time_s": done.seconds,
+      "train_images_per_sec": done.images_per_sec,
+  })
+  writer.write_epoch(epoch + 1, metrics)
+  if run.is_main:
+    print(f"epoch {epoch + 1}/{config.num_epochs}: {_brief(run.spec, metrics)}", flush=True)
+  return metrics
+
+
+def _checkpoint_and_stop(run: _Run, mngr, stop, state, epoch: int, steps_done: int, sums):
+  """Stops the run on a signal with a checkpoint (preemption.Interrupted).
+
+  In the middle of an epoch (steps_done < steps_per_epoch) it writes the state with the
+  position in the epoch and the partial metric sums, so that a restart continues exactly
+  there; at the end of one (steps_done == steps_per_epoch) that epoch's checkpoint is
+  already written.
+  """
+  spe = run.steps_per_epoch
+  step = epoch * spe + steps_done
+  if steps_done < spe:
+    meta = dict(model_meta(run.config, run.spec, epoch), step_in_epoch=steps_done,
+                train_sums={k: float(v) for k, v in parallel.to_host(sums).items()})
+    checkpoints.save(mngr, step, parallel.to_host(state), meta)
+    where, stopped_epoch = f"at step {step} (epoch {epoch + 1}, step {steps_done} of {spe})", epoch
+  else:
+    where, stopped_epoch = f"at the end of epoch {epoch + 1} (step {step})", epoch + 1
+  mngr.wait_until_finished()
+  raise preemption.Interrupted(
+      f"stopped by {stop.signal_name or 'a signal'} {where}: checkpoint {step} written to "
+      f"{run.ckpt_dir}", signal_name=stop.signal_name or "", step=step, epoch=stopped_epoch)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
@@ -291,154 +452,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   non-finite loss term, gradient or update stops it at that step (FloatingPointError) and
   keeps the last good checkpoint.
   """
-  process_index, process_count = _host_info()
-  is_main = process_index == 0
   check_config(config)
   workdirs.check_config(config, workdir)
-
-  # --- mesh and data
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(config.batch_size, mesh)
-  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  train_source, test_source, info = input_pipeline.get_datasets(config)
-  steps_per_epoch = input_pipeline.steps_per_epoch(info.num_train, config.batch_size)
-  if config.get("steps_per_epoch", -1) > 0:
-    steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
-
-  # --- model, optimizer, state (a checkpoint of this workdir, else init_from, else fresh)
-  model = create_model(config)
-  rng = jax.random.key(config.seed)
-  param_shapes = jax.eval_shape(
-      functools.partial(init_variables, model, info.image_shape), rng)["params"]
-  tx = optimizer.create_optimizer(config, steps_per_epoch, param_shapes)
-  fresh = initial_state(model, tx, info.image_shape, rng)
-  ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR)
-  start_epoch, start_step, partial_sums, state = 0, 0, None, fresh
-  last_saved, unreadable = None, []
-  resumed = checkpoints.restore_latest(ckpt_dir, fallback=config.get("resume_fallback", False))
-  if resumed is not None:
-    last_saved, raw, meta, unreadable = resumed
-    state = state_from_checkpoint(raw, fresh, source=f"checkpoint {last_saved} in {workdir}")
-    start_epoch = int(meta["epoch"])
-    start_step = int(meta.get("step_in_epoch", 0))
-    partial_sums = meta.get("train_sums")
-    if is_main and start_epoch >= config.num_epochs:
-      print(f"{workdir} has finished its {config.num_epochs} epochs (checkpoint step "
-            f"{last_saved}): nothing to train; raise --config.num_epochs to train on", flush=True)
-    elif is_main:
-      where = f", step {start_step} of {steps_per_epoch}" if start_step else ""
-      print(f"resuming {workdir} from checkpoint step {last_saved} (epoch {start_epoch + 1}"
-            f"{where})", flush=True)
-  elif config.init_from:
-    raw, _ = checkpoints.restore_raw(config.init_from)
-    state = state_from_checkpoint(raw, fresh, source=config.init_from,
-                                  with_optimizer=config.init_optimizer_state,
-                                  restart_counters=True)
-    logging.info("Initialised from %s", config.init_from)
-  state = parallel.replicate(state, mesh)
-
-  train_step = make_train_step(config, tx, mesh)
-  eval_step = make_eval_step(config, mesh)
-
-  # --- workdir: everything above has been checked; from here on the run writes
-  if is_main:
-    for step in unreadable:
-      print(f"checkpoint step {step} is unreadable: moved to "
-            f"{checkpoints.set_aside(ckpt_dir, step)}; resuming from step {last_saved}",
-            file=sys.stderr, flush=True)
-  mngr = checkpoints.manager(ckpt_dir, keep=config.keep_checkpoints)
-  writer = metric_writers.MetricWriter(workdir, enabled=is_main, resume_epoch=start_epoch)
-  if is_main:
-    workdirs.write_config(config, workdir)
-
+  run, fresh = _prepare(config, workdir)
+  start = _restore_or_init(run, fresh)
+  state = parallel.replicate(start.state, run.mesh)
+  last_saved = start.last_saved
+  mngr, writer = _open_workdir(run, start)
   metrics: Dict[str, float] = {}
   try:
     with preemption.StopRequest() as stop:
-      for epoch in range(start_epoch, config.num_epochs):
-        # --- train one epoch (a resumed one from its next step, with its partial sums)
-        t0 = time.time()
-        first = start_step if epoch == start_epoch else 0
+      for epoch in range(start.epoch, config.num_epochs):
+        resumed = epoch == start.epoch
         sums = None
-        if epoch == start_epoch and partial_sums:
-          sums = parallel.replicate({k: np.float32(v) for k, v in partial_sums.items()}, mesh)
-        n_steps, pending, stopped = first, None, False
-        # Throughput is timed from the end of the epoch's first step: in the first epoch that
-        # step includes compiling the train step.
-        t_warm, warm_steps = None, first
-        bar = metric_writers.progress_bar(steps_per_epoch,
-                                          f"epoch {epoch + 1}/{config.num_epochs}",
-                                          enabled=is_main and config.progress_bar)
-        bar.update(first)
-        batches = input_pipeline.train_batches(
-            train_source, global_batch=config.batch_size, seed=config.seed, epoch=epoch,
-            start_step=first, process_index=process_index, process_count=process_count)
-        for batch in itertools.islice(batches, steps_per_epoch - first):
-          state, step_metrics = train_step(state, parallel.shard_batch(batch, mesh),
-                                           jnp.float32(epoch))
-          if pending is not None:  # the step before, checked while this one runs
-            _check_finite(config, pending, steps_per_epoch, last_saved, ckpt_dir)
-          pending = (epoch, n_steps, step_metrics)
-          step_metrics = {k: v for k, v in step_metrics.items() if not k.startswith(FINITE)}
-          sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
-          n_steps += 1
-          if t_warm is None:
-            jax.block_until_ready(step_metrics)
-            t_warm, warm_steps = time.time(), n_steps
-          bar.update(1)
-          if n_steps < steps_per_epoch and _stop_requested(stop, process_count):
-            stopped = True
-            break
-        bar.close()
-        if hasattr(batches, "close"):
-          batches.close()
-        if pending is not None:
-          _check_finite(config, pending, steps_per_epoch, last_saved, ckpt_dir)
-
-        if stopped:  # --- by a signal in the middle of the epoch: checkpoint and stop
-          step = epoch * steps_per_epoch + n_steps
-          meta = dict(model_meta(config, model, epoch), step_in_epoch=n_steps,
-                      train_sums={k: float(v) for k, v in parallel.to_host(sums).items()})
-          checkpoints.save(mngr, step, parallel.to_host(state), meta)
-          mngr.wait_until_finished()
-          raise preemption.Interrupted(
-              f"stopped by {stop.signal_name or 'a signal'} at step {step} (epoch {epoch + 1}, "
-              f"step {n_steps} of {steps_per_epoch}): checkpoint {step} written to {ckpt_dir}",
-              signal_name=stop.signal_name or "", step=step, epoch=epoch)
-        train_metrics = {k: float(v) / n_steps for k, v in parallel.to_host(sums).items()}
-        t_end = time.time()
-        epoch_time = t_end - t0
-        timed_steps = n_steps - warm_steps
-        images_per_sec = (timed_steps * config.batch_size / (t_end - t_warm) if timed_steps
-                          else (n_steps - first) * config.batch_size / epoch_time)
-
-        # --- evaluate, log, checkpoint
-        variables = checkpoints.variables_of(state)
-        test_metrics = evaluate(config, eval_step, mesh, variables, test_source,
-                                process_index=process_index, process_count=process_count)
-        metrics = dict(_with_mean_branch(config, train_metrics, "train"), **test_metrics)
-        metrics.update({
-            "lr": optimizer.epoch_learning_rate(config, epoch, steps_per_epoch),
-            "kl_weight": float(losses.kl_weight(epoch, config.rampup_epochs) * config.kl_scale)
-                         if is_one_model(config) else 0.0,
-            "epoch_time_s": epoch_time,
-            "train_images_per_sec": images_per_sec,
-        })
-        writer.write_epoch(epoch + 1, metrics)
-        if is_main:
-          print(f"epoch {epoch + 1}/{config.num_epochs}: {_brief(config, metrics)}", flush=True)
-        last_saved = (epoch + 1) * steps_per_epoch
+        if resumed and start.partial_sums:
+          sums = parallel.replicate({k: np.float32(v) for k, v in start.partial_sums.items()},
+                                    run.mesh)
+        done = _train_epoch(run, state, epoch, start.step_in_epoch if resumed else 0, sums,
+                            stop, last_saved)
+        state = done.state
+        if done.stopped:
+          _checkpoint_and_stop(run, mngr, stop, state, epoch, done.steps_done, done.sums)
+        metrics = _evaluate_and_log(run, writer, epoch, done)
+        last_saved = (epoch + 1) * run.steps_per_epoch
         checkpoints.save(mngr, last_saved, parallel.to_host(state),
-                         model_meta(config, model, epoch + 1),
-                         metrics=_best_metric(config, metrics))
-        if epoch + 1 < config.num_epochs and _stop_requested(stop, process_count):
-          mngr.wait_until_finished()
-          raise preemption.Interrupted(
-              f"stopped by {stop.signal_name or 'a signal'} at the end of epoch {epoch + 1} "
-              f"(step {last_saved}): checkpoint {last_saved} written to {ckpt_dir}",
-              signal_name=stop.signal_name or "", step=last_saved, epoch=epoch + 1)
+                         model_meta(config, run.spec, epoch + 1),
+                         metrics=_best_metric(run.spec, metrics))
+        if epoch + 1 < config.num_epochs and _stop_requested(stop, run.process_count):
+          _checkpoint_and_stop(run, mngr, stop, state, epoch, run.steps_per_epoch, None)
     mngr.wait_until_finished()
-    if is_main:
-      writer.finish(heads(config))
+    if run.is_main:
+      writer.finish(run.spec.heads())
   finally:
     mngr.wait_until_finished()
     mngr.close()
@@ -480,37 +524,33 @@ def _check_finite(config, pending, steps_per_epoch: int, last_saved: Optional[in
       "run's config)")
 
 
-def _best_metric(config, metrics):
+def _best_metric(spec, metrics):
   """The value the checkpoint manager ranks by (ensemble top-1; the model's for a baseline)."""
-  key = "test/top1/ensemble" if is_one_model(config) else "test/top1/model"
+  key = "test/top1/ensemble" if spec.branched else "test/top1/model"
   return {checkpoints.BEST_METRIC: metrics[key]}
 
 
-def _brief(config, metrics) -> str:
-  keys = ["train/loss", "test/loss"] + [f"test/top1/{h}" for h in heads(config)]
+def _brief(spec, metrics) -> str:
+  keys = ["train/loss", "test/loss"] + [f"test/top1/{h}" for h in spec.heads()]
   return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
 
 
-def evaluate_checkpoint(config, model, variables, test_source) -> Dict[str, float]:
+def evaluate_checkpoint(config, spec: model_spec.ModelSpec, variables,
+                        test_source) -> Dict[str, float]:
   """Evaluate-only mode: test metrics of a restored model on this config's test set."""
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  eval_config = config_for_model(config, model)
+  eval_config = config_for_model(config, spec)
   process_index, process_count = _host_info()  # each process feeds its rows of every batch
   return evaluate(eval_config, make_eval_step(eval_config, mesh), mesh,
                   parallel.replicate(jax.tree.map(np.asarray, variables), mesh), test_source,
                   process_index=process_index, process_count=process_count)
 
 
-def config_for_model(config, model):
-  """A copy of config whose model fields describe `model` (e.g. one restored from disk)."""
-  info = checkpoints.model_info(model)
+def config_for_model(config, spec: model_spec.ModelSpec):
+  """A copy of config whose model fields describe `spec` (e.g. one restored from disk)."""
   config = ml_collections.ConfigDict(config.to_dict())
-  config.model = info["kind"]
-  config.depth = info["depth"]
-  config.num_classes = info["num_classes"]
-  config.num_branches = info.get("num_branches", 1)
-  config.active_branches = ""
+  config.update(spec.config_fields())
   return config
 
 
@@ -523,21 +563,29 @@ def run_eval_only(config, workdir: str) -> Dict[str, float]:
   from one_jax import voting  # pylint: disable=g-import-not-at-top
   path = config.init_from or workdir
   _, test_source, _ = input_pipeline.get_datasets(config)
-  model, variables = checkpoints.load_model(path)
-  if config.vote and not isinstance(model, models.OneResNet):
-    raise ValueError(f"{path} holds a baseline ResNet: voting needs a ONE model with branches")
-  metrics = evaluate_checkpoint(config, model, variables, test_source)
+  spec, variables = checkpoints.load(path)
+  if config.vote and not spec.branched:
+    raise ValueError(f"{path} holds a {spec.describe()}: voting needs a ONE model with branches")
+  metrics = evaluate_checkpoint(config, spec, variables, test_source)
   os.makedirs(workdir, exist_ok=True)
-  table = metric_writers.summary_table([dict(metrics, epoch=1)],
-                                       heads(config_for_model(config, model)))
+  table = metric_writers.summary_table([dict(metrics, epoch=1)], spec.heads())
   if jax.process_index() == 0:
     print(f"Evaluation of {path} on {metrics['test/count']:.0f} test examples:\n{table}")
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(metrics, f, indent=2)
   if config.vote:
-    vote_rows = voting.vote_accuracies(model, variables, input_pipeline.eval_batches(
+    vote_rows = voting.vote_accuracies(spec.build(), variables, input_pipeline.eval_batches(
         test_source, global_batch=config.eval_batch_size))
     if jax.process_index() == 0:
       print(voting.format_vote_table(vote_rows))
       voting.write_vote_csv(vote_rows, os.path.join(workdir, "voting.csv"))
   return metrics
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+  """What `python -m one_jax.main` runs: a step-2 variant's surgery into WORKDIR/init first
+  (two_stage.prepare), then evaluation only (config.eval_only) or training."""
+  config = two_stage.prepare(config, workdir)
+  if config.eval_only:
+    return run_eval_only(config, workdir)
+  return train_and_evaluate(config, workdir)

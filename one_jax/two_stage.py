@@ -88,10 +88,9 @@ def _replace_path(tree, path, fn):
 
 def _expand(config, src: str, dst: str) -> str:
   state, meta = checkpoints.restore_raw(src)
-  info = meta["model"]
-  old_branches = info.get("num_branches", 1)
+  old_branches = checkpoints.spec_of(meta, src).num_branches
   sources = [int(s) for s in str(config.expand_from).split(",") if s.strip()] or None
-  new_state, new_info = surgery.expand(state, info, config.num_branches, mode=config.expand_mode,
+  new_state, new_info = surgery.expand(state, meta["model"], config.num_branches, mode=config.expand_mode,
                                        sources=sources, rng=config.seed,
                                        reset_optimizer=config.reset_optimizer)
   if config.symmetry_noise > 0:

@@ -1,4 +1,4 @@
-"""layers.conv2d (custom weight gradient) against lax.conv_general_dilated: value and gradients."""
+"""one_jax.cpu.convolution.conv2d (custom weight gradient) against lax.conv_general_dilated: value and gradients."""
 import chex
 import flax.linen as nn
 import jax
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from one_jax import layers
+from one_jax.cpu import convolution
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -47,12 +48,12 @@ def test_value_and_gradients_match_lax(shape_class, formulation):
   probe = jax.random.normal(kc, _reference(x, kernel, stride, k).shape)
 
   def ours(x, kernel):
-    return jnp.sum(layers.conv2d(x, kernel, stride, pad, chunk, copy_input, impl) * probe)
+    return jnp.sum(convolution.conv2d(x, kernel, stride, pad, chunk, copy_input, impl) * probe)
 
   def theirs(x, kernel):
     return jnp.sum(_reference(x, kernel, stride, k) * probe)
 
-  value = jax.jit(lambda x, kern: layers.conv2d(x, kern, stride, pad, chunk, copy_input,
+  value = jax.jit(lambda x, kern: convolution.conv2d(x, kern, stride, pad, chunk, copy_input,
                                                 impl))(x, kernel)
   chex.assert_trees_all_close(value, _reference(x, kernel, stride, k), atol=1e-5, rtol=1e-5)
   got = jax.jit(jax.grad(ours, argnums=(0, 1)))(x, kernel)
@@ -62,10 +63,10 @@ def test_value_and_gradients_match_lax(shape_class, formulation):
 
 
 def test_chunking_splits_only_whole_slices():
-  assert layers._chunks(128, 8) == 16
-  assert layers._chunks(8, 8) == 1      # nothing to split
-  assert layers._chunks(12, 8) == 1     # not a multiple: one convolution
-  assert layers._chunks(128, None) == 1
+  assert convolution._chunks(128, 8) == 16
+  assert convolution._chunks(8, 8) == 1      # nothing to split
+  assert convolution._chunks(12, 8) == 1     # not a multiple: one convolution
+  assert convolution._chunks(128, None) == 1
 
 
 def test_conv_module_is_a_flax_conv():

@@ -170,8 +170,8 @@ def _torch_train_forward(model, images, labels):
   return loss.item()
 
 
-def _export_flat(model, variables):
-  return convert.export_torch_state_dict(model, variables, module_prefix=False,
+def _export_flat(spec, variables):
+  return convert.export_torch_state_dict(spec, variables, module_prefix=False,
                                          num_batches_tracked=None)
 
 
@@ -196,7 +196,7 @@ def test_train_loss_gradients_and_batch_stats_match_reference(depth, branches):
     (loss, new_stats, _), grads = _train_fn(result.model)(
         _float64(result.variables), jnp.asarray(images.double().numpy().transpose(0, 2, 3, 1)),
         jnp.asarray(labels.numpy()))
-    exported = _export_flat(result.model, {"params": grads, "batch_stats": new_stats})
+    exported = _export_flat(result.spec, {"params": grads, "batch_stats": new_stats})
   assert abs(float(loss) - torch_loss) <= ATOL, (float(loss), torch_loss)
   for name, p in torch_model.named_parameters():
     want = p.grad.numpy()
@@ -225,7 +225,7 @@ def test_sgd_step_matches_reference():
   params = result.variables["params"]
   updates, _ = tx.update(grads, tx.init(params), params)
   new_vars = {**result.variables, "params": optax.apply_updates(params, updates)}
-  exported = _export_flat(result.model, new_vars)
+  exported = _export_flat(result.spec, new_vars)
   for name, p in torch_model.named_parameters():
     chex.assert_trees_all_close(exported[name].numpy(), p.detach().numpy(), atol=1e-5, rtol=0)
 
@@ -238,7 +238,7 @@ def test_export_reproduces_state_dict_exactly(depth, branches):
   torch_model, _, _ = _torch_model(depth, branches)
   original = _prefixed(torch_model)
   result = convert.import_state_dict(original)
-  back = convert.export_torch_state_dict(result.model, result.variables,
+  back = convert.export_torch_state_dict(result.spec, result.variables,
                                          num_batches_tracked=result.num_batches_tracked)
   assert list(back) == list(original)
   for key, value in original.items():
@@ -255,12 +255,12 @@ def test_spelling_prefix_and_missing_num_batches_tracked_round_trip():
       "classifier", False, None)
   reference = convert.import_state_dict(_prefixed(torch_model))
   chex.assert_trees_all_equal(result.variables, reference.variables)
-  back = convert.export_torch_state_dict(result.model, result.variables, module_prefix=False,
+  back = convert.export_torch_state_dict(result.spec, result.variables, module_prefix=False,
                                          spelling="classifier", num_batches_tracked=None)
   assert list(back) == list(original)
   assert all(torch.equal(back[k], v) for k, v in original.items())
   # The reference model loads an export with the default options (prefix stripped).
-  default = convert.export_torch_state_dict(result.model, result.variables, num_batches_tracked=7)
+  default = convert.export_torch_state_dict(result.spec, result.variables, num_batches_tracked=7)
   fresh = tr.ONE_ResNet(8, NUM_CLASSES, 3)
   fresh.load_state_dict({k[len("module."):]: v for k, v in default.items()})
   assert int(fresh.bn1.num_batches_tracked) == 7
@@ -411,17 +411,17 @@ def test_gate_offset_cannot_be_exported_silently():
   variables = {**result.variables,
                "gate_offset": jax.tree.map(lambda x: x + 1.0, result.variables["gate_offset"])}
   with pytest.raises(ValueError, match="offset"):
-    convert.export_torch_state_dict(result.model, variables)
-  convert.export_torch_state_dict(result.model, variables, ignore_gate_offset=True)
+    convert.export_torch_state_dict(result.spec, variables)
+  convert.export_torch_state_dict(result.spec, variables, ignore_gate_offset=True)
 
 
-def test_command_line_entry_point(tmp_path):
+def test_command_line_entry_point(tmp_path, repo_root):
   """`python -m one_jax.convert` exits non-zero with a one-line message."""
   missing = tmp_path / "nope.pth.tar"
   proc = subprocess.run([sys.executable, "-m", "one_jax.convert", str(missing),
                          str(tmp_path / "out")], capture_output=True, text=True, check=False,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                        cwd=repo_root)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [f"error: {missing} does not exist: pass a PyTorch "
                                               ".pth.tar or state-dict file"]

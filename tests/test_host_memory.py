@@ -1,4 +1,4 @@
-"""host_memory.reuse_freed_memory: freed blocks stay mapped, so reuse does not page-fault."""
+"""host_memory: freed blocks stay mapped, so reuse does not page-fault; only on the CPU."""
 import os
 import subprocess
 import sys
@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # step's buffers, and counts the minor page faults of the second round.
 _PROBE = textwrap.dedent("""
     import resource, sys, threading
-    from one_jax import host_memory
+    from one_jax.cpu import host_memory
     applied = host_memory.reuse_freed_memory() if sys.argv[1] == "reuse" else False
     import numpy as np
     def round_trip():
@@ -38,9 +38,27 @@ def test_freed_memory_is_reused_without_page_faults():
   assert faults < 100, faults          # 40 MB re-touched: ~10k pages if they had been unmapped
 
 
-def test_flag_turns_it_off():
-  script = ("from absl import flags; from one_jax import host_memory; "
-            "flags.FLAGS(['x', '--noreuse_host_memory']); print(host_memory.apply_flag())")
+def test_the_entry_points_flag_turns_it_off():
+  script = ("from absl import flags; from one_jax import bench; "
+            "from one_jax.cpu import host_memory; flags.FLAGS(['x', '--noreuse_host_memory']); "
+            "print(host_memory.apply_for_cpu(bench.REUSE_HOST_MEMORY.value))")
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True,
                        capture_output=True, text=True).stdout
   assert out.strip() == "False"
+
+
+def test_it_applies_only_where_jax_computes_on_the_cpu(monkeypatch):
+  from one_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
+  assert host_memory.computes_on_cpu({"JAX_PLATFORMS": "cpu"})
+  assert not host_memory.computes_on_cpu({"JAX_PLATFORMS": "cuda,cpu"})
+  assert not host_memory.computes_on_cpu({"JAX_PLATFORMS": "tpu"})
+  monkeypatch.setattr(host_memory, "_accelerator_plugins_installed", lambda: True)
+  assert not host_memory.computes_on_cpu({})        # a GPU plugin: JAX will prefer it
+  assert host_memory.computes_on_cpu({"JAX_PLATFORMS": "cpu"})
+  monkeypatch.setattr(host_memory, "_accelerator_plugins_installed", lambda: False)
+  assert host_memory.computes_on_cpu({})
+  monkeypatch.setattr(host_memory, "reuse_freed_memory", lambda: True)   # not this process
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  assert not host_memory.apply_for_cpu(True)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert host_memory.apply_for_cpu(True) and not host_memory.apply_for_cpu(False)

@@ -168,7 +168,7 @@ def test_npz_that_is_not_an_npz(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The packed JPEG layout of ../shared/data/cifar10_jpeg.npz.
+# The packed JPEG layout (the CIFAR-10 copy the benchmarks used).
 
 
 def _jpeg(image):

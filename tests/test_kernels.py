@@ -9,9 +9,9 @@ import pytest
 
 from configs import step1
 from one_jax import bench
-from one_jax import kernels
-from one_jax import layers
 from one_jax import models
+from one_jax.cpu import convolution
+from one_jax.cpu import kernels
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -39,6 +39,17 @@ def test_bad_or_unavailable_impl_is_a_one_line_error(monkeypatch):
     kernels.resolve_conv_impl("kernel")
   with pytest.raises(ValueError, match="conv_impl='kernel' cannot run"):
     models.OneResNet(depth=8, conv_impl="kernel")
+
+
+def test_the_tools_say_when_the_kernels_are_off(monkeypatch):
+  """main and bench print kernels.off_warning: one line, only where 'auto' fell back on a CPU."""
+  assert kernels.off_warning("auto", "cpu") == ""   # built and usable here
+  monkeypatch.setattr(kernels, "_library", lambda: (None, "the compiled kernels are missing"))
+  warning = kernels.off_warning("auto", "cpu")
+  assert warning == ("warning: one_jax's CPU convolution kernels are off (the compiled kernels "
+                     "are missing); XLA's slower convolutions run instead")
+  assert kernels.off_warning("xla", "cpu") == ""    # asked for: nothing to say
+  assert kernels.off_warning("auto", "gpu") == ""   # never used off the CPU
 
 
 # (batch, height, width, in, out, kernel size, stride, padding): the model's shapes and the
@@ -73,8 +84,8 @@ def _operands(case):
 
 def _value_and_grads(impl, x, kernel, probe, stride, padding):
   def loss(x, kernel):
-    return jnp.sum(layers.conv2d(x, kernel, stride, padding, 16, True, impl) * probe)
-  value = jax.jit(lambda x, k: layers.conv2d(x, k, stride, padding, 16, True, impl))(x, kernel)
+    return jnp.sum(convolution.conv2d(x, kernel, stride, padding, 16, True, impl) * probe)
+  value = jax.jit(lambda x, k: convolution.conv2d(x, k, stride, padding, 16, True, impl))(x, kernel)
   return value, jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
 
 
@@ -107,13 +118,13 @@ def test_avx2_code_matches_lax(case):
 def test_kernel_calls_are_in_the_cpu_program_only():
   x, kernel, probe, stride, padding = _operands("stage1_3x3")
   grad = jax.jit(jax.grad(lambda x, k: jnp.sum(
-      layers.conv2d(x, k, stride, padding, 16, True, "kernel") * probe), argnums=(0, 1)))
+      convolution.conv2d(x, k, stride, padding, 16, True, "kernel") * probe), argnums=(0, 1)))
   cpu_text = grad.lower(x, kernel).as_text()
   # forward (needed by nothing here, so dead), input gradient and weight gradient
   assert cpu_text.count("one_jax_conv_forward") == 1
   assert cpu_text.count("one_jax_conv_weight_grad") == 1
   assert "conditional" not in cpu_text   # the platform choice is made when lowering
-  xla_text = jax.jit(lambda x, k: layers.conv2d(x, k, stride, padding, 16, True, "xla")).lower(
+  xla_text = jax.jit(lambda x, k: convolution.conv2d(x, k, stride, padding, 16, True, "xla")).lower(
       x, kernel).as_text()
   assert "one_jax_conv" not in xla_text
 
@@ -127,7 +138,7 @@ def test_unsupported_shapes_use_xla():
   assert kernels.supports(x, (3, 3, 16, 32))
   assert not kernels.supports(x, (3, 3, 16, 32), ((-1, 0), (0, 0)))
   k24 = jnp.ones((3, 3, 16, 24))
-  text = jax.jit(lambda x, k: layers.conv2d(x, k, 1, ((1, 1), (1, 1)), 16, True, "kernel")).lower(
+  text = jax.jit(lambda x, k: convolution.conv2d(x, k, 1, ((1, 1), (1, 1)), 16, True, "kernel")).lower(
       x, k24).as_text()
   assert "one_jax_conv" not in text
 
@@ -139,7 +150,7 @@ def test_vmapped_kernels_match_lax():
 
   def grads(impl):
     def loss(x, ks):
-      out = jax.vmap(lambda k: layers.conv2d(x, k, stride, padding, 16, True, impl))(ks)
+      out = jax.vmap(lambda k: convolution.conv2d(x, k, stride, padding, 16, True, impl))(ks)
       return jnp.sum(out * probe)
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernels_b)
 

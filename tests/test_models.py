@@ -79,7 +79,7 @@ def test_gate_offset_shifts_gate(one_model):
 
 def test_stacked_layout(one_model):
   model, variables = one_model
-  single = models.Branch(depth=8, num_classes=10)
+  single = models.Branch(8, 10, *models.conv_and_norm())
   trunk_out = jnp.zeros((1, 16, 16, 32))
   single_vars = jax.eval_shape(single.init, jax.random.key(0), trunk_out)
   for col in ("params", "batch_stats"):
@@ -94,14 +94,14 @@ def test_stacked_layout(one_model):
 def test_slices_are_independent_branches(one_model):
   """Slicing index b and applying a plain Branch gives branch b's logits."""
   model, variables = one_model
-  trunk = models.Trunk(depth=8)
+  trunk = models.Trunk(8, *models.conv_and_norm())
   feats = trunk.apply({"params": variables["params"]["trunk"],
                        "batch_stats": variables["batch_stats"]["trunk"]}, IMAGES)
   out = model.apply(variables, IMAGES)
   for b in range(3):
     v = {c: jax.tree.map(lambda a, b=b: a[b], variables[c]["branches"])
          for c in ("params", "batch_stats")}
-    logits = models.Branch(depth=8, num_classes=10).apply(v, feats)
+    logits = models.Branch(8, 10, *models.conv_and_norm()).apply(v, feats)
     chex.assert_trees_all_close(logits, out.branch_logits[b], atol=1e-5)
 
 

@@ -134,6 +134,22 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(reference_run, tmp_pa
   _assert_same_run(reference_run, workdir)
 
 
+def test_sigterm_at_the_end_of_an_epoch_stops_after_its_checkpoint(reference_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  args = SMOKE + [f"--workdir={workdir}"]
+  first = _main(args, fault="signal_at_step=SIGTERM:4")  # during the epoch's last step
+  assert first.returncode == preemption.EXIT_INTERRUPTED, first.stderr
+  assert (f"stopped by SIGTERM at the end of epoch 1 (step 4): checkpoint 4 written to "
+          f"{workdir}/checkpoints") in first.stderr
+  _, meta = checkpoints.restore_raw(workdir)
+  assert (meta["step"], meta["epoch"]) == (4, 1) and "step_in_epoch" not in meta
+  assert len(_metrics_rows(workdir)) == 1
+  second = _main(args)
+  assert second.returncode == 0, second.stderr
+  assert "from checkpoint step 4 (epoch 2)" in second.stdout
+  _assert_same_run(reference_run, workdir)
+
+
 def test_stop_request_turns_signals_into_a_flag_and_restores_handlers():
   before = signal.getsignal(signal.SIGINT)
   with preemption.StopRequest(announce=False) as stop:
@@ -257,15 +273,14 @@ def test_non_finite_step_is_reported_exactly(tmp_path):
 
 def test_train_step_does_not_apply_a_non_finite_update():
   from configs import step1  # pylint: disable=g-import-not-at-top
-  from one_jax import optimizer, parallel  # pylint: disable=g-import-not-at-top
+  from one_jax import model_spec, optimizer, parallel  # pylint: disable=g-import-not-at-top
   config = step1.get_config("three_branch,smoke")
   config.batch_size = 32
   mesh = parallel.make_mesh(jax.devices()[:1])
-  model = train.create_model(config)
+  spec = model_spec.ModelSpec.from_config(config)
   rng = jax.random.key(0)
-  tx = optimizer.create_optimizer(config, 4, jax.eval_shape(
-      lambda r: train.init_variables(model, (32, 32, 3), r), rng)["params"])
-  before = train.initial_state(model, tx, (32, 32, 3), rng)
+  tx = optimizer.create_optimizer(config, 4, spec.abstract_variables()["params"])
+  before = train.initial_state(spec, tx, (32, 32, 3), rng)
   step = train.make_train_step(config, tx, mesh)
   batch = {"image": np.full((32, 32, 32, 3), np.inf, np.float32),
            "label": np.zeros(32, np.int32)}

@@ -6,38 +6,28 @@ import jax
 import numpy as np
 import pytest
 
-from configs import step1, step2
+from configs import step2
 from one_jax import checkpoints, train, two_stage
 
-
-def _smoke(module, variant, **overrides):
-  config = module.get_config(f"{variant},smoke")
-  config.progress_bar = False
-  config.num_epochs = 1
-  config.steps_per_epoch = 2
-  config.update(overrides)
-  return config
+SHORT = dict(num_epochs=1, steps_per_epoch=2)  # one epoch of two steps
 
 
 def _run(config, workdir):
-  config = two_stage.prepare(config, str(workdir))
-  if config.eval_only:
-    return train.run_eval_only(config, str(workdir))
-  return train.train_and_evaluate(config, str(workdir))
+  return train.run(config, str(workdir))  # what `python -m one_jax.main` runs
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
+def sources(tmp_path_factory, tiny_config):
   """Tiny stage-1 runs: a 3-branch, a 5-branch, three 1-branch and three baseline models."""
   root = tmp_path_factory.mktemp("stage1")
   paths = {}
-  for name, (module, variant, seeds) in {
-      "three": (step2, "three_branch", [0]), "five": (step2, "five_branch", [0]),
-      "one": (step2, "one_branch", [0, 1, 2]), "base": (step1, "baseline", [0, 1, 2])}.items():
+  for name, (variant, seeds) in {
+      "three": ("step2:three_branch", [0]), "five": ("step2:five_branch", [0]),
+      "one": ("step2:one_branch", [0, 1, 2]), "base": ("step1:baseline", [0, 1, 2])}.items():
     paths[name] = []
     for seed in seeds:
       workdir = root / f"{name}{seed}"
-      _run(_smoke(module, variant, seed=seed), workdir)
+      _run(tiny_config(variant, seed=seed, **SHORT), workdir)
       paths[name].append(str(workdir))
   return paths
 
@@ -48,8 +38,8 @@ def _branches_identical(workdir):
   return all(np.array_equal(l[0], l[b]) for l in leaves for b in range(1, l.shape[0]))
 
 
-def test_three_into_five(sources, tmp_path):
-  config = _smoke(step2, "three_into_five", source=sources["three"][0])
+def test_three_into_five(sources, tmp_path, tiny_config):
+  config = tiny_config("step2:three_into_five", source=sources["three"][0], **SHORT)
   metrics = _run(config, tmp_path)
   assert "test/top1/branch_4" in metrics
   init_model, init_vars = checkpoints.load_model(str(tmp_path / two_stage.INIT_SUBDIR))
@@ -67,25 +57,26 @@ def test_three_into_five(sources, tmp_path):
 
 @pytest.mark.parametrize("variant,key", [("merge_baselines", "base"),
                                          ("merge_one_branch", "one")])
-def test_merges(sources, tmp_path, variant, key):
-  config = _smoke(step2, variant, sources=",".join(sources[key]))
+def test_merges(sources, tmp_path, tiny_config, variant, key):
+  config = tiny_config(f"step2:{variant}", sources=",".join(sources[key]), **SHORT)
   metrics = _run(config, tmp_path)
   assert "test/top1/branch_2" in metrics
   model, _ = checkpoints.load_model(str(tmp_path))
   assert model.num_branches == 3
 
 
-def test_one_inside_three_stays_identical_and_one_into_three_diverges(sources, tmp_path):
-  _run(_smoke(step2, "one_inside_three", source=sources["one"][0], steps_per_epoch=3),
-       tmp_path / "inside")
+def test_one_inside_three_stays_identical_and_one_into_three_diverges(sources, tmp_path,
+                                                                      tiny_config):
+  _run(tiny_config("step2:one_inside_three", source=sources["one"][0], num_epochs=1,
+                   steps_per_epoch=3), tmp_path / "inside")
   assert _branches_identical(tmp_path / "inside")
-  _run(_smoke(step2, "one_into_three", source=sources["one"][0], steps_per_epoch=3),
-       tmp_path / "into")
+  _run(tiny_config("step2:one_into_three", source=sources["one"][0], num_epochs=1,
+                   steps_per_epoch=3), tmp_path / "into")
   assert not _branches_identical(tmp_path / "into")
 
 
-def test_five_branch_vote(sources, tmp_path):
-  config = _smoke(step2, "five_branch_vote", source=sources["five"][0])
+def test_five_branch_vote(sources, tmp_path, tiny_config):
+  config = tiny_config("step2:five_branch_vote", source=sources["five"][0], **SHORT)
   _run(config, tmp_path)
   with open(tmp_path / "voting.csv") as f:
     rows = f.read().strip().splitlines()
@@ -100,11 +91,11 @@ def test_stage1_variant_configs():
   assert step2.get_config("one_inside_three").symmetry_noise == 0
 
 
-def test_missing_source_is_a_clear_error(tmp_path):
-  config = _smoke(step2, "three_into_five")
+def test_missing_source_is_a_clear_error(tmp_path, tiny_config):
+  config = tiny_config("step2:three_into_five", **SHORT)
   with pytest.raises(ValueError, match="--config.source"):
-    two_stage.prepare(config, str(tmp_path / "run"))
-  config = _smoke(step2, "three_into_five", source=str(tmp_path / "nope"))
+    _run(config, tmp_path / "run")
+  config = tiny_config("step2:three_into_five", source=str(tmp_path / "nope"), **SHORT)
   with pytest.raises(ValueError, match="does not exist"):
-    two_stage.prepare(config, str(tmp_path / "run"))
+    _run(config, tmp_path / "run")
   assert not os.path.exists(tmp_path / "run" / two_stage.INIT_SUBDIR)

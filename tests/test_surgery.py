@@ -20,12 +20,12 @@ import optax
 import pytest
 
 from one_jax import checkpoints
+from one_jax import model_spec
 from one_jax import models
 from one_jax import surgery
 
 DEPTH, CLASSES = 8, 3
 IMAGES = np.random.RandomState(0).normal(size=(6, 8, 8, 3)).astype(np.float32)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,17 +33,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def one_info(num_branches, depth=DEPTH, classes=CLASSES):
-  return checkpoints.model_info(models.OneResNet(depth, num_branches, classes))
+  return model_spec.ModelSpec("one_resnet", depth, classes, num_branches).to_dict()
 
 
 def baseline_info(depth=DEPTH, classes=CLASSES):
-  return checkpoints.model_info(models.CifarResNet(depth, classes))
+  return model_spec.ModelSpec("cifar_resnet", depth, classes).to_dict()
 
 
 def random_state(info, seed, *, opt=True):
   """Random variables of the right shapes (positive BN variances) and a random momentum."""
-  model = checkpoints.model_from_info(info)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+  shapes = model_spec.ModelSpec.from_dict(info).abstract_variables((8, 8, 3))
   rng = np.random.RandomState(seed)
 
   def leaf(path, s):
@@ -74,7 +73,7 @@ def apply(info, state, images=IMAGES):
   """Eval-mode outputs; one jitted apply per architecture."""
   key = tuple(sorted(info.items()))
   if key not in _APPLY:
-    model = checkpoints.model_from_info(info)
+    model = model_spec.ModelSpec.from_dict(info).build()
     _APPLY[key] = jax.jit(lambda v, x: model.apply(v, x, train=False))
   return _APPLY[key](checkpoints.variables_of(state), images)
 
@@ -541,12 +540,12 @@ def test_cli_errors_write_nothing(ckpts, argv):
   assert {k: tree_hash(ckpts[k]) for k in names} == hashes
 
 
-def test_cli_process_exit_code_and_one_line(ckpts):
+def test_cli_process_exit_code_and_one_line(ckpts, repo_root):
   dst = os.path.join(ckpts["out"], "never")
   proc = subprocess.run(
       [sys.executable, "-m", "one_jax.surgery", "merge", f"--src={ckpts['one2']}",
        f"--src={ckpts['deep']}", f"--dst={dst}"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+      cwd=repo_root, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1
   assert proc.stderr.startswith("error: merge: source 1 has depth 14") and proc.stderr.count("\n") == 1, proc.stderr
   assert not os.path.exists(dst)

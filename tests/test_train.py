@@ -9,25 +9,17 @@ import numpy as np
 import pytest
 
 from configs import step1
-from one_jax import checkpoints, input_pipeline, optimizer, parallel, train
-
-
-def tiny_config(variant="three_branch", **overrides):
-  config = step1.get_config(f"{variant},smoke")
-  config.progress_bar = False
-  config.update(overrides)
-  return config
+from one_jax import checkpoints, input_pipeline, model_spec, optimizer, parallel, train
 
 
 def _states_after_steps(config, devices, num_steps):
   """Parameters after num_steps train steps on a mesh over `devices` (same global batches)."""
   mesh = parallel.make_mesh(devices)
   train_source, _, info = input_pipeline.get_datasets(config)
-  model = train.create_model(config)
+  spec = model_spec.ModelSpec.from_config(config)
   rng = jax.random.key(config.seed)
-  tx = optimizer.create_optimizer(config, 10, jax.eval_shape(
-      lambda r: train.init_variables(model, info.image_shape, r), rng)["params"])
-  state = parallel.replicate(train.initial_state(model, tx, info.image_shape, rng), mesh)
+  tx = optimizer.create_optimizer(config, 10, spec.abstract_variables(info.image_shape)["params"])
+  state = parallel.replicate(train.initial_state(spec, tx, info.image_shape, rng), mesh)
   step = train.make_train_step(config, tx, mesh)
   batches = input_pipeline.train_batches(train_source, global_batch=config.batch_size,
                                          seed=config.seed, epoch=0)
@@ -36,7 +28,7 @@ def _states_after_steps(config, devices, num_steps):
   return parallel.to_host(state), parallel.to_host(metrics)
 
 
-def test_one_device_and_four_devices_agree():
+def test_one_device_and_four_devices_agree(tiny_config):
   assert jax.device_count() == 4
   config = tiny_config(batch_size=32)
   s1, m1 = _states_after_steps(config, jax.devices()[:1], 3)
@@ -46,13 +38,12 @@ def test_one_device_and_four_devices_agree():
   chex.assert_trees_all_close(m1, m4, atol=1e-4, rtol=1e-4)
 
 
-def test_masked_branch_keeps_everything():
+def test_masked_branch_keeps_everything(tiny_config):
   config = tiny_config(active_branches="0,2", batch_size=32)
   mesh = parallel.make_mesh(jax.devices()[:1])
   before, _ = _states_after_steps(config, jax.devices()[:1], 0 + 1)
   # One more comparison point: the slice of branch 1 equals its initial value.
-  model = train.create_model(config)
-  init = train.init_variables(model, (32, 32, 3), jax.random.key(config.seed))
+  init = model_spec.ModelSpec.from_config(config).init(jax.random.key(config.seed))
   for after, start in ((before["params"], init["params"]),
                        (before["batch_stats"], init["batch_stats"])):
     for a, s in zip(jax.tree.leaves(after["branches"]), jax.tree.leaves(start["branches"])):
@@ -60,7 +51,7 @@ def test_masked_branch_keeps_everything():
   assert mesh.devices.size == 1
 
 
-def test_training_learns_a_learnable_task(tmp_path):
+def test_training_learns_a_learnable_task(tmp_path, tiny_config):
   config = tiny_config("three_branch", num_epochs=6, steps_per_epoch=12, batch_size=64,
                        synthetic_train_size=768, lr=0.05, milestones=(3, 5), rampup_epochs=2)
   metrics = train.train_and_evaluate(config, str(tmp_path))
@@ -79,7 +70,7 @@ def _csv_rows(path):
     return list(csv.DictReader(f))
 
 
-def test_resume_continues_identically(tmp_path):
+def test_resume_continues_identically(tmp_path, tiny_config):
   config = tiny_config("five_branch_after_lr", num_epochs=2)
   straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
   first = ml_collections.ConfigDict(config.to_dict())
@@ -98,22 +89,22 @@ def test_resume_continues_identically(tmp_path):
 
 
 @pytest.mark.parametrize("variant", step1.VARIANTS)
-def test_step1_variant_smoke(variant, tmp_path):
+def test_step1_variant_smoke(variant, tmp_path, tiny_config):
   config = tiny_config(variant, num_epochs=1, steps_per_epoch=2)
   metrics = train.train_and_evaluate(config, str(tmp_path))
   head = "model" if variant.startswith("baseline") else "ensemble"
   assert 0.0 <= metrics[f"test/top1/{head}"] <= 1.0
   assert metrics["test/count"] == config.synthetic_test_size
-  model, _ = checkpoints.load_model(str(tmp_path))
-  assert checkpoints.model_info(model)["kind"] == config.model
+  spec, _ = checkpoints.load(str(tmp_path))
+  assert spec.to_dict() == model_spec.ModelSpec.from_config(config).to_dict()
 
 
-def test_eval_covers_every_example_once():
+def test_eval_covers_every_example_once(tiny_config):
   config = tiny_config(synthetic_test_size=203, eval_batch_size=40)
   mesh = parallel.make_mesh()
   _, test_source, info = input_pipeline.get_datasets(config)
-  model = train.create_model(config)
-  variables = train.init_variables(model, info.image_shape, jax.random.key(0))
+  spec = model_spec.ModelSpec.from_config(config)
+  model, variables = spec.build(), spec.init(jax.random.key(0), info.image_shape)
   metrics = train.evaluate(config, train.make_eval_step(config, mesh), mesh,
                            parallel.replicate(jax.tree.map(np.asarray, variables), mesh),
                            test_source)
@@ -126,7 +117,7 @@ def test_eval_covers_every_example_once():
   np.testing.assert_allclose(metrics["test/top1/ensemble"], expected, atol=1e-6)
 
 
-def test_npz_source_trains(tmp_path):
+def test_npz_source_trains(tmp_path, tiny_config):
   rng = np.random.default_rng(0)
   path = tmp_path / "data.npz"
   np.savez(path, x_train=rng.integers(0, 255, (96, 32, 32, 3), dtype=np.uint8),
@@ -138,7 +129,7 @@ def test_npz_source_trains(tmp_path):
   assert metrics["test/count"] == 37
 
 
-def test_tfds_source_under_mock_data(tmp_path):
+def test_tfds_source_under_mock_data(tmp_path, tiny_config):
   import tensorflow_datasets as tfds
   config = tiny_config("baseline", dataset="cifar10", num_epochs=1, batch_size=32,
                        steps_per_epoch=2, eval_batch_size=48)
@@ -147,7 +138,7 @@ def test_tfds_source_under_mock_data(tmp_path):
   assert metrics["test/count"] == 70
 
 
-def test_eval_only_and_load_model(tmp_path, capsys):
+def test_eval_only_and_load_model(tmp_path, capsys, tiny_config):
   config = tiny_config("three_branch", num_epochs=1, steps_per_epoch=2)
   trained = train.train_and_evaluate(config, str(tmp_path / "run"))
   eval_config = tiny_config("three_branch", init_from=str(tmp_path / "run"), eval_only=True)

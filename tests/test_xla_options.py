@@ -7,7 +7,7 @@ import pytest
 
 from configs import step1
 from one_jax import bench
-from one_jax import xla_options
+from one_jax.cpu import xla_options
 
 
 def test_auto_is_eigen_and_only_cpu_gets_options():

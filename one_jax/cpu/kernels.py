@@ -1,11 +1,12 @@
-"""Compiled CPU convolution kernels (one_jax/csrc/conv_kernels.cc), called through XLA's FFI.
+"""Compiled CPU convolution kernels (one_jax/cpu/csrc/conv_kernels.cc), called through XLA's FFI.
 
 XLA:CPU computes a convolution's weight gradient at a third of its forward speed, and its
 forward convolution runs at about half of this machine's FMA throughput on CIFAR shapes
 (benchmarks/NOTES.md, entry 10). These kernels read NHWC data in place instead. setup.py
-builds them as an optional extension: where they could not be built, or the CPU has neither
+builds them against the installed jaxlib's FFI headers; where they could not be built (the
+build said why, and main and bench repeat it via `off_warning`), or the CPU has neither
 AVX-512 nor AVX2 with FMA, `conv_impl='auto'` keeps XLA's convolutions and `'kernel'` is an
-error that says why. Other platforms always use XLA's convolutions (layers.conv2d picks per
+error that says why. Other platforms always use XLA's convolutions (convolution.conv2d picks per
 platform at lowering).
 """
 import contextlib
@@ -26,14 +27,25 @@ _WEIGHT_GRAD = "one_jax_conv_weight_grad"
 _LIBRARY_GLOB = "_conv_kernels*.so"
 
 
+_BUILD_ERROR_FILE = "_conv_kernels_build_error.txt"   # written by setup.py where the build failed
+
+
+def _not_built_reason(package_dir: str) -> str:
+  fix = "reinstall one_jax where a C++17 compiler is available, e.g. pip install -v ."
+  try:
+    with open(os.path.join(package_dir, _BUILD_ERROR_FILE), encoding="utf-8") as f:
+      return f"the compiled kernels failed to build ({f.read().strip()}); {fix}"
+  except OSError:
+    return f"the compiled kernels are not installed; {fix}"
+
+
 @functools.lru_cache(maxsize=None)
 def _library() -> Tuple[Optional[ctypes.CDLL], str]:
   """The loaded library with its handlers registered, once: (library or None, why not)."""
   package_dir = os.path.dirname(os.path.abspath(__file__))
   paths = sorted(glob.glob(os.path.join(package_dir, _LIBRARY_GLOB)))
   if not paths:
-    return None, ("the compiled kernels are not installed (reinstall one_jax where a C++ "
-                  "compiler is available: pip install -e .)")
+    return None, _not_built_reason(package_dir)
   try:
     library = ctypes.CDLL(paths[0])
   except OSError as e:
@@ -92,6 +104,18 @@ def conv_impl_on(impl: str, platform: str) -> str:
   """What runs the convolutions of a model with `conv_impl=impl` on `platform`."""
   resolved = resolve_conv_impl(impl)
   return resolved if platform == "cpu" else "xla"
+
+
+def off_warning(impl: str, platform: str) -> str:
+  """The one line the command-line tools print where `impl='auto'` falls back to XLA's CPU
+  convolutions because the kernels cannot run here ('' where nothing is off)."""
+  if impl != "auto" or platform != "cpu":
+    return ""
+  usable, why = kernel_status()
+  if usable:
+    return ""
+  return (f"warning: one_jax's CPU convolution kernels are off ({why}); XLA's slower "
+          "convolutions run instead")
 
 
 def supports(x, kernel_shape: Sequence[int], padding=((0, 0), (0, 0))) -> bool:

@@ -1,4 +1,4 @@
-// 2-D convolution kernels for the CPU, called by XLA through its FFI (one_jax/kernels.py).
+// 2-D convolution kernels for the CPU, called by XLA through its FFI (one_jax/cpu/kernels.py).
 //
 //   forward:      out[n, oh, ow, o] = sum_{i, j, c} x[n, oh*s - ph + i, ow*s - pw + j, c] w[i, j, c, o]
 //   weight grad:  dw[i, j, c, o]    = sum_{n, oh, ow} x[n, oh*s - ph + i, ow*s - pw + j, c] dy[n, oh, ow, o]

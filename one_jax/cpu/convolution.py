@@ -1,0 +1,152 @@
+"""The custom-VJP convolution of every model: lax.conv_general_dilated's value and gradients,
+computed faster on the CPU.
+
+Its gradients are XLA's own where the compiled kernels do not apply (other platforms, other
+dtypes or shapes), so a model gives the numbers of flax.linen.Conv everywhere; on the CPU the
+weight gradient and, with the kernels (one_jax/cpu/kernels.py), the forward and stride-1
+input gradient take faster paths (benchmarks/NOTES.md, entries 3, 4 and 10).
+"""
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from one_jax.cpu import kernels
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv2d_forward(x, kernel, stride, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                      dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _opaque_copy(x):
+  """x, exactly, as the output of a library kernel: a 1x1 convolution with the identity.
+
+  XLA:CPU cannot fuse element-wise producers into a library convolution (nor, since it is a
+  convolution and not a reshaped matrix product, into a separate copy feeding one), so
+  whatever reads the result reads one materialised buffer instead of re-evaluating, in its own
+  loop fusion, the chain of BatchNorm/ReLU/residual ops (up to six blocks deep) behind x.
+  """
+  c = x.shape[-1]
+  eye = jnp.eye(c, dtype=x.dtype).reshape(1, 1, c, c)
+  return jax.lax.conv_general_dilated(x, eye, (1, 1), "VALID",
+                                      dimension_numbers=_DIMENSION_NUMBERS,
+                                      precision=jax.lax.Precision.HIGHEST)
+
+
+# Images per weight-gradient convolution (None: one convolution over the whole batch). XLA's
+# weight-gradient convolution contracts over batch x height x width; both CPU libraries run it
+# faster as a sum of convolutions over 8- or 16-image slices (benchmarks/NOTES.md, entries 4
+# and 6: 16 is best with Eigen's convolutions, 8 with YNNPACK's, within 1-2% of each other).
+WEIGHT_GRAD_CHUNK = 16
+
+
+def _chunks(batch: int, chunk: Optional[int]) -> int:
+  if chunk is None or batch <= chunk or batch % chunk:
+    return 1
+  return batch // chunk
+
+
+def weight_grad(x, dy, kernel_shape, stride: int, padding, chunk: Optional[int] = None):
+  """d(conv(x, kernel))/d(kernel) applied to dy, summed over `chunk`-image slices of the batch.
+
+  Each slice is XLA's own weight-gradient convolution (the transpose of
+  lax.conv_general_dilated), so chunk=None is exactly what jax.grad computes.
+  """
+  zeros = jnp.zeros(kernel_shape, x.dtype)
+  parts = _chunks(x.shape[0], chunk)
+  xs = x.reshape((parts, -1) + x.shape[1:])
+  dys = dy.reshape((parts, -1) + dy.shape[1:])
+  total = None
+  for i in range(parts):
+    _, vjp = jax.vjp(lambda k, xi=xs[i]: _conv2d_forward(xi, k, stride, padding), zeros)
+    grad = vjp(dys[i])[0]
+    total = grad if total is None else total + grad
+  return total
+
+
+def _xla_input_grad(dy, kernel, x_shape, stride, padding):
+  """XLA's input gradient: the transpose of the forward convolution (a convolution of dy
+  with the flipped kernel, lhs-dilated for strides > 1)."""
+  _, vjp = jax.vjp(lambda x_: _conv2d_forward(x_, kernel, stride, padding),
+                   jnp.zeros(x_shape, dy.dtype))
+  return vjp(dy)[0]
+
+
+def _kernel_input_grad(dy, kernel, padding):
+  """The input gradient of a stride-1, symmetrically padded convolution as a forward
+  convolution of dy with the flipped, in/out-swapped kernel (the kernels' scope)."""
+  kh, kw = kernel.shape[:2]
+  (pt, _), (pl, _) = padding
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  q_h, q_w = kh - 1 - pt, kw - 1 - pl
+  return kernels.conv_forward(dy, flipped, 1, ((q_h, q_h), (q_w, q_w)))
+
+
+def _kernel_input_grad_applies(dy, kernel, stride, padding) -> bool:
+  kh, kw = kernel.shape[:2]
+  (pt, pb), (pl, pr) = padding
+  return (stride == 1 and pt == pb and pl == pr and pt <= kh - 1 and pl <= kw - 1
+          and kernels.supports(dy, (kh, kw, kernel.shape[3], kernel.shape[2]), padding))
+
+
+def _on_cpu(use_kernel: bool, kernel_fn, xla_fn, *args):
+  """kernel_fn(*args) in computations lowered for the CPU (where use_kernel), else xla_fn."""
+  if not use_kernel:
+    return xla_fn(*args)
+  return jax.lax.platform_dependent(*args, cpu=kernel_fn, default=xla_fn)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_CHUNK,
+           copy_input: bool = True, impl: str = "xla"):
+  """NHWC x HWIO convolution: lax.conv_general_dilated's value and gradients, faster.
+
+  impl='kernel' (resolved by kernels.resolve_conv_impl): in computations lowered for the CPU,
+  the compiled kernels of one_jax/cpu/csrc compute the output, the weight gradient and
+  (stride 1) the input gradient, reading NHWC data in place (float32, output channels a
+  multiple of 16); elsewhere, and outside that scope, XLA's forms below. impl='xla':
+  - forward and input gradient: XLA's (the input gradient is a convolution with the flipped
+    kernel);
+  - weight gradient: `weight_grad` over `chunk`-image slices, reading x through
+    `_opaque_copy`: XLA lowers each slice with x transposed to [C, H, W, N], and without the
+    copy it fuses the producers of x into that transpose, recomputing residual chains with a
+    transpose's strided access pattern. `copy_input=False` skips the copy where x is one
+    element-wise fusion away from a library op (nothing long to recompute), e.g. the second
+    convolution of a residual block.
+  """
+  return _conv2d_value(x, kernel, stride, padding, impl)
+
+
+def _conv2d_value(x, kernel, stride, padding, impl):
+  return _on_cpu(impl == "kernel" and kernels.supports(x, kernel.shape, padding),
+                 lambda x, k: kernels.conv_forward(x, k, stride, padding),
+                 lambda x, k: _conv2d_forward(x, k, stride, padding), x, kernel)
+
+
+def _conv2d_fwd(x, kernel, stride, padding, chunk, copy_input, impl):
+  return _conv2d_value(x, kernel, stride, padding, impl), (x, kernel)
+
+
+def _conv2d_bwd(stride, padding, chunk, copy_input, impl, residuals, dy):
+  x, kernel = residuals
+
+  def xla_weight_grad(x, dy):
+    x_read = _opaque_copy(x) if copy_input else x
+    return weight_grad(x_read, dy, kernel.shape, stride, padding, chunk)
+
+  kernel_grad = _on_cpu(
+      impl == "kernel" and kernels.supports(x, kernel.shape, padding),
+      lambda x, dy: kernels.conv_weight_grad(x, dy, kernel.shape, stride, padding),
+      xla_weight_grad, x, dy)
+  input_grad = _on_cpu(
+      impl == "kernel" and _kernel_input_grad_applies(dy, kernel, stride, padding),
+      lambda dy, k: _kernel_input_grad(dy, k, padding),
+      lambda dy, k: _xla_input_grad(dy, k, x.shape, stride, padding), dy, kernel)
+  return input_grad, kernel_grad
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

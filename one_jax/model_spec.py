@@ -1,0 +1,238 @@
+"""The one description of a model: ModelSpec, and the registry of architectures it builds.
+
+Training, checkpoints, surgery, conversion and the benchmark all describe a model by a
+ModelSpec: built from a config (`from_config`), stored in and read back from checkpoint meta
+(`to_dict` / `from_dict`: the meta's 'model' entry), building the Flax module (`build`) and
+its variables (`init`, `abstract_variables`), describing itself (`describe`).
+
+Adding an architecture is its Flax module (its own file, e.g. built on models.conv_and_norm)
+plus one entry in ARCHITECTURES below.
+"""
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from one_jax import config_checks
+from one_jax import models
+from one_jax.cpu import kernels
+
+
+def parse_active_branches(text, num_branches: int) -> Optional[Tuple[bool, ...]]:
+  """'0,2' (config.active_branches) -> a static mask over num_branches; '' -> None (all)."""
+  text = text or ""
+  if not text:
+    return None
+  try:
+    chosen = {int(s) for s in str(text).split(",") if s.strip()}
+  except ValueError:
+    raise ValueError(f"active_branches={text!r} is invalid: give 0-based branch indices, "
+                     "e.g. --config.active_branches=0,2") from None
+  bad = sorted(i for i in chosen if not 0 <= i < num_branches)
+  if bad or not chosen:
+    raise ValueError(f"active_branches={text!r} names branches {bad} outside 0.."
+                     f"{num_branches - 1}: use indices of existing branches")
+  return tuple(b in chosen for b in range(num_branches))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Everything that describes a model, in one place: built from a config, stored in (and
+  read back from) checkpoint meta, and the one way to build the Flax module and its abstract
+  variables. A new field (an architecture option, a compute dtype) is a line here plus its
+  line in from_config (if a config sets it) and in to_dict / from_dict (if checkpoints must
+  record it); every user of the spec gets it from there.
+
+  kind names a registry entry (ARCHITECTURES); num_branches is 1 for unbranched kinds.
+  branch_impl, active_branches and conv_impl choose how the model runs and trains (same
+  parameters): they come from the config and are not stored with the weights.
+  """
+  kind: str
+  depth: int
+  num_classes: int
+  num_branches: int = 1
+  branch_impl: str = "auto"
+  active_branches: Optional[Tuple[bool, ...]] = None
+  conv_impl: str = "auto"
+
+  def __post_init__(self):
+    arch = architecture(self.kind)
+    arch.check(self)
+    config_checks.check_int("num_classes", self.num_classes, minimum=1)
+    config_checks.check_int("num_branches", self.num_branches, minimum=1)
+    if not arch.branched and self.num_branches != 1:
+      raise ValueError(f"num_branches={self.num_branches} is invalid for {self.kind}, which "
+                       "has one branch: use a branched kind (e.g. one_resnet)")
+    models.resolve_branch_impl(self.branch_impl)
+    kernels.resolve_conv_impl(self.conv_impl)
+    if self.active_branches is not None:
+      mask = tuple(bool(a) for a in self.active_branches)
+      object.__setattr__(self, "active_branches", mask)
+      if len(mask) != self.num_branches or not any(mask):
+        raise ValueError(f"active_branches={mask} must have one entry per branch "
+                         f"({self.num_branches}) with at least one True")
+
+  # --- to and from configs and checkpoint meta
+
+  @classmethod
+  def from_config(cls, config) -> "ModelSpec":
+    """The model of an experiment config (config.model, depth, num_classes, ...)."""
+    arch = architecture(config.model)
+    branches = config.num_branches if arch.branched else 1
+    if arch.branched:
+      config_checks.check_int("num_branches", branches, minimum=1,
+                              why="a model has at least one branch (--config.num_branches=1 "
+                              "or more)")
+    return cls(kind=config.model, depth=config.depth, num_classes=config.num_classes,
+               num_branches=branches, branch_impl=config.get("branch_impl", "auto"),
+               active_branches=parse_active_branches(config.get("active_branches", ""),
+                                                     branches),
+               conv_impl=config.get("conv_impl", "auto"))
+
+  def config_fields(self) -> Dict[str, Any]:
+    """The config fields that describe this model's architecture (e.g. one restored from disk):
+    config.update(spec.config_fields()) makes a config train or evaluate exactly it."""
+    return {"model": self.kind, "depth": self.depth, "num_classes": self.num_classes,
+            "num_branches": self.num_branches, "active_branches": ""}
+
+  def to_dict(self) -> Dict[str, Any]:
+    """The checkpoint meta's 'model' entry: the stored fields and the derived ones (block)."""
+    arch = architecture(self.kind)
+    info = {"kind": self.kind, "depth": self.depth, "num_classes": self.num_classes}
+    if arch.branched:
+      info["num_branches"] = self.num_branches
+    info.update(arch.details(self))
+    return info
+
+  @classmethod
+  def from_dict(cls, info: Mapping[str, Any], **runtime) -> "ModelSpec":
+    """Inverse of to_dict (every meta one_jax has written); runtime fields (branch_impl,
+    conv_impl, active_branches) as keyword arguments. Derived fields must agree."""
+    if not isinstance(info, Mapping):
+      raise ValueError(f"model info {info!r} is not a mapping with 'kind', 'depth' and "
+                       "'num_classes'")
+    missing = [k for k in ("kind", "depth", "num_classes") if k not in info]
+    if missing:
+      raise ValueError(f"model info {dict(info)} lacks {', '.join(missing)}")
+    arch = architecture(info["kind"])
+    if arch.branched and "num_branches" not in info:
+      raise ValueError(f"model info {dict(info)} lacks num_branches")
+    spec = cls(kind=info["kind"], depth=info["depth"], num_classes=info["num_classes"],
+               num_branches=info["num_branches"] if arch.branched else 1, **runtime)
+    for field, value in arch.details(spec).items():
+      if field in info and info[field] != value:
+        raise ValueError(f"claims {info[field]} {field}s at depth {spec.depth}, which uses "
+                         f"{value} {field}s: its metadata is wrong")
+    return spec
+
+  # --- what the description gives
+
+  @property
+  def branched(self) -> bool:
+    """ONE-style: stacked 'branches' and a 'gate' (else one 'branch', logits out)."""
+    return architecture(self.kind).branched
+
+  def with_branches(self, num_branches: Optional[int]) -> "ModelSpec":
+    """The model of the same family with num_branches (the unbranched kind for None)."""
+    arch = architecture(self.kind)
+    kinds = [k for k, a in ARCHITECTURES.items()
+             if a.family == arch.family and a.branched == (num_branches is not None)]
+    if not kinds:
+      raise ValueError(f"{self.kind} has no {'branched' if num_branches else 'single-branch'} "
+                       "counterpart")
+    return dataclasses.replace(self, kind=kinds[0], num_branches=num_branches or 1,
+                               active_branches=None)
+
+  def heads(self) -> list:
+    """Names of the evaluated outputs: each branch, the ensemble, the branch mean (branched)."""
+    if not self.branched:
+      return ["model"]
+    return [f"branch_{b}" for b in range(self.num_branches)] + ["ensemble", "mean_branch"]
+
+  def build(self, axis_name: Optional[str] = None, **overrides) -> nn.Module:
+    """The Flax module (axis_name: synchronised BatchNorm over that mapped axis)."""
+    spec = dataclasses.replace(self, **overrides) if overrides else self
+    return architecture(spec.kind).module(spec, axis_name)
+
+  def abstract_variables(self, image_shape=(32, 32, 3)) -> Dict[str, Any]:
+    """Shapes and dtypes of the variables (jax.eval_shape of init; nothing is computed;
+    cached, so read-only). Parameter shapes do not depend on the image size."""
+    return _abstract_variables(self, tuple(image_shape))
+
+  def init(self, rng, image_shape=(32, 32, 3)) -> Dict[str, Any]:
+    """Freshly initialised variables (one jitted init per model, reused)."""
+    return _jitted_init(self)(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
+
+  def describe(self) -> str:
+    """One line for people: what `inspect` and error messages say about the model."""
+    arch = architecture(self.kind)
+    details = "".join(f", {v} {k}s" for k, v in arch.details(self).items())
+    branches = f"{self.num_branches} branch{'es' if self.num_branches != 1 else ''}"
+    return (f"{arch.title} ({self.kind}), depth {self.depth}{details}, {branches}, "
+            f"{self.num_classes} classes")
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_variables(spec: ModelSpec, image_shape):
+  model = spec.build()
+  images = jax.ShapeDtypeStruct((1,) + image_shape, jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(spec: ModelSpec):
+  return jax.jit(functools.partial(spec.build().init, train=False))
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """A registry entry: how a model kind is built, checked and described.
+
+  module(spec, axis_name) -> the Flax module. branched: ONE-style parameter tree (trunk,
+  stacked 'branches', gate) or a baseline's (trunk, 'branch'); kinds of one family share
+  trunk and branch, so surgery moves branches between them. check(spec) raises a one-line
+  ValueError for a field the architecture cannot take; details(spec) are derived fields the
+  checkpoint meta records (and from_dict checks).
+  """
+  module: Callable[[ModelSpec, Optional[str]], nn.Module]
+  branched: bool
+  family: str
+  title: str
+  check: Callable[[ModelSpec], Any]
+  details: Callable[[ModelSpec], Dict[str, Any]]
+
+
+def _resnet_details(spec):
+  return {"block": models.block_type(spec.depth)}
+
+
+ARCHITECTURES: Dict[str, Architecture] = {
+    "one_resnet": Architecture(
+        module=lambda spec, axis_name: models.OneResNet(
+            depth=spec.depth, num_branches=spec.num_branches, num_classes=spec.num_classes,
+            branch_impl=spec.branch_impl, active_branches=spec.active_branches,
+            axis_name=axis_name, conv_impl=spec.conv_impl),
+        branched=True, family="cifar_resnet", title="ONE ResNet",
+        check=lambda spec: models.check_depth(spec.depth), details=_resnet_details),
+    "cifar_resnet": Architecture(
+        module=lambda spec, axis_name: models.CifarResNet(
+            depth=spec.depth, num_classes=spec.num_classes, axis_name=axis_name,
+            conv_impl=spec.conv_impl),
+        branched=False, family="cifar_resnet", title="ResNet baseline",
+        check=lambda spec: models.check_depth(spec.depth), details=_resnet_details),
+}
+
+
+def architecture(kind) -> Architecture:
+  """The registry entry of a model kind; an unknown kind is a one-line error naming them all."""
+  if kind not in ARCHITECTURES:
+    names = " or ".join(f"{k!r} ({'ONE' if a.branched else 'the baseline'})"
+                        for k, a in ARCHITECTURES.items())
+    raise ValueError(f"model={kind!r} is unknown: use {names}")
+  return ARCHITECTURES[kind]
