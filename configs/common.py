@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_classes = 10
   c.npz_path = ""                 # a local .npz (x_train, y_train, x_test, y_test) instead
   c.data_dir = ""                 # TFDS data_dir ('' = TFDS default)
+  c.download = True               # prepare a missing TFDS dataset (downloads it) on first use
   c.synthetic_train_size = 2048
   c.synthetic_test_size = 512
   # Optimisation (DESIGN.md section 4).
@@ -61,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
   c.resume_fallback = False       # resume from the checkpoint before an unreadable latest one
   c.new_run = False               # WORKDIR holds a run: start a fresh one in WORKDIR-2, -3, ...
+  c.adopt_checkpoints = False     # resume checkpoints of a workdir without any stored config
   return c
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from one_jax import checkpoints
+from one_jax import cli
 from one_jax import model_spec
 from one_jax import models
 from one_jax import optimizer
@@ -183,8 +184,8 @@ def main(argv):
 
 
 def run():
-  """Console entry (`one-jax-bench`)."""
-  app.run(main)
+  """Console entry (`one-jax-bench`): bad input ends in one `error: ...` line (one_jax.cli)."""
+  sys.exit(cli.exit_status(app.run, main))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ reproduces the original state dict exactly.
 
 Command line:
   python -m one_jax.convert IN.pth.tar OUT_DIR            # -> a one_jax checkpoint
+  python -m one_jax.convert --allow_pickle IN OUT_DIR     # a trusted file outside the safe list
   python -m one_jax.convert --to_torch CKPT OUT.pth.tar   # -> {'state_dict': ..., 'epoch': ...}
 """
 import argparse
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from one_jax import checkpoints, model_spec, models
+from one_jax import checkpoints, cli, model_spec, models, workdirs
 
 SPELLINGS = ("classfier", "classifier")  # the reference's spelling, and later forks'
 NBT = "num_batches_tracked"
@@ -158,26 +159,76 @@ def _first_line(e: Exception) -> str:
   return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def safe_globals():
+  """The non-tensor types that forks of the reference scripts store beside the state dict
+  (argparse.Namespace of the command line, numpy scalars, dtypes and arrays of accuracies).
+
+  None of them runs code when unpickled: they are read with torch's weights_only loader, as
+  a context (torch.serialization.safe_globals), never added to torch's global list.
+  """
+  import argparse  # pylint: disable=g-import-not-at-top
+  multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # pylint: disable=protected-access
+  allowed = [argparse.Namespace, np.ndarray, np.dtype, multiarray.scalar, multiarray._reconstruct,  # pylint: disable=protected-access
+             # files written under numpy 1.x name the same functions by their old module
+             (multiarray.scalar, "numpy.core.multiarray.scalar"),
+             (multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]  # pylint: disable=protected-access
+  allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")
+              and name not in ("ObjectDType", "VoidDType", "StringDType")]
+  return allowed
+
+
+ALLOW_PICKLE_WARNING = ("warning: --allow_pickle: {path} is read with a full unpickle, which runs "
+                        "any code the file holds; use it only for files you trust")
+
+
+def _unsafe_types(path: str) -> list:
+  """Names of the globals in PATH's pickle outside torch's and our safe list (not executed)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+  except Exception:  # pylint: disable=broad-except  (not a zip checkpoint: no names to give)
+    return []
+  allowed = set()
+  for entry in safe_globals():
+    if isinstance(entry, tuple):
+      allowed.add(entry[1])
+    else:
+      allowed.add(f"{entry.__module__}.{entry.__qualname__}")
+  return [n for n in names if n not in allowed]
+
+
 def _read_file(path: str, allow_pickle: bool):
-  """torch.load, safely first; old .pth.tar files hold argparse objects etc. and need pickle."""
+  """torch.load with weights_only=True and the safe list; a full unpickle only when allowed."""
+  import pickle  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise ConversionError(f"{path} does not exist: pass a PyTorch .pth.tar or state-dict file")
   if os.path.isdir(path):
     raise ConversionError(f"{path} is a directory: pass a PyTorch .pth.tar or state-dict file "
                           "(one_jax checkpoints go to torch with --to_torch)")
+  if allow_pickle:
+    try:
+      return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConversionError(f"cannot read {path}: not a PyTorch checkpoint "
+                            f"({_first_line(e)})") from e
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    safe_error = e
-  if not allow_pickle:
-    raise ConversionError(f"cannot read {path} with weights_only=True and a full unpickle was "
-                          f"not allowed ({_first_line(safe_error)})") from safe_error
-  try:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(safe_globals()):
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    unsafe = _unsafe_types(path)
+    if unsafe or "GLOBAL" in str(e):
+      named = ", ".join(unsafe) or _first_line(e).split("GLOBAL ")[-1].split(" ")[0]
+      raise ConversionError(
+          f"{path} holds objects of type {named}, which is not on the safe list (tensors, "
+          "containers, argparse.Namespace, numpy scalars and arrays): loading it would run code "
+          "from the file; if you trust the file, pass --allow_pickle (library: "
+          "allow_pickle=True)") from None
+    raise ConversionError(f"cannot read {path}: not a PyTorch checkpoint "
+                          f"({_first_line(e)})") from None
   except Exception as e:  # pylint: disable=broad-except
     raise ConversionError(f"cannot read {path}: not a PyTorch checkpoint "
-                          f"({_first_line(e)})") from e
+                          f"({_first_line(e)})") from None
 
 
 def _state_dict_of(obj, source: str):
@@ -294,16 +345,20 @@ def _jsonable_extras(obj) -> Dict[str, Any]:
   for k, v in obj.items():
     if isinstance(v, torch.Tensor) and v.numel() == 1:
       v = v.item()
+    if isinstance(v, np.generic):  # numpy scalars of forks (acc = np.float64(...))
+      v = v.item()
     if isinstance(v, (bool, int, float, str)) and isinstance(k, str):
       extras[k] = v
   return extras
 
 
-def read_torch_checkpoint(path: str, *, allow_pickle: bool = True) -> TorchImport:
-  """Reads a reference .pth.tar or state-dict file.
+def read_torch_checkpoint(path: str, *, allow_pickle: bool = False) -> TorchImport:
+  """Reads a reference .pth.tar or state-dict file, never running code from it by default.
 
-  allow_pickle: old .pth.tar files hold non-tensor objects that only a full unpickle reads;
-  that runs code from the file, so pass False for files you do not trust.
+  Tensors, containers and the types of `safe_globals()` are read with torch's weights_only
+  loader; anything else is refused (ConversionError naming the type). allow_pickle=True
+  reads such a file with a full unpickle, which runs whatever code it holds: only for files
+  you trust.
   """
   path = os.fspath(path)
   obj = _read_file(path, allow_pickle)
@@ -315,7 +370,7 @@ def read_torch_checkpoint(path: str, *, allow_pickle: bool = True) -> TorchImpor
   return result
 
 
-def load_torch_checkpoint(path: str, *, allow_pickle: bool = True):
+def load_torch_checkpoint(path: str, *, allow_pickle: bool = False):
   """(model, variables) of a reference .pth.tar: ONE ResNet (any branch count) or ResNet."""
   result = read_torch_checkpoint(path, allow_pickle=allow_pickle)
   return result.model, result.variables
@@ -361,8 +416,10 @@ def export_torch_state_dict(spec: model_spec.ModelSpec, variables, *, module_pre
 # ----------------------------------------------------------------------------- files
 
 
-def convert_to_one_jax(in_path: str, out_dir: str, *, allow_pickle: bool = True) -> str:
-  """Writes the one_jax checkpoint of a torch file at OUT_DIR (never overwriting)."""
+def convert_to_one_jax(in_path: str, out_dir: str, *, allow_pickle: bool = False) -> str:
+  """Writes the one_jax checkpoint of a torch file at OUT_DIR (never overwriting, never inside
+  a run or checkpoint directory)."""
+  workdirs.check_destination(out_dir, [in_path], flag="OUT_DIR")
   if os.path.exists(out_dir):
     raise ConversionError(f"{os.path.abspath(out_dir)} already exists: choose a new output "
                           "directory (nothing was written)")
@@ -382,7 +439,7 @@ def convert_to_torch(ckpt: str, out_path: str, *, module_prefix: Optional[bool] 
   otherwise the reference's ('module.' prefix, 'classfier', the checkpoint's step count).
   """
   import torch  # pylint: disable=g-import-not-at-top
-  out_path = os.path.abspath(out_path)
+  out_path = workdirs.check_destination(out_path, [ckpt], flag="OUT.pth.tar")
   if os.path.exists(out_path):
     raise ConversionError(f"{out_path} already exists: choose a new output file (nothing was "
                           "written)")
@@ -412,8 +469,9 @@ def _parser():
   p.add_argument("src", help="IN.pth.tar (or with --to_torch: a one_jax checkpoint)")
   p.add_argument("dst", help="OUT_DIR, a new directory (or with --to_torch: a new OUT.pth.tar)")
   p.add_argument("--to_torch", action="store_true", help="one_jax checkpoint -> .pth.tar")
-  p.add_argument("--no_pickle", action="store_true",
-                 help="refuse files that need a full unpickle (which can run code from the file)")
+  p.add_argument("--allow_pickle", action="store_true",
+                 help="read a file holding types outside the safe list with a full unpickle, "
+                      "which runs any code the file holds (only for files you trust)")
   p.add_argument("--spelling", choices=SPELLINGS, default=None,
                  help="--to_torch: classifier key names (default: as imported, else 'classfier')")
   p.add_argument("--module_prefix", choices=("yes", "no"), default=None,
@@ -426,18 +484,19 @@ def _parser():
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   checkpoints.quiet_orbax_noise()
-  try:
-    if args.to_torch:
-      prefix = None if args.module_prefix is None else args.module_prefix == "yes"
-      out = convert_to_torch(args.src, args.dst, module_prefix=prefix, spelling=args.spelling,
-                             ignore_gate_offset=args.ignore_gate_offset)
-    else:
-      out = convert_to_one_jax(args.src, args.dst, allow_pickle=not args.no_pickle)
-  except (ValueError, OSError) as e:  # CheckpointError and ConversionError are ValueErrors
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 1
+  return cli.exit_status(_run, args)
+
+
+def _run(args) -> None:
+  if args.to_torch:
+    prefix = None if args.module_prefix is None else args.module_prefix == "yes"
+    out = convert_to_torch(args.src, args.dst, module_prefix=prefix, spelling=args.spelling,
+                           ignore_gate_offset=args.ignore_gate_offset)
+  else:
+    if args.allow_pickle:
+      print(ALLOW_PICKLE_WARNING.format(path=args.src), file=sys.stderr, flush=True)
+    out = convert_to_one_jax(args.src, args.dst, allow_pickle=args.allow_pickle)
   print(out)
-  return 0
 
 
 def run():

@@ -23,6 +23,8 @@ from typing import Any, Iterator, Optional, Tuple
 import grain
 import numpy as np
 
+from one_jax import config_checks
+
 # Normalisation of the reference (torchvision Normalize after ToTensor's scaling to [0, 1]).
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
@@ -138,7 +140,7 @@ def get_datasets(config) -> Tuple[Any, Any, DatasetInfo]:
 
   A non-empty config.npz_path takes precedence over config.dataset: the .npz is the data, with
   config.num_classes classes. Otherwise 'synthetic' is generated from config.seed and the
-  others are read from TFDS (never downloaded here).
+  others are read from TFDS (prepared on first use unless config.download is False).
   """
   dataset = getattr(config, "dataset", "cifar10")
   npz_path = getattr(config, "npz_path", "") or ""
@@ -146,7 +148,7 @@ def get_datasets(config) -> Tuple[Any, Any, DatasetInfo]:
   if dataset not in DATASETS:
     raise ValueError(f"config.dataset={dataset!r} is unknown: use one of {', '.join(DATASETS)} "
                      "(or --config.npz_path=FILE.npz for local arrays)")
-  _check_positive("config.num_classes", num_classes)
+  config_checks.check_int("config.num_classes", num_classes, minimum=1)
   if npz_path:
     train, test = load_npz(npz_path, num_classes)
     name = os.path.splitext(os.path.basename(npz_path))[0]
@@ -161,7 +163,9 @@ def get_datasets(config) -> Tuple[Any, Any, DatasetInfo]:
       raise ValueError(f"config.num_classes={num_classes} but {dataset} has {dataset_classes} "
                        f"classes: set --config.num_classes={dataset_classes}")
     data_dir = getattr(config, "data_dir", "") or None
-    train, test = (TfdsSource(load_tfds(tfds_name, split, data_dir)) for split in ("train", "test"))
+    download = bool(getattr(config, "download", True))
+    train, test = (TfdsSource(load_tfds(tfds_name, split, data_dir, download))
+                   for split in ("train", "test"))
     name = dataset
   if not len(train) or not len(test):
     raise ValueError(f"dataset {name!r} has {len(train)} training and {len(test)} test examples: "
@@ -171,25 +175,80 @@ def get_datasets(config) -> Tuple[Any, Any, DatasetInfo]:
   return train, test, info
 
 
-def load_tfds(name: str, split: str, data_dir=None):
-  """tfds.data_source(download=False); a dataset that is not prepared gets one clear error.
+# Python modules that preparing a TFDS dataset may import -> the pip package that provides them.
+_PIP_NAMES = {"PIL": "pillow", "importlib_resources": "importlib_resources",
+              "apache_beam": "apache-beam", "tensorflow": "tensorflow"}
 
-  Never downloads: runs may be on machines without internet, and a silent multi-GB
-  download is worse than a message saying how to prepare the data.
+
+def load_tfds(name: str, split: str, data_dir=None, download: bool = True):
+  """The TFDS data source of a split, prepared first (downloaded) when it is missing.
+
+  The first use on a machine with internet downloads and prepares the dataset with TFDS's
+  own download_and_prepare (ArrayRecord format, TFDS's progress bars), like tfds.load and
+  torchvision do; download=False (--config.download=False) forbids that. Every failure is
+  one ValueError line with the fix: the package to install, or how to get the data offline.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow, optional)
+  where = data_dir or tfds.core.constants.DATA_DIR
+  offline_fix = (f"on a machine with internet run the same command once (it prepares the data "
+                 f"in {where}) and copy its {name}/ directory into {where} (or point "
+                 "--config.data_dir at its parent), or train on a local file with "
+                 "--config.npz_path=FILE.npz")
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.get_absl_logger().addFilter(_quiet_tfds)  # its notices would precede our one line
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    builder = tfds.builder(name, data_dir=data_dir)
+    prepared = builder.is_prepared()
   except Exception as e:  # pylint: disable=broad-except  (tfds raises many types here)
-    where = data_dir or tfds.core.constants.DATA_DIR
-    cause = (str(e).strip().splitlines() or [""])[0]
-    raise RuntimeError(
-        f"TFDS dataset {name!r} (split {split!r}) is not prepared in ArrayRecord format under "
-        f"{where} and is never downloaded here: on a machine with internet run `python -c "
-        f"\"import tensorflow_datasets as tfds; tfds.data_source('{name}', download=True)\"` "
-        f"(or `tfds build {name} --file_format=array_record`) and copy its {name}/ directory into "
-        f"{where} (or point --config.data_dir at its parent), or train on a local file with "
-        f"--config.npz_path=FILE.npz [{type(e).__name__}: {cause}]") from e
+    raise ValueError(f"TFDS dataset {name!r} cannot be opened under {where} "
+                     f"({_first_line(e)})") from None
+  if not prepared:
+    if not download:
+      raise ValueError(f"TFDS dataset {name!r} is not prepared under {where} and "
+                       f"--config.download=False forbids downloading it: {offline_fix}")
+    _prepare(tfds, builder, name, where, offline_fix)
+  try:
+    return builder.as_data_source(split=split)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f"TFDS dataset {name!r} (split {split!r}) under {where} cannot be read in ArrayRecord "
+        f"format ({_first_line(e)}): prepare it with `tfds build {name} "
+        f"--file_format=array_record --data_dir={where}`, or {offline_fix}") from None
+
+
+def _prepare(tfds, builder, name: str, where: str, offline_fix: str) -> None:
+  """builder.download_and_prepare in ArrayRecord format, its failures as one-line errors."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:  # N processes must not download into one directory at once
+    raise ValueError(f"TFDS dataset {name!r} is not prepared under {where}: prepare it once "
+                     "with a single process (the same command without the multi-process "
+                     f"settings, or `tfds build {name} --file_format=array_record`), then "
+                     "start the multi-process run")
+  print(f"preparing TFDS dataset {name!r} in {where} (downloaded once; "
+        "--config.download=False forbids this)", flush=True)
+  try:
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(verify_ssl=True))
+  except ModuleNotFoundError as e:
+    module = (e.name or "").split(".")[0]
+    raise ValueError(f"preparing TFDS dataset {name!r} needs the Python package {module!r}, "
+                     f"which is not installed: run `pip install "
+                     f"{_PIP_NAMES.get(module, module)}` and start again, or {offline_fix}"
+                     ) from None
+  except Exception as e:  # pylint: disable=broad-except  (network errors come in many types)
+    raise ValueError(f"TFDS dataset {name!r} could not be downloaded and prepared in {where} "
+                     f"(no internet here? {_first_line(e)}): {offline_fix}") from None
+
+
+def _quiet_tfds(record) -> bool:
+  """Drops TFDS's warnings about a dataset folder that is not prepared yet (we say so)."""
+  return "has no dataset_info.json" not in record.getMessage()
+
+
+def _first_line(e: Exception) -> str:
+  text = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {text[:300]}"
 
 
 def load_npz(path: str, num_classes: int) -> Tuple[ArraySource, ArraySource]:
@@ -246,6 +305,10 @@ def _check_split(path, split, x, y, num_classes):
                      "in [0, 1])")
   if not len(x):
     raise ValueError(f"{path}: {xk} holds no images: each split needs at least one example")
+  if min(x.shape[1:3]) < config_checks.MIN_IMAGE_SIZE:
+    raise ValueError(f"{path}: {xk} images are {x.shape[1]}x{x.shape[2]} pixels; the model needs "
+                     f"at least {config_checks.MIN_IMAGE_SIZE}x{config_checks.MIN_IMAGE_SIZE} "
+                     "(two stride-2 stages): store the images at their real size")
   if y.ndim == 2 and y.shape[1] == 1:
     y = y[:, 0]
   if y.ndim != 1:
@@ -306,8 +369,7 @@ def synthetic_sources(num_train: int, num_test: int, num_classes: int, seed: int
   300, from a 10% start, so smoke runs show real learning curves.
   """
   for name, value in (("synthetic_train_size", num_train), ("synthetic_test_size", num_test)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"config.{name}={value!r} is invalid: it must be a positive integer")
+    config_checks.check_int(f"config.{name}", value, minimum=1)
   word = _seed_word(seed)
   templates = _class_templates(num_classes, image_shape, np.random.default_rng([word, 0]))
   return tuple(ArraySource(*_synthetic_examples(templates, n, np.random.default_rng([word, tag])))
@@ -360,7 +422,7 @@ def _synthetic_examples(templates, n, rng, max_shift=8, noise_std=64.0, chunk=40
 
 def steps_per_epoch(num_train: int, global_batch: int) -> int:
   """Training steps per epoch: the last partial batch is dropped (every batch is full)."""
-  _check_positive("global_batch", global_batch)
+  config_checks.check_int("global_batch", global_batch, minimum=1)
   steps = num_train // global_batch
   if steps < 1:
     raise ValueError(f"global_batch={global_batch} is larger than the training set "
@@ -370,7 +432,7 @@ def steps_per_epoch(num_train: int, global_batch: int) -> int:
 
 def num_eval_steps(num_test: int, global_batch: int) -> int:
   """Evaluation steps covering every test example once (the last batch is padded)."""
-  _check_positive("global_batch", global_batch)
+  config_checks.check_int("global_batch", global_batch, minimum=1)
   return -(-num_test // global_batch)
 
 
@@ -388,9 +450,8 @@ def train_batches(source, *, global_batch: int, seed: int, epoch: int, start_ste
   """
   local = _check_sharding(global_batch, process_index, process_count)
   steps = steps_per_epoch(len(source), global_batch)
-  if not isinstance(epoch, (int, np.integer)) or epoch < 0:
-    raise ValueError(f"epoch={epoch!r} is invalid: it must be a non-negative integer")
-  if not isinstance(start_step, (int, np.integer)) or not 0 <= start_step <= steps:
+  config_checks.check_int("epoch", epoch, minimum=0)
+  if not config_checks.is_int(start_step) or not 0 <= start_step <= steps:
     raise ValueError(f"start_step={start_step!r} is out of range: an epoch has {steps} steps")
   epoch_seed = np.random.SeedSequence([_seed_word(seed), int(epoch), 0]).generate_state(1)[0]
   aug_seed = (_seed_word(seed), int(epoch), 1)
@@ -461,15 +522,10 @@ def _image_shape(source) -> tuple:
   return tuple(np.shape(source[0]["image"]))
 
 
-def _check_positive(name, value):
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"{name}={value!r} is invalid: it must be a positive integer")
-
-
 def _check_sharding(global_batch, process_index, process_count) -> int:
   """The per-process batch size; raises unless the global batch splits evenly over processes."""
-  _check_positive("global_batch", global_batch)
-  _check_positive("process_count", process_count)
+  config_checks.check_int("global_batch", global_batch, minimum=1)
+  config_checks.check_int("process_count", process_count, minimum=1)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is out of range for "
                      f"process_count={process_count}")
@@ -481,6 +537,5 @@ def _check_sharding(global_batch, process_index, process_count) -> int:
 
 def _seed_word(seed) -> int:
   """Any integer seed (negative too) as a non-negative word for numpy's SeedSequence."""
-  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-    raise ValueError(f"seed={seed!r} is invalid: it must be an integer")
+  config_checks.check_int("seed", seed, why="it must be an integer")
   return int(seed) % 2**64

@@ -18,6 +18,7 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
+from one_jax import cli
 from one_jax.cpu import host_memory
 from one_jax import preemption
 
@@ -52,6 +53,9 @@ def main(argv):
                      "--config.FIELD=VALUE")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO logs (checkpointing) only on request
+    # A failed save (a full disk) makes Orbax log the same error with a traceback from each
+    # of its threads; the error itself ends the command as its one line.
+    logging.get_absl_logger().addFilter(_no_orbax_error_tracebacks)
   host_memory.apply_for_cpu(FLAGS[host_memory.FLAG_NAME].value)   # before JAX's threads start
   config = FLAGS.config
   if config is None:
@@ -63,7 +67,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   from one_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from one_jax import checkpoints, train, workdirs  # pylint: disable=g-import-not-at-top
+  from one_jax import checkpoints, run_lock, train, workdirs  # pylint: disable=g-import-not-at-top
   from one_jax.cpu import kernels  # pylint: disable=g-import-not-at-top
   checkpoints.quiet_orbax_noise()
 
@@ -85,9 +89,22 @@ def main(argv):
     if suffix:
       workdir, moved = f"{os.path.normpath(workdir)}-{suffix}", True
   workdirs.check_usable(workdir)
+  workdirs.check_not_inside_a_run(workdir)
+  # One live run per workdir, from here to the end (a refused start writes nothing).
+  lock = run_lock.hold(workdir, jax.process_index(), jax.process_count())
+  try:
+    _run_in(config, workdir, announce=jax.process_index() == 0 and (moved or not FLAGS.workdir))
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run_in(config, workdir: str, announce: bool) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from one_jax import train, workdirs  # pylint: disable=g-import-not-at-top
   if not config.eval_only:
     workdirs.check_config(config, workdir)
-  if jax.process_index() == 0 and (moved or not FLAGS.workdir):
+  if announce:
     print(f"workdir: {workdir}", flush=True)
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -96,10 +113,38 @@ def main(argv):
     train.run(config, workdir)  # step-2 surgery first; then evaluation only, or training
   except preemption.Interrupted as e:
     raise _Stopped(f"{e}; resume with the same command: {resume_command(workdir)}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    if not _disk_full(e):
+      raise
+    raise OSError(f"no space left on the disk of {workdir}: free some space (or move the run "
+                  "to another disk) and run the same command again, which resumes from the last "
+                  f"complete checkpoint: {resume_command(workdir)} [{cli.one_line(e)[:300]}]"
+                  ) from None
+  except KeyboardInterrupt:  # a second signal: stopped at once, without a checkpoint
+    found = workdirs.checkpoint_config(workdir)
+    raise _StoppedAtOnce(
+        "interrupted again while stopping: no checkpoint of the current step was written; " + (
+            f"the last checkpoint (step {found[0]}) is intact and the same command resumes "
+            f"from it: {resume_command(workdir)}" if found else
+            "no checkpoint had been written yet, so the same command starts the run again: "
+            f"{resume_command(workdir)}")) from None
 
 
 class _Stopped(Exception):
   """Training stopped on a signal with a checkpoint (exit status EXIT_INTERRUPTED)."""
+
+
+class _StoppedAtOnce(Exception):
+  """A second signal stopped training at once (exit status 130, as for SIGINT)."""
+
+
+def _no_orbax_error_tracebacks(record) -> bool:
+  return not (record.levelno >= 40  # ERROR and record.exc_info
+              and "orbax" in (record.pathname or ""))
+
+
+def _disk_full(error: BaseException) -> bool:
+  return getattr(error, "errno", None) == 28 or "No space left on device" in str(error)
 
 
 def resume_command(workdir: str) -> str:
@@ -117,10 +162,6 @@ def resume_command(workdir: str) -> str:
                                            f"--workdir={workdir}"])
 
 
-def _one_line(text: str) -> str:
-  return " ".join(str(text).split())
-
-
 def _parse_flags(argv):
   """absl flag parsing whose errors are one-line ValueErrors (bad flag, config file, field)."""
   try:
@@ -133,20 +174,20 @@ def _parse_flags(argv):
     if "Traceback (most recent call last)" in text:  # the config file's get_config raised
       last = [line for line in text.splitlines() if line.strip()][-1]
       text = f"--config={argv_config(argv)}: {last.split(': ', 1)[-1]}"
-    raise ValueError(_one_line(text)) from None
+    raise ValueError(cli.one_line(text)) from None
   except OSError as e:  # the config file could not be loaded
     path = argv_config(argv).split(":", 1)[0]
     if path and not os.path.exists(path):
       raise ValueError(f"config file {path} does not exist: use --config=configs/step1.py:VARIANT "
                        "or --config=configs/step2.py:VARIANT") from None
-    raise ValueError(f"cannot load --config={argv_config(argv)}: {_one_line(e)}") from None
+    raise ValueError(f"cannot load --config={argv_config(argv)}: {cli.one_line(e)}") from None
   except (AttributeError, KeyError) as e:  # --config.FIELD of a field the config lacks
     known = _config_fields(argv)
     given = [a.split("=", 1)[0].split(".", 1)[1] for a in argv[1:]
              if a.lstrip("-").startswith("config.")]
     text = str(e).replace("\\", "")
     name = ([n for n in given if n not in known] or re.findall(r"'([\w.]+)'", text)
-            or [_one_line(text)])[0]
+            or [cli.one_line(text)])[0]
     hint = difflib.get_close_matches(name, known, n=1)
     raise ValueError(
         f"unknown config field --config.{name}: "
@@ -179,18 +220,17 @@ def run():
   """Console entry: bad input ends with a one-line `error: ...` and exit status 1, not a
   traceback; a run stopped by SIGTERM/SIGINT says how to resume and exits with 75."""
   try:
-    app.run(main, flags_parser=_parse_flags)
+    sys.exit(cli.exit_status(app.run, main, flags_parser=_parse_flags))
   except _Stopped as e:
     print(f"interrupted: {e}", file=sys.stderr)
     sys.exit(preemption.EXIT_INTERRUPTED)
+  except _StoppedAtOnce as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(130)
   except KeyboardInterrupt:
-    print("error: interrupted again while stopping: no checkpoint of the current step was "
-          "written; the last checkpoint is intact and the same command resumes from it",
+    print("error: interrupted before training started; nothing to resume from was written",
           file=sys.stderr)
     sys.exit(130)
-  except (ValueError, OSError, FloatingPointError) as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-    sys.exit(1)
 
 
 if __name__ == "__main__":

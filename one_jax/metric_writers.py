@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from one_jax import config_checks
+
 CSV_NAME = "metrics.csv"
 JSONL_NAME = "metrics.jsonl"
 TB_DIR = "tensorboard"
@@ -128,9 +130,7 @@ class MetricWriter:
     self._tb = None
     if not self.enabled:
       return
-    if not isinstance(resume_epoch, (int, np.integer)) or resume_epoch < 0:
-      raise ValueError(f"resume_epoch={resume_epoch!r} must be an integer >= 0")
-    resume_epoch = int(resume_epoch)
+    resume_epoch = config_checks.check_int("resume_epoch", resume_epoch, minimum=0)
     os.makedirs(workdir, exist_ok=True)
     self._csv_path = os.path.join(workdir, CSV_NAME)
     self._jsonl_path = os.path.join(workdir, JSONL_NAME)
@@ -167,9 +167,8 @@ class MetricWriter:
     """Logs the metrics of completed epoch `epoch` (1-based)."""
     if not self.enabled:
       return
-    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 1:
-      raise ValueError(f"epoch={epoch!r} must be an integer >= 1 (completed epochs)")
-    epoch = int(epoch)
+    epoch = config_checks.check_int("epoch", epoch, minimum=1,
+                                    why="it must be an integer >= 1 (completed epochs)")
     row = {"epoch": epoch}
     for name, value in metrics.items():
       if not isinstance(name, str) or not name:
@@ -216,6 +215,10 @@ class MetricWriter:
       return ""
     if self._tb is not None:
       self._tb.flush()
+    if not self._rows:  # e.g. a finished run whose metrics files were deleted: keep its summary
+      print(f"no epochs in {os.path.join(self.workdir, JSONL_NAME)} to summarise: "
+            f"{SUMMARY_NAME} and {PLOT_NAME} were left as they were", flush=True)
+      return ""
     if heads is None:
       heads = heads_from_keys(self._keys)
     plot_curves(self._rows, os.path.join(self.workdir, PLOT_NAME))

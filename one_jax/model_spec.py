@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from one_jax import config_checks
 from one_jax import models
 from one_jax.cpu import kernels
 
@@ -60,8 +61,8 @@ class ModelSpec:
   def __post_init__(self):
     arch = architecture(self.kind)
     arch.check(self)
-    models.check_positive("num_classes", self.num_classes)
-    models.check_positive("num_branches", self.num_branches)
+    config_checks.check_int("num_classes", self.num_classes, minimum=1)
+    config_checks.check_int("num_branches", self.num_branches, minimum=1)
     if not arch.branched and self.num_branches != 1:
       raise ValueError(f"num_branches={self.num_branches} is invalid for {self.kind}, which "
                        "has one branch: use a branched kind (e.g. one_resnet)")
@@ -81,10 +82,10 @@ class ModelSpec:
     """The model of an experiment config (config.model, depth, num_classes, ...)."""
     arch = architecture(config.model)
     branches = config.num_branches if arch.branched else 1
-    if arch.branched and (not isinstance(branches, int) or isinstance(branches, bool)
-                          or branches < 1):
-      raise ValueError(f"num_branches={branches!r} is invalid: a model has at least one branch "
-                       "(--config.num_branches=1 or more)")
+    if arch.branched:
+      config_checks.check_int("num_branches", branches, minimum=1,
+                              why="a model has at least one branch (--config.num_branches=1 "
+                              "or more)")
     return cls(kind=config.model, depth=config.depth, num_classes=config.num_classes,
                num_branches=branches, branch_impl=config.get("branch_impl", "auto"),
                active_branches=parse_active_branches(config.get("active_branches", ""),

@@ -19,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from one_jax import config_checks
 from one_jax.cpu import kernels
 from one_jax import layers
 
@@ -27,7 +28,7 @@ BRANCH_IMPLS = ("auto", "loop", "vmap")
 
 def check_depth(depth) -> int:
   """Returns n (blocks per stage) for a valid CIFAR ResNet depth 6n+2, else raises."""
-  if not isinstance(depth, int) or isinstance(depth, bool) or depth < 8 or (depth - 2) % 6:
+  if not config_checks.is_int(depth) or depth < 8 or (depth - 2) % 6:
     raise ValueError(f"depth={depth!r} is not a CIFAR ResNet depth: use 6n+2 with n >= 1 "
                      "(8, 14, 20, 32, 44, 56, 110, ...)")
   return (depth - 2) // 6
@@ -36,11 +37,6 @@ def check_depth(depth) -> int:
 def block_type(depth: int) -> str:
   """The reference's rule: Bottleneck blocks from depth 44 on, BasicBlock below."""
   return "bottleneck" if check_depth(depth) and depth >= 44 else "basic"
-
-
-def check_positive(name, value):
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"{name}={value!r} is invalid: it must be a positive integer")
 
 
 ModuleDef = Any  # a module constructor: a Flax module class, or a partial of one
@@ -228,7 +224,7 @@ class CifarResNet(nn.Module):
 
   def __post_init__(self):
     check_depth(self.depth)
-    check_positive("num_classes", self.num_classes)
+    config_checks.check_int("num_classes", self.num_classes, minimum=1)
     kernels.resolve_conv_impl(self.conv_impl)
     super().__post_init__()
 
@@ -251,8 +247,8 @@ class OneResNet(nn.Module):
 
   def __post_init__(self):
     check_depth(self.depth)
-    check_positive("num_branches", self.num_branches)
-    check_positive("num_classes", self.num_classes)
+    config_checks.check_int("num_branches", self.num_branches, minimum=1)
+    config_checks.check_int("num_classes", self.num_classes, minimum=1)
     resolve_branch_impl(self.branch_impl)
     kernels.resolve_conv_impl(self.conv_impl)
     if self.active_branches is not None:

@@ -46,7 +46,10 @@ import jax
 import numpy as np
 
 from one_jax import checkpoints
+from one_jax import cli
+from one_jax import config_checks
 from one_jax import model_spec
+from one_jax import workdirs
 
 
 class SurgeryError(ValueError):
@@ -261,7 +264,7 @@ Slot = Tuple[Optional[_Model], int]  # (source model, its branch index); None: a
 
 
 def _check_index(op, name, index, size, what):
-  if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not 0 <= index < size:
+  if not config_checks.is_int(index) or not 0 <= index < size:
     raise SurgeryError(f"{op}: {name}={index!r} is out of range: {what} has {size} branch"
                        f"{'es' if size != 1 else ''} (0-based: 0..{size - 1})")
 
@@ -440,7 +443,7 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
   """
   model = _view(state, info, "the model")
   m = model.num_branches
-  if not isinstance(num_branches, (int, np.integer)) or isinstance(num_branches, bool):
+  if not config_checks.is_int(num_branches):
     raise SurgeryError(f"expand: --branches={num_branches!r} is not an integer")
   n = int(num_branches)
   if n < m:
@@ -502,7 +505,7 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
   branches = [(v, b) for v in views for b in range(v.num_branches)]
   total = len(branches)
   order = list(range(total)) if slots is None else list(slots)
-  if (not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in order)
+  if (not all(config_checks.is_int(s) for s in order)
       or sorted(order) != list(range(total))):
     raise SurgeryError(f"merge: --slots={','.join(map(str, order))} is not an ordering of the "
                        f"{total} source branches: give each of 0..{total - 1} once")
@@ -534,8 +537,7 @@ def _fresh_column(fresh: Optional[_Model], fresh_gate: str, k: int) -> Slot:
 
 
 def _check_trunk_from(trunk_from, k):
-  if (isinstance(trunk_from, bool) or not isinstance(trunk_from, (int, np.integer))
-      or not 0 <= trunk_from < k):
+  if not config_checks.is_int(trunk_from) or not 0 <= trunk_from < k:
     raise SurgeryError(f"merge: --trunk_from={trunk_from!r} is invalid: use a source index "
                        f"0..{k - 1} or 'mean'")
 
@@ -628,8 +630,12 @@ def describe_checkpoint(path: str) -> str:
 # Orbax layer: restore, edit, save a new checkpoint. Validated before anything is written.
 
 
-def _check_dst(dst: str) -> str:
+def _check_dst(dst: str, sources: Sequence[str] = (), into_run: bool = False) -> str:
+  """into_run: the destination may lie in a run directory (only two_stage, which writes the
+  WORKDIR/init of the run it prepares)."""
   dst = os.path.abspath(os.fspath(dst))
+  if not into_run:
+    workdirs.check_destination(dst, sources)
   if os.path.exists(dst):
     raise SurgeryError(f"destination {dst} already exists: choose a new --dst (nothing was written)")
   if not os.path.isdir(os.path.dirname(dst)):
@@ -657,7 +663,7 @@ def _source(path, meta):
 def run_expand(src: str, dst: str, num_branches: int, *, mode: str = "copy",
                sources: Optional[Sequence[int]] = None, seed: int = 0, fresh_gate: str = "zero",
                reset_optimizer: bool = False) -> str:
-  dst = _check_dst(dst)
+  dst = _check_dst(dst, [src])
   state, meta = _restore(src)
   new_state, info = expand(state, meta["model"], num_branches, mode=mode, sources=sources,
                            rng=seed, fresh_gate=fresh_gate, reset_optimizer=reset_optimizer)
@@ -670,8 +676,9 @@ def run_expand(src: str, dst: str, num_branches: int, *, mode: str = "copy",
 
 def run_merge(srcs: Sequence[str], dst: str, *, slots: Optional[Sequence[int]] = None,
               trunk_from: Union[int, str] = 0, fresh_gate: str = "zero", seed: int = 0,
-              reset_optimizer: bool = False) -> str:
-  dst = _check_dst(dst)
+              reset_optimizer: bool = False, into_run: bool = False) -> str:
+  """into_run: see _check_dst."""
+  dst = _check_dst(dst, srcs, into_run=into_run)
   restored = [_restore(s) for s in srcs]
   new_state, info = merge([s for s, _ in restored], [m["model"] for _, m in restored],
                           slots=slots, trunk_from=trunk_from, fresh_gate=fresh_gate, rng=seed,
@@ -687,7 +694,7 @@ def run_merge(srcs: Sequence[str], dst: str, *, slots: Optional[Sequence[int]] =
 
 def run_transplant(src: str, branch: int, into: str, slot: int, dst: str, *,
                    reset_optimizer: bool = False) -> str:
-  dst = _check_dst(dst)
+  dst = _check_dst(dst, [src, into])
   src_state, src_meta = _restore(src)
   dst_state, dst_meta = _restore(into)
   new_state, info = transplant(dst_state, dst_meta["model"], src_state, src_meta["model"],
@@ -699,7 +706,7 @@ def run_transplant(src: str, branch: int, into: str, slot: int, dst: str, *,
 
 
 def run_extract(src: str, branch: int, dst: str, *, reset_optimizer: bool = False) -> str:
-  dst = _check_dst(dst)
+  dst = _check_dst(dst, [src])
   state, meta = _restore(src)
   new_state, info = extract(state, meta["model"], branch=branch, reset_optimizer=reset_optimizer)
   return _save(dst, new_state, info, meta, {
@@ -711,8 +718,8 @@ def run_extract(src: str, branch: int, dst: str, *, reset_optimizer: bool = Fals
 # Command line.
 
 
-class _UsageError(Exception):
-  pass
+class _UsageError(ValueError):
+  """A bad command line (argparse's message)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -783,30 +790,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from absl import logging as absl_logging  # Orbax logs warnings on every read-only restore
   absl_logging.set_verbosity(absl_logging.ERROR)
   checkpoints.quiet_orbax_noise()
-  try:
-    args = _parser().parse_args(argv)
-    if args.command == "expand":
-      out = run_expand(args.src, args.dst, args.branches, mode=args.mode, sources=args.sources,
-                       seed=args.seed, fresh_gate=args.fresh_gate,
-                       reset_optimizer=args.reset_optimizer)
-    elif args.command == "merge":
-      out = run_merge(args.src, args.dst, slots=args.slots, trunk_from=args.trunk_from,
-                      fresh_gate=args.fresh_gate, seed=args.seed,
-                      reset_optimizer=args.reset_optimizer)
-    elif args.command == "transplant":
-      out = run_transplant(args.src, args.branch, args.into, args.slot, args.dst,
-                           reset_optimizer=args.reset_optimizer)
-    elif args.command == "extract":
-      out = run_extract(args.src, args.branch, args.dst, reset_optimizer=args.reset_optimizer)
-    else:
-      print(describe_checkpoint(args.checkpoint))
-      return 0
-  except (_UsageError, ValueError, OSError) as e:
-    message = " ".join(str(e).split()) or type(e).__name__
-    print(f"error: {message}", file=sys.stderr)
-    return 1
-  print(describe_checkpoint(out))
-  return 0
+  return cli.exit_status(_run, argv)
+
+
+def _run(argv) -> None:
+  args = _parser().parse_args(argv)
+  if args.command == "expand":
+    out = run_expand(args.src, args.dst, args.branches, mode=args.mode, sources=args.sources,
+                     seed=args.seed, fresh_gate=args.fresh_gate,
+                     reset_optimizer=args.reset_optimizer)
+  elif args.command == "merge":
+    out = run_merge(args.src, args.dst, slots=args.slots, trunk_from=args.trunk_from,
+                    fresh_gate=args.fresh_gate, seed=args.seed,
+                    reset_optimizer=args.reset_optimizer)
+  elif args.command == "transplant":
+    out = run_transplant(args.src, args.branch, args.into, args.slot, args.dst,
+                         reset_optimizer=args.reset_optimizer)
+  elif args.command == "extract":
+    out = run_extract(args.src, args.branch, args.dst, reset_optimizer=args.reset_optimizer)
+  else:
+    out = None
+  print(describe_checkpoint(out if out is not None else args.checkpoint))
 
 
 def run():

@@ -25,8 +25,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from one_jax import checkpoints, input_pipeline, losses, metric_writers, model_spec, optimizer
-from one_jax import parallel, preemption, two_stage, workdirs
+from one_jax import checkpoints, config_checks, input_pipeline, losses, metric_writers
+from one_jax import model_spec, optimizer, parallel, preemption, two_stage, workdirs
 from one_jax.cpu import xla_options
 
 DATA = parallel.DATA_AXIS
@@ -234,15 +234,11 @@ def _host_info():
 
 
 def check_config(config) -> None:
-  """Cheap checks of the fields everything else builds on: one-line errors, nothing read or
-  written (the data, the optimizer and the batch sizes are checked where they are built)."""
+  """Every field's range or set of values (config_checks.RULES), then the model the fields
+  describe together: one-line errors, nothing read or written (the data and the batch sizes
+  vs devices are checked where they are built)."""
+  config_checks.check(config)
   model_spec.ModelSpec.from_config(config)  # kind, depth, branches, classes, impls, active mask
-  xla_options.resolve_cpu_conv_library(config.get("cpu_conv_library", "auto"))
-  milestones = config.get("milestones", ())
-  if not isinstance(milestones, (tuple, list)) or not all(
-      isinstance(m, int) and not isinstance(m, bool) for m in milestones):
-    raise ValueError(f"milestones={milestones!r} is invalid: give epochs as integers, e.g. "
-                     "--config.milestones='(150, 225)'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +308,10 @@ def _restore_or_init(run: _Run, fresh: Dict[str, Any]) -> _Start:
                    epoch=int(meta["epoch"]), step_in_epoch=int(meta.get("step_in_epoch", 0)),
                    partial_sums=meta.get("train_sums"), last_saved=last_saved,
                    unreadable=tuple(unreadable))
-    if run.is_main:
+    if run.is_main and start.epoch >= config.num_epochs:
+      print(f"{workdir} has finished its {config.num_epochs} epochs (checkpoint step "
+            f"{last_saved}): nothing to train; raise --config.num_epochs to train on", flush=True)
+    elif run.is_main:
       where = (f", step {start.step_in_epoch} of {run.steps_per_epoch}" if start.step_in_epoch
                else "")
       print(f"resuming {workdir} from checkpoint step {last_saved} (epoch {start.epoch + 1}"
@@ -521,7 +520,8 @@ def _check_finite(config, pending, steps_per_epoch: int, last_saved: Optional[in
       f"non-finite values at step {epoch * steps_per_epoch + index + 1} (epoch {epoch + 1}, step "
       f"{index + 1} of {steps_per_epoch}) in: {'; '.join(parts)}. Training stopped without "
       f"applying that update and {kept}: lower the learning rate ({lr_now}) or check the data, "
-      "then rerun")
+      "then start again with a new --workdir or --config.new_run=True (this workdir keeps the "
+      "run's config)")
 
 
 def _best_metric(spec, metrics):

@@ -126,7 +126,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
         # Sources without a gate (baselines) get freshly initialised gate columns: all-zero
         # columns would give the gate no gradient at all.
         surgery.run_merge(paths, init_dir, trunk_from=trunk_from, fresh_gate="init",
-                          seed=config.seed, reset_optimizer=config.reset_optimizer)
+                          seed=config.seed, reset_optimizer=config.reset_optimizer,
+                          into_run=True)
     except BaseException:
       if created:  # bad sources leave nothing behind (the surgery itself writes atomically)
         shutil.rmtree(workdir, ignore_errors=True)

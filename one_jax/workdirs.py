@@ -1,5 +1,9 @@
 """Workdir safety: a run directory belongs to one config, and another never overwrites it.
 
+Writers other than the run itself (surgery, convert) never write into a run or a checkpoint
+directory: `check_destination` refuses any destination with such an ancestor, or inside a
+source it reads.
+
 A workdir holds one run: WORKDIR/config.json (the config it was started with) and its
 checkpoints. Starting again in the same directory resumes that run, and is refused when the
 config differs in anything but the fields that are safe to change on resume (SAFE_TO_CHANGE).
@@ -7,7 +11,11 @@ config differs in anything but the fields that are safe to change on resume (SAF
 """
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import flax.traverse_util
+
+from one_jax import run_lock
 
 CONFIG_NAME = "config.json"
 CHECKPOINT_SUBDIR = "checkpoints"  # == checkpoints.CHECKPOINT_SUBDIR (no JAX import here)
@@ -15,18 +23,12 @@ CHECKPOINT_SUBDIR = "checkpoints"  # == checkpoints.CHECKPOINT_SUBDIR (no JAX im
 # Fields that do not change what the run computes up to the last checkpoint: how long it
 # goes on, how it reports, how many checkpoints it keeps, where TFDS lives, how to resume.
 SAFE_TO_CHANGE = ("num_epochs", "progress_bar", "keep_checkpoints", "eval_batch_size",
-                  "resume_fallback", "new_run", "data_dir")
+                  "resume_fallback", "new_run", "data_dir", "adopt_checkpoints", "download")
 _MAX_LISTED = 6
 
 
-def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+def _flat(tree: Dict[str, Any]) -> Dict[str, Any]:
+  return flax.traverse_util.flatten_dict(tree, sep=".") if tree else {}
 
 
 def as_json(config) -> Dict[str, Any]:
@@ -72,9 +74,11 @@ def differences(stored: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
 
 
 def holds_run(workdir: str) -> bool:
-  """True when WORKDIR has a config.json or a checkpoint directory with anything in it."""
+  """True when WORKDIR has a config.json, a run's lock (a run is starting there) or a
+  checkpoint directory with anything in it."""
   ckpt = os.path.join(workdir, CHECKPOINT_SUBDIR)
   return (os.path.exists(os.path.join(workdir, CONFIG_NAME))
+          or os.path.exists(os.path.join(workdir, run_lock.LOCK_NAME))
           or (os.path.isdir(ckpt) and bool(os.listdir(ckpt))))
 
 
@@ -94,18 +98,77 @@ def check_usable(workdir: str) -> None:
     raise ValueError(f"--workdir={workdir} is a file, not a directory: pass a directory path")
 
 
+def checkpoint_config(workdir: str) -> Optional[Tuple[int, Dict[str, Any]]]:
+  """(step, config) stored in the meta of the newest checkpoint whose meta is readable, or
+  None. Reads the small JSON item only, never the arrays."""
+  ckpt_dir = os.path.join(workdir, CHECKPOINT_SUBDIR)
+  if not os.path.isdir(ckpt_dir):
+    return None
+  steps = sorted((int(n) for n in os.listdir(ckpt_dir)
+                  if n.isdigit() and _is_step_dir(os.path.join(ckpt_dir, n))), reverse=True)
+  if not steps:
+    return None
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (only when needed)
+  from one_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  mngr = checkpoints.manager(ckpt_dir, read_only=True)
+  try:
+    for step in steps:
+      try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception:  # pylint: disable=broad-except  (a damaged step: try the one before)
+        continue
+      if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+        return step, dict(meta["config"])
+  finally:
+    mngr.close()
+  return None
+
+
+def _holds_checkpoints(workdir: str) -> bool:
+  ckpt = os.path.join(workdir, CHECKPOINT_SUBDIR)
+  return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
+
+
 def check_config(config, workdir: str) -> None:
-  """Refuses (ValueError, listing the differences) to train in a workdir of another config."""
+  """Refuses (ValueError, listing the differences) to train in a workdir of another config.
+
+  The run's config is WORKDIR/config.json; when that is missing or unreadable, the config
+  stored in its newest readable checkpoint. A workdir with checkpoints but neither is refused
+  unless config.adopt_checkpoints (the user vouches that they belong to this config).
+  """
   check_usable(workdir)
-  stored = stored_config(workdir)
+  try:
+    stored, source = stored_config(workdir), CONFIG_NAME
+  except ValueError as unreadable:
+    stored, source = None, None
+    damaged = unreadable
+  else:
+    damaged = None
   if stored is None:
-    return
+    found = checkpoint_config(workdir)
+    if found is not None:
+      stored, source = found[1], f"the config of its checkpoint step {found[0]} ({CONFIG_NAME} " + (
+          "is unreadable)" if damaged else "is missing)")
+    elif config.get("adopt_checkpoints", False):
+      return
+    elif damaged is not None:
+      raise damaged
+    elif _holds_checkpoints(workdir):
+      raise ValueError(
+          f"{workdir} holds checkpoints but no {CONFIG_NAME} and no checkpoint with a readable "
+          "config, so this config cannot be checked against the run's: if the checkpoints are "
+          "of this config, add --config.adopt_checkpoints=True; otherwise pass a new --workdir "
+          "(nothing was changed)")
+    else:
+      return
   diffs = differences(stored, as_json(config))
   if not diffs:
     return
   listed = "; ".join(diffs[:_MAX_LISTED])
   if len(diffs) > _MAX_LISTED:
     listed += f"; and {len(diffs) - _MAX_LISTED} more"
+  if source != CONFIG_NAME:
+    listed += f"; compared with {source}"
   raise ValueError(
       f"{workdir} holds a run with a different config ({listed}): to resume it, use its config "
       f"(only {', '.join(SAFE_TO_CHANGE)} may change); to start a new run, pass a new --workdir "
@@ -122,3 +185,68 @@ def write_config(config, workdir: str) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- destinations
+
+
+def _is_step_dir(path: str) -> bool:
+  """An Orbax step folder of a one_jax checkpoint (its 'state' and 'meta' items)."""
+  return os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta"))
+
+
+def _is_checkpoint_root(path: str) -> bool:
+  """A checkpoint manager's directory: step folders named by their step number."""
+  try:
+    names = os.listdir(path)
+  except OSError:
+    return False
+  return any(n.isdigit() and _is_step_dir(os.path.join(path, n)) for n in names)
+
+
+def is_run_dir(path: str) -> bool:
+  """A training run's directory: its config.json beside its checkpoint directory."""
+  return (os.path.isfile(os.path.join(path, CONFIG_NAME))
+          and os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)))
+
+
+def _what_is(path: str) -> Optional[str]:
+  if is_run_dir(path):
+    return "the run directory"
+  if _is_step_dir(path):
+    return "the checkpoint step"
+  if _is_checkpoint_root(path):
+    return "the checkpoint directory"
+  return None
+
+
+def check_destination(dst: str, sources: Sequence[str] = (), flag: str = "--dst") -> str:
+  """Refuses (ValueError) a destination inside a run, a checkpoint or one of `sources`.
+
+  A step folder written into RUN/checkpoints would become the run's latest checkpoint (resume
+  and load_model would take it); anything written inside a source changes what was read.
+  Returns the absolute destination.
+  """
+  dst = os.path.abspath(os.fspath(dst))
+  real = os.path.realpath(dst)
+  for src in sources:
+    src_real = os.path.realpath(os.fspath(src))
+    if real == src_real or real.startswith(src_real.rstrip(os.sep) + os.sep):
+      raise ValueError(f"{flag} {dst} lies inside the source {src}: writing there would change "
+                       f"the source; choose a {flag} outside it (nothing was written)")
+  parent = os.path.dirname(real)
+  while True:
+    what = _what_is(parent)
+    if what:
+      raise ValueError(f"{flag} {dst} lies inside {what} {parent}: writing there could damage "
+                       f"it (a new step folder becomes a run's latest checkpoint); choose a "
+                       f"{flag} outside runs and checkpoint directories (nothing was written)")
+    up = os.path.dirname(parent)
+    if up == parent:
+      return dst
+    parent = up
+
+
+def check_not_inside_a_run(workdir: str) -> None:
+  """A new run's directory may not lie inside another run or a checkpoint directory."""
+  check_destination(workdir, (), flag="--workdir")

@@ -3,9 +3,10 @@
   python tests/fault_injection.py --config=... --workdir=...     (fault from $ONE_JAX_FAULT)
 
 ONE_JAX_FAULT:
-  signal_at_step=SIGTERM:K  the process sends itself the signal as it takes its K-th training
-                            batch (1-based, counted in this process): step K runs, then the
-                            run stops as it would on a real preemption.
+  signal_at_step=SIGTERM:K[:N]  the process sends itself the signal (N times, default once)
+                            as it takes its K-th training batch (1-based, counted in this
+                            process): step K runs, then the run stops as it would on a real
+                            preemption (twice: at once, as on a second signal).
   nan_at_step=K             the K-th training batch of this process is all NaN.
   block_in_save=STEP        the checkpoint save of STEP stops just before its commit (every
                             file written in STEP.orbax-checkpoint-tmp, the rename to STEP not
@@ -49,12 +50,13 @@ def _wrap_train_batches(on_batch):
 
 
 def _signal_at_step(spec):
-  name, k = spec.split(":")
-  signum, k = getattr(signal, name), int(k)
+  name, k, *times = spec.split(":")
+  signum, k, times = getattr(signal, name), int(k), int(times[0]) if times else 1
 
   def on_batch(n, batch):
     if n == k:
-      os.kill(os.getpid(), signum)
+      for _ in range(times):
+        os.kill(os.getpid(), signum)
     return batch
   _wrap_train_batches(on_batch)
 

@@ -284,7 +284,7 @@ def test_torch_reference_names_and_order():
 def _write_pth(tmp_path, depth=8, branches=3, name="in.pth.tar", **extra):
   torch_model, _, _ = _torch_model(depth, branches)
   state = {"epoch": 7, "state_dict": _prefixed(torch_model), "best_acc": torch.tensor(91.5),
-           "args": argparse.Namespace(depth=depth), **extra}  # Namespace: needs the full unpickle
+           "args": argparse.Namespace(depth=depth), **extra}  # Namespace: on the safe list
   path = tmp_path / name
   torch.save(state, path)
   return path, state
@@ -365,6 +365,13 @@ def test_shape_mismatch_and_block_type_mismatch(tmp_path):
     convert.import_state_dict(sd)
 
 
+class NotOnTheSafeList:
+  """A harmless object of a type that only a full unpickle reads."""
+
+  def __init__(self, value=1):
+    self.value = value
+
+
 @pytest.mark.parametrize("kind", ["missing", "directory", "garbage", "no_state_dict", "pickle"])
 def test_bad_input_files(tmp_path, capsys, kind):
   path = tmp_path / "in.pth.tar"
@@ -375,11 +382,12 @@ def test_bad_input_files(tmp_path, capsys, kind):
   elif kind == "no_state_dict":
     torch.save({"epoch": 3, "optimizer": {"lr": torch.tensor(0.1)}}, path)
   elif kind == "pickle":
-    path, _ = _write_pth(tmp_path)
+    path, _ = _write_pth(tmp_path, extra_object=NotOnTheSafeList())
   out = tmp_path / "out"
-  argv = [str(path), str(out)] + (["--no_pickle"] if kind == "pickle" else [])
-  err = _one_line_error(capsys, argv)
+  err = _one_line_error(capsys, [str(path), str(out)])
   assert str(path) in err
+  if kind == "pickle":
+    assert "NotOnTheSafeList" in err and "--allow_pickle" in err
   assert not os.path.exists(out)
   assert sorted(os.listdir(tmp_path)) == sorted(["in.pth.tar"] if kind != "missing" else [])
 
@@ -418,3 +426,65 @@ def test_command_line_entry_point(tmp_path, repo_root):
   assert proc.stderr.strip().splitlines() == [f"error: {missing} does not exist: pass a PyTorch "
                                               ".pth.tar or state-dict file"]
   assert not os.path.exists(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+
+class _RunsACommand:
+  """What a hostile .pth.tar carries: unpickling it calls os.system."""
+
+  def __init__(self, command):
+    self.command = command
+
+  def __reduce__(self):
+    return (os.system, (self.command,))
+
+
+def test_malicious_pickle_runs_nothing_and_converts_nothing(tmp_path):
+  marker = tmp_path / "marker"
+  torch_model, _, _ = _torch_model(8, 3)
+  path = tmp_path / "evil.pth.tar"
+  torch.save({"epoch": 1, "state_dict": _prefixed(torch_model),
+              "payload": _RunsACommand(f"touch {marker}")}, path)
+  out = tmp_path / "out"
+  proc = subprocess.run([sys.executable, "-m", "one_jax.convert", str(path), str(out)],
+                        capture_output=True, text=True, check=False,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+  assert "posix.system" in lines[0] and "--allow_pickle" in lines[0]
+  assert not marker.exists() and not out.exists()
+  with pytest.raises(convert.ConversionError, match="posix.system"):  # the library too
+    convert.load_torch_checkpoint(str(path))
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize("extra", ["authors", "namespace_and_numpy"])
+def test_authors_layouts_convert_without_opt_in(tmp_path, capsys, extra):
+  torch_model, _, _ = _torch_model(8, 3)
+  sd = _prefixed(torch_model)
+  optimizer = torch.optim.SGD(torch_model.parameters(), lr=0.1, momentum=0.9)
+  state = {"epoch": 5, "state_dict": sd, "acc": 90.5, "best_acc": torch.tensor(91.0),
+           "optimizer": optimizer.state_dict()}
+  if extra == "namespace_and_numpy":
+    state.update(args=argparse.Namespace(depth=8, lr=0.1), acc=np.float64(90.5),
+                 top5=np.float32(99.0), history=np.array([1.0, 2.0]))
+  path = tmp_path / "in.pth.tar"
+  torch.save(state, path)
+  assert convert.main([str(path), str(tmp_path / "out")]) == 0
+  assert capsys.readouterr().err == ""
+  _, meta = checkpoints.restore_raw(str(tmp_path / "out"))
+  assert meta["epoch"] == 5 and meta["torch"]["extras"]["acc"] == pytest.approx(90.5)
+
+
+def test_allow_pickle_reads_other_types_with_a_warning(tmp_path, capsys):
+  path, _ = _write_pth(tmp_path, extra_object=NotOnTheSafeList())
+  with pytest.raises(convert.ConversionError, match="NotOnTheSafeList"):
+    convert.load_torch_checkpoint(str(path))
+  assert convert.main(["--allow_pickle", str(path), str(tmp_path / "out")]) == 0
+  err = capsys.readouterr().err
+  assert err.startswith("warning: --allow_pickle") and "runs any code" in err
+  model, _ = convert.load_torch_checkpoint(str(path), allow_pickle=True)
+  assert model.num_branches == 3

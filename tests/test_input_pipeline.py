@@ -279,8 +279,7 @@ def test_tfds_class_count_must_match():
     ip.get_datasets(_config(dataset="cifar100", num_classes=10))
 
 
-def test_tfds_not_prepared_fails_fast_without_network(tmp_path, monkeypatch):
-  pytest.importorskip("tensorflow_datasets")
+def _no_network(monkeypatch):
   attempts = []
 
   def no_network(*args, **kwargs):
@@ -289,14 +288,50 @@ def test_tfds_not_prepared_fails_fast_without_network(tmp_path, monkeypatch):
 
   monkeypatch.setattr(socket, "getaddrinfo", no_network)
   monkeypatch.setattr(socket.socket, "connect", no_network)
-  with pytest.raises(RuntimeError) as excinfo:
-    ip.get_datasets(_config(dataset="cifar10", data_dir=str(tmp_path)))
+  return attempts
+
+
+def test_tfds_download_forbidden_fails_fast_without_network(tmp_path, monkeypatch):
+  attempts = _no_network(monkeypatch)
+  with pytest.raises(ValueError) as excinfo:
+    ip.get_datasets(_config(dataset="cifar10", data_dir=str(tmp_path), download=False))
   message = _single_line_error(excinfo)
-  for fragment in ["'cifar10'", "not prepared", str(tmp_path),
-                   "tfds.data_source('cifar10', download=True)",
-                   "tfds build cifar10 --file_format=array_record", "--config.npz_path"]:
+  for fragment in ["'cifar10'", "not prepared", str(tmp_path), "--config.download=False",
+                   "--config.npz_path"]:
     assert fragment in message, message
   assert not attempts
+
+
+def test_tfds_offline_download_is_one_line_with_the_fix(tmp_path, monkeypatch):
+  _no_network(monkeypatch)
+  with pytest.raises(ValueError) as excinfo:
+    ip.get_datasets(_config(dataset="cifar10", data_dir=str(tmp_path)))
+  message = _single_line_error(excinfo)
+  # Either the download fails (no internet) or preparing lacks a package: both say the fix.
+  assert "'cifar10'" in message and "--config.npz_path" in message, message
+  assert "pip install " in message or "could not be downloaded" in message, message
+
+
+def test_tfds_first_use_downloads_and_prepares(tmp_path, capsys):
+  from tensorflow_datasets.testing import mocking  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  prepared = []
+  with mocking.mock_data(num_examples=6):  # TFDS's double: a no-op download, fake examples
+    mocked = tfds.core.DatasetBuilder.download_and_prepare
+
+    def recording(self, *args, **kwargs):
+      prepared.append((self.name, kwargs.get("file_format")))
+      return mocked(self, *args, **kwargs)
+
+    tfds.core.DatasetBuilder.download_and_prepare = recording
+    try:
+      train, test, info = ip.get_datasets(_config(dataset="cifar10", data_dir=str(tmp_path)))
+    finally:
+      tfds.core.DatasetBuilder.download_and_prepare = mocked
+  assert prepared and prepared[0] == ("cifar10", "array_record")
+  assert (info.num_train, info.num_test, info.image_shape) == (6, 6, (32, 32, 3))
+  assert train[0]["image"].dtype == np.uint8 and 0 <= train[0]["label"] < 10
+  assert f"preparing TFDS dataset 'cifar10' in {tmp_path}" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ optimizer state and metrics.csv of an uninterrupted run.
 import concurrent.futures
 import csv
 import hashlib
+import json
 import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from one_jax import checkpoints, preemption, train, workdirs
+from one_jax import checkpoints, config_checks, preemption, run_lock, train, workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULT_SCRIPT = os.path.join(ROOT, "tests", "fault_injection.py")
@@ -190,6 +192,8 @@ def test_sigkill_inside_a_save_keeps_the_previous_checkpoint(reference_run, tmp_
       proc.kill()
       proc.wait()
   assert sorted(os.listdir(ckpt_dir)) == ["4", "8.orbax-checkpoint-tmp"]
+  with open(os.path.join(workdir, run_lock.LOCK_NAME)) as f:  # left behind by the killed run
+    assert json.load(f)["pid"] == proc.pid
   step, _, meta, unreadable = checkpoints.restore_latest(ckpt_dir)
   assert (step, meta["epoch"], unreadable) == (4, 1, [])
   assert checkpoints.restore_raw(workdir)[1]["step"] == 4
@@ -198,6 +202,7 @@ def test_sigkill_inside_a_save_keeps_the_previous_checkpoint(reference_run, tmp_
   assert resumed.returncode == 0, resumed.stderr
   assert "from checkpoint step 4 (epoch 2)" in resumed.stdout
   assert sorted(os.listdir(ckpt_dir)) == ["4", "8"]  # the partial save was cleaned up
+  assert not os.path.exists(os.path.join(workdir, run_lock.LOCK_NAME))  # released at the end
   _assert_same_run(reference_run, workdir)
 
 
@@ -248,6 +253,8 @@ def test_diverging_learning_rate_stops_at_the_first_non_finite_step(tmp_path):
   assert "(epoch 2, step " in message and " of 4) in: " in message
   assert any(w in message for w in ("loss term", "gradients", "parameter update"))
   assert f"the last good checkpoint, step 4 in {workdir}/checkpoints, is kept" in message
+  assert message.endswith("then start again with a new --workdir or --config.new_run=True "
+                          "(this workdir keeps the run's config)")
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
   state, _ = checkpoints.restore_raw(workdir)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state)
@@ -333,7 +340,9 @@ def test_bad_input_gets_one_line_and_leaves_everything_as_it_was(reference_run, 
       "missing_key": {"y_test": None},
       "wrong_shape": {"x_train": np.zeros((64, 32, 32), np.uint8)},
       "wrong_dtype": {"x_train": np.zeros((64, 32, 32, 3), np.float32)},
-      "labels_out_of_range": {"y_train": np.full(64, 12)}}.items()}
+      "labels_out_of_range": {"y_train": np.full(64, 12)},
+      "no_pixels": {"x_train": np.zeros((64, 0, 0, 3), np.uint8),
+                    "x_test": np.zeros((16, 0, 0, 3), np.uint8)}}.items()}
   new = str(tmp_path / "new_dir")  # must still not exist afterwards
   out = str(tmp_path / "out")
   main = [sys.executable, "-m", "one_jax.main"]
@@ -399,8 +408,24 @@ def test_bad_input_gets_one_line_and_leaves_everything_as_it_was(reference_run, 
                                                f"--dst={out}"],
        "extract: the model is already a plain ResNet", [out, existing], 1),
       ("surgery: existing destination", surgery + ["expand", f"--src={existing}",
-                                                   f"--dst={existing}", "--branches=3"],
+                                                   f"--dst={empty_cwd}", "--branches=3"],
        "already exists: choose a new --dst", [existing], 1),
+      ("surgery: destination is the source", surgery + ["expand", f"--src={existing}",
+                                                        f"--dst={existing}", "--branches=3"],
+       "lies inside the source", [existing], 1),
+      ("npz 0x0 images", main + smoke_new + [f"--config.npz_path={npz['no_pixels']}"],
+       "x_train images are 0x0 pixels; the model needs at least 4x4", [new], 1),
+      ("temperature 0", main + [f"--config={STEP1}:three_branch,smoke", f"--workdir={new}",
+                                "--config.temperature=0"],
+       "temperature=0.0 is invalid: it must be > 0", [new], 1),
+      ("TFDS data not prepared, offline", main + [f"--config={STEP1}:baseline",
+                                                  f"--workdir={new}",
+                                                  f"--config.data_dir={tmp_path}/tfds"],
+       "or train on a local file with --config.npz_path=FILE.npz", [new], 1),
+      ("TFDS download forbidden", main + [f"--config={STEP1}:baseline", f"--workdir={new}",
+                                          f"--config.data_dir={tmp_path}/tfds",
+                                          "--config.download=False"],
+       "--config.download=False forbids downloading it", [new], 1),
       ("convert: a directory", convert + [existing, out], "is a directory", [out, existing], 1),
       ("convert: not torch", convert + [npz["missing_key"], out], "not a PyTorch checkpoint",
        [out], 1),
@@ -410,6 +435,10 @@ def test_bad_input_gets_one_line_and_leaves_everything_as_it_was(reference_run, 
   ]
   if not os.path.exists(os.path.join(ROOT, "one_jax", "convert.py")):
     cases = [c for c in cases if not c[0].startswith("convert")]
+  # The cases run 4 at a time: each gets its own new workdir (a run's lock is per workdir).
+  cases = [(name, [a.replace(new, f"{new}-{i}") for a in command], expected,
+            [p.replace(new, f"{new}-{i}") for p in paths], devices)
+           for i, (name, command, expected, paths, devices) in enumerate(cases)]
   before = {p: _snapshot(p) for case in cases for p in case[3]}
   before[str(empty_cwd)] = _snapshot(str(empty_cwd))
 
@@ -431,3 +460,314 @@ def test_bad_input_gets_one_line_and_leaves_everything_as_it_was(reference_run, 
       if _snapshot(p) != before[p]:
         failures.append(f"{name}: {p} changed")
   assert not failures, "\n".join(failures)
+  assert not [n for n in os.listdir(tmp_path) if n.startswith("new_dir")]  # no workdir at all
+
+
+# ----------------------------------------------------------------------------- one run per workdir
+
+
+def test_two_simultaneous_starts_give_one_run_and_one_refusal(tmp_path):
+  workdir = str(tmp_path / "run")
+  procs = []
+  for lr in ("0.05", "0.04"):
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "one_jax.main"] + SMOKE + [f"--workdir={workdir}",
+                                                          f"--config.lr={lr}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()))
+  results = [(p, *p.communicate(timeout=TIMEOUT)) for p in procs]
+  codes = sorted(p.returncode for p, _, _ in results)
+  assert codes == [0, 1], [(p.returncode, err[-800:]) for p, _, err in results]
+  (winner, _, _), = [r for r in results if r[0].returncode == 0]
+  (_, _, refusal), = [r for r in results if r[0].returncode == 1]
+  lines = refusal.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: {workdir} is in use by a live run "
+                                                 f"(host {socket.gethostname()}, pid "
+                                                 f"{winner.pid}"), refusal
+  lr = 0.05 if winner is procs[0] else 0.04
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["lr"] == lr
+  assert [row["epoch"] for row in _metrics_rows(workdir)] == ["1", "2"]  # one run's rows
+  assert not os.path.exists(os.path.join(workdir, run_lock.LOCK_NAME))
+
+
+def _write_lock(workdir, **holder):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, run_lock.LOCK_NAME), "w") as f:
+    json.dump(dict({"token": "t"}, **holder), f)
+
+
+def test_lock_of_a_live_holder_refuses_a_dead_one_is_taken_over(tmp_path):
+  workdir = str(tmp_path / "run")
+  here = socket.gethostname()
+  sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    _write_lock(workdir, host=here, pid=sleeper.pid,
+                start_time=run_lock._process_start_time(sleeper.pid), heartbeat=time.time())
+    with pytest.raises(run_lock.RunLocked, match=f"host {here}, pid {sleeper.pid}"):
+      run_lock.RunLock(workdir).acquire()
+    # The same pid with another start time is another process: the holder is gone.
+    _write_lock(workdir, host=here, pid=sleeper.pid, start_time=1, heartbeat=time.time())
+    run_lock.RunLock(workdir).acquire().release()
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  _write_lock(workdir, host=here, pid=sleeper.pid, heartbeat=time.time())  # killed: pid gone
+  lock = run_lock.RunLock(workdir).acquire()
+  with pytest.raises(run_lock.RunLocked, match=f"pid {os.getpid()}"):
+    run_lock.RunLock(workdir).acquire()
+  lock.release()
+  assert os.listdir(workdir) == []
+  # Another machine: alive while its heartbeat is fresh, dead after STALE_AFTER_S.
+  _write_lock(workdir, host="another-host", pid=1, heartbeat=time.time() - 5)
+  with pytest.raises(run_lock.RunLocked, match="host another-host, pid 1"):
+    run_lock.RunLock(workdir).acquire()
+  _write_lock(workdir, host="another-host", pid=1,
+              heartbeat=time.time() - run_lock.STALE_AFTER_S - 1)
+  run_lock.RunLock(workdir).acquire().release()
+
+
+def test_lock_heartbeat_refreshes_and_release_removes_a_new_workdir(tmp_path, monkeypatch):
+  monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+  workdir = str(tmp_path / "new")
+  lock = run_lock.RunLock(workdir).acquire()
+  path = os.path.join(workdir, run_lock.LOCK_NAME)
+  with open(path) as f:
+    first = json.load(f)["heartbeat"]
+  deadline = time.time() + 10
+  while time.time() < deadline:
+    with open(path) as f:
+      if json.load(f)["heartbeat"] > first:
+        break
+    time.sleep(0.05)
+  else:
+    pytest.fail("the heartbeat was not refreshed")
+  lock.release()
+  assert not os.path.exists(workdir)  # created by the lock, left empty: removed
+
+
+# ----------------------------------------------------------------------------- config fallback
+
+
+def test_missing_config_json_falls_back_on_the_checkpoint_config(reference_run, tmp_path):
+  workdir = _copy(reference_run, tmp_path)
+  os.remove(os.path.join(workdir, "config.json"))
+  before = _snapshot(workdir)
+  refused = _main(SMOKE + [f"--workdir={workdir}", "--config.lr=0.1"])
+  lines = refused.stderr.strip().splitlines()
+  assert refused.returncode == 1 and len(lines) == 1, refused.stderr
+  assert f"{workdir} holds a run with a different config (lr: 0.05 -> 0.1; compared with the " \
+         "config of its checkpoint step 8 (config.json is missing))" in lines[0]
+  assert _snapshot(workdir) == before
+
+
+def test_checkpoints_without_any_config_need_adopt_checkpoints(tmp_path):
+  from configs import step1  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  for item in ("state", "meta"):  # a step folder whose meta cannot be read
+    (workdir / "checkpoints" / "4" / item).mkdir(parents=True)
+  config = step1.get_config("baseline,smoke")
+  with pytest.raises(ValueError, match="no config.json and no checkpoint with a readable config"
+                     ".*--config.adopt_checkpoints=True"):
+    workdirs.check_config(config, str(workdir))
+  config.adopt_checkpoints = True
+  workdirs.check_config(config, str(workdir))
+
+
+# ----------------------------------------------------------------------------- destinations
+
+
+def test_surgery_into_a_run_is_refused_and_the_run_still_resumes(reference_run, tmp_path):
+  workdir = _copy(reference_run, tmp_path)
+  before = _snapshot(workdir)
+  result = subprocess.run(
+      [sys.executable, "-m", "one_jax.surgery", "expand", f"--src={workdir}",
+       f"--dst={workdir}/checkpoints/99", "--branches=3"], cwd=ROOT, capture_output=True,
+      text=True, timeout=TIMEOUT, env=_env())
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1 and len(lines) == 1, result.stderr
+  assert lines[0].startswith(f"error: --dst {workdir}/checkpoints/99 lies inside")
+  assert _snapshot(workdir) == before
+  resumed = _main(SMOKE + [f"--workdir={workdir}"])
+  assert resumed.returncode == 0, resumed.stderr
+  assert f"{workdir} has finished its 2 epochs (checkpoint step 8): nothing to train" in \
+      resumed.stdout
+  assert "(epoch 3" not in resumed.stdout
+  assert checkpoints.restore_raw(workdir)[1]["step"] == 8
+
+
+def test_destination_rule(reference_run, tmp_path):
+  run = reference_run
+  for dst in (f"{run}/x", f"{run}/checkpoints/99", f"{run}/checkpoints/8/x",
+              f"{run}/tensorboard/x"):
+    with pytest.raises(ValueError, match="lies inside the (run directory|checkpoint)"):
+      workdirs.check_destination(dst)
+  source = tmp_path / "plain"
+  source.mkdir()
+  with pytest.raises(ValueError, match="lies inside the source"):
+    workdirs.check_destination(str(source / "out"), [str(source)])
+  assert workdirs.check_destination(str(tmp_path / "out"), [str(source)]) == str(
+      tmp_path / "out")
+  from one_jax import convert  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="OUT_DIR .* lies inside the run directory"):
+    convert.convert_to_one_jax(str(tmp_path / "in.pth"), f"{run}/from_torch")
+  with pytest.raises(ValueError, match="OUT.pth.tar .* lies inside the source"):
+    convert.convert_to_torch(run, f"{run}/model.pth.tar")
+  with pytest.raises(ValueError, match="OUT.pth.tar .* lies inside the run directory"):
+    convert.convert_to_torch(str(tmp_path / "ckpt"), f"{run}/model.pth.tar")
+
+
+def test_finished_run_without_metrics_files_keeps_its_summary(reference_run, tmp_path):
+  workdir = _copy(reference_run, tmp_path)
+  with open(os.path.join(workdir, "summary.txt")) as f:
+    summary = f.read()
+  assert "Test accuracy after 2 epochs" in summary
+  for name in ("metrics.csv", "metrics.jsonl"):
+    os.remove(os.path.join(workdir, name))
+  result = _main(SMOKE + [f"--workdir={workdir}"])
+  assert result.returncode == 0, result.stderr
+  with open(os.path.join(workdir, "summary.txt")) as f:
+    assert f.read() == summary
+  assert "summary.txt and curves.png were left as they were" in result.stdout
+
+
+def test_second_signal_before_the_first_checkpoint_does_not_claim_one(tmp_path):
+  workdir = str(tmp_path / "run")
+  result = _main(SMOKE + [f"--workdir={workdir}"], fault="signal_at_step=SIGTERM:1:2")
+  assert result.returncode == 130, result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: interrupted again while stopping") and "intact" not in last
+  assert "no checkpoint had been written yet, so the same command starts the run again" in last
+  assert not os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+# ----------------------------------------------------------------------------- every field's check
+
+CASES_SCRIPT = os.path.join(ROOT, "tests", "cli_cases.py")
+STEP2 = os.path.join(ROOT, "configs", "step2.py")
+STEP2_FIELDS = ("source", "sources", "surgery", "expand_mode", "expand_from", "trunk_from",
+                "symmetry_noise", "symmetry_break", "reset_optimizer")
+
+
+def _base_args(field):
+  if field in STEP2_FIELDS:
+    return [f"--config={STEP2}:three_into_five,smoke", "--config.progress_bar=False"]
+  return [f"--config={STEP1}:three_branch,smoke", "--config.progress_bar=False"]
+
+
+def _base_config(field):
+  from configs import step1, step2  # pylint: disable=g-import-not-at-top
+  return (step2.get_config("three_into_five,smoke") if field in STEP2_FIELDS
+          else step1.get_config("three_branch,smoke"))
+
+
+def _invalid_values(field, rng):
+  """Values of `field` outside its checked range or set (as command-line text), or [] when
+  every value of its type is valid (plain strings: paths are checked when read)."""
+  kind = config_checks.kind_of(field)
+  config = _base_config(field)
+  k = int(rng.integers(0, 1000))
+  if field == "depth":
+    return [str(6 * (k % 20) + 2 + int(rng.integers(1, 6))), str(int(rng.integers(-50, 8)))]
+  if isinstance(kind, config_checks.Number):
+    low, high = kind.bounds(config)
+    out = []
+    if low is not None:
+      if kind.integer:
+        below = low - (0 if kind.low_open else 1) - k
+        out.append(str(below if below not in kind.also else below - 1))
+      else:
+        out.append(repr(low - (0.0 if kind.low_open else 1e-6) - float(rng.uniform(0, 10))))
+    if high is not None:
+      if kind.integer:
+        out.append(str(high + (0 if kind.high_open else 1) + k))
+      else:
+        out.append(repr(high + (0.0 if kind.high_open else 1e-6) + float(rng.uniform(0, 10))))
+    if not kind.integer:
+      out.append(str(rng.choice(["nan", "inf", "-inf"])))
+    return out
+  if isinstance(kind, config_checks.OneOf):
+    return [f"bogus{k}"]
+  if isinstance(kind, config_checks.Flag):
+    return [str(rng.choice(["maybe", "2", "yes please"]))]
+  if isinstance(kind, config_checks.Epochs):
+    return [f"({config.num_epochs + 1 + k},)", f"(0, {config.num_epochs})", "(1.5,)"]
+  if field == "active_branches":
+    return [str(config.num_branches + k), "0,x"]
+  if field == "expand_from":
+    return [f"a{k}", "-1"]
+  if field == "trunk_from":
+    return [f"first{k}", "-1"]
+  return []
+
+
+CHECKED_FIELDS = [f for f in config_checks.FIELDS if _invalid_values(f, np.random.default_rng(0))]
+
+
+def _run_cases(cases, tmp_path):
+  """[(args, workdir)] -> their results, from one process (tests/cli_cases.py)."""
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  proc = subprocess.run([sys.executable, CASES_SCRIPT], input=json.dumps([a for a, _ in cases]),
+                        cwd=str(cwd), capture_output=True, text=True, timeout=TIMEOUT,
+                        env=_env(PYTHONPATH=ROOT))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert os.listdir(cwd) == []  # nothing written where the commands ran
+  return json.loads(proc.stdout)
+
+
+def _check_refusal(result, workdir, field, value):
+  lines = result["stderr"].strip().splitlines()
+  problem = f"{field}={value}: exit {result['code']}, stderr {result['stderr'][-600:]!r}"
+  assert result["code"] == 1, problem
+  assert len(lines) == 1 and lines[0].startswith("error: "), problem
+  assert "Traceback" not in result["stderr"], problem
+  assert f"{field}=" in lines[0] or f"--config.{field}" in lines[0], problem
+  assert not os.path.exists(workdir), problem
+
+
+@pytest.fixture(scope="module")
+def field_refusals(tmp_path_factory):
+  """One refused command line per checked field (the first invalid value drawn)."""
+  tmp_path = tmp_path_factory.mktemp("fields")
+  rng = np.random.default_rng(0)
+  cases, meta = [], []
+  for field in CHECKED_FIELDS:
+    value = _invalid_values(field, rng)[0]
+    workdir = str(tmp_path / f"run_{field}")
+    cases.append((_base_args(field) + [f"--workdir={workdir}", f"--config.{field}={value}"],
+                  workdir))
+    meta.append((field, value, workdir))
+  results = _run_cases(cases, tmp_path)
+  return {field: (result, workdir, value) for (field, value, workdir), result in
+          zip(meta, results)}
+
+
+def test_every_config_field_has_a_check_row():
+  from configs import step1, step2  # pylint: disable=g-import-not-at-top
+  fields = set(step1.get_config("three_branch").keys()) | set(
+      step2.get_config("three_into_five").keys())
+  assert fields == set(config_checks.FIELDS)
+  plain = set(config_checks.FIELDS) - set(CHECKED_FIELDS)  # any string is valid: read later
+  assert plain == {"npz_path", "data_dir", "init_from", "variant", "source", "sources"}
+
+
+@pytest.mark.parametrize("field", CHECKED_FIELDS)
+def test_bad_config_field_is_refused_before_anything_is_written(field_refusals, field):
+  result, workdir, value = field_refusals[field]
+  _check_refusal(result, workdir, field, value)
+
+
+def test_random_invalid_values_of_every_field_are_refused(tmp_path):
+  """Property: any invalid value of any field -> exit 1, one `error:` line, nothing written."""
+  seed = int(time.time())
+  rng = np.random.default_rng(seed)
+  cases, meta = [], []
+  for field in CHECKED_FIELDS:
+    for i, value in enumerate(_invalid_values(field, rng)):
+      workdir = str(tmp_path / f"run_{field}_{i}")
+      cases.append((_base_args(field) + [f"--workdir={workdir}", f"--config.{field}={value}"],
+                    workdir))
+      meta.append((field, value, workdir))
+  results = _run_cases(cases, tmp_path)
+  for (field, value, workdir), result in zip(meta, results):
+    _check_refusal(result, workdir, field, f"{value} (draw seed {seed})")

@@ -1,0 +1,295 @@
+"""Every config field's valid values, in one table, checked before anything is read or written.
+
+`check(config)` goes through RULES (one row per field of configs/common.py, step1.py and
+step2.py) and raises a one-line ValueError naming the first bad field, the value and what
+it must be. Checks that need more than the config (batch size vs devices, num_classes vs the
+dataset, the data itself, checkpoints) stay where those are read.
+
+The module also holds the one validation helper the library uses everywhere for integer
+arguments: `is_int` / `check_int` (an int or numpy integer, never a bool).
+"""
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+# The CIFAR ResNets halve the image twice (stride-2 stages): 4 x 4 pixels leave one pixel for
+# the global average pooling. Smaller images (0 x 0 included) are refused with the data.
+MIN_IMAGE_SIZE = 4
+
+Bound = Union[None, int, float, str]  # a number, or the name of another field
+
+
+# ----------------------------------------------------------------------------- the helper
+
+
+def is_int(value) -> bool:
+  """An integer (Python or numpy), not a bool (True is an int to Python, never to a user)."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(name: str, value, minimum: Optional[int] = None,
+              maximum: Optional[int] = None, why: str = "") -> int:
+  """Returns int(value), or raises `name=value is invalid: it must be ...` (one line)."""
+  if not is_int(value) or (minimum is not None and value < minimum) or (
+      maximum is not None and value > maximum):
+    raise ValueError(f"{name}={value!r} is invalid: " + (why or "it must be " + _int_range(
+        minimum, maximum)))
+  return int(value)
+
+
+def _int_range(minimum, maximum) -> str:
+  if minimum == 1 and maximum is None:
+    return "a positive integer"
+  if minimum == 0 and maximum is None:
+    return "an integer >= 0"
+  if maximum is None:
+    return f"an integer >= {minimum}"
+  return f"an integer in [{minimum}, {maximum}]"
+
+
+# ----------------------------------------------------------------------------- kinds of rule
+
+
+@dataclasses.dataclass(frozen=True)
+class Number:
+  """An int (integer=True, never a bool) or a finite float in a range whose ends may name
+  other fields ('num_epochs')."""
+  integer: bool
+  low: Bound = None
+  high: Bound = None
+  low_open: bool = False
+  high_open: bool = False
+  also: Tuple[Any, ...] = ()   # special values outside the range (steps_per_epoch = -1)
+
+  def bounds(self, config) -> Tuple[Optional[float], Optional[float]]:
+    def value(b):
+      return config.get(b) if isinstance(b, str) else b
+    return value(self.low), value(self.high)
+
+  def valid(self, value, config) -> bool:
+    if value in self.also and (is_int(value) or not self.integer):
+      return True
+    if self.integer and not is_int(value):
+      return False
+    if not self.integer and (isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)) or not math.isfinite(value)):
+      return False
+    low, high = self.bounds(config)
+    if low is not None and (value <= low if self.low_open else value < low):
+      return False
+    if high is not None and (value >= high if self.high_open else value > high):
+      return False
+    return True
+
+  def describe(self) -> str:
+    kind = "an integer" if self.integer else "a number"
+    low = None if self.low is None else f"{'>' if self.low_open else '>='} {self.low}"
+    high = None if self.high is None else f"{'<' if self.high_open else '<='} {self.high}"
+    text = f"{kind} {' and '.join(p for p in (low, high) if p)}".strip()
+    if self.also:
+      text += f" (or {', '.join(map(str, self.also))})"
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+  choices: Tuple[Any, ...]
+
+  def valid(self, value, config) -> bool:  # pylint: disable=unused-argument
+    return isinstance(value, str) and value in self.choices
+
+  def describe(self) -> str:
+    return "one of " + ", ".join(repr(c) if c == "" else c for c in self.choices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+  def valid(self, value, config) -> bool:  # pylint: disable=unused-argument
+    return isinstance(value, (bool, np.bool_))
+
+  def describe(self) -> str:
+    return "True or False"
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+  """A string; `check` (optional) raises its own one-line ValueError for a bad one."""
+  check: Optional[Callable[[str, Any], None]] = None
+
+  def valid(self, value, config) -> bool:
+    if not isinstance(value, str):
+      return False
+    if self.check is not None:
+      self.check(value, config)
+    return True
+
+  def describe(self) -> str:
+    return "a string"
+
+
+@dataclasses.dataclass(frozen=True)
+class Epochs:
+  """A tuple of integer epochs, each in [1, num_epochs] (milestones inside the run)."""
+
+  def valid(self, value, config) -> bool:
+    if not isinstance(value, (tuple, list)) or not all(is_int(m) for m in value):
+      return False
+    if config.get("schedule", "multistep") != "multistep":
+      return True  # only the multistep schedule uses them
+    return all(1 <= m <= config.get("num_epochs", m) for m in value)
+
+  def describe(self) -> str:
+    return ("integer epochs inside the run, each in [1, num_epochs], e.g. "
+            "--config.milestones='(150, 225)' (or change --config.num_epochs)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  field: str
+  kind: Any
+  why: str = ""  # replaces "it must be <kind>" when the reason is worth saying
+  extra: Optional[Callable[[Any, Any], None]] = None  # a further check with its own message
+
+
+# ----------------------------------------------------------------------------- custom checks
+
+
+def _depth(value, config) -> None:  # pylint: disable=unused-argument
+  from one_jax import models  # pylint: disable=g-import-not-at-top
+  models.check_depth(value)
+
+
+def _active_branches(value, config) -> None:
+  from one_jax import model_spec  # pylint: disable=g-import-not-at-top
+  model_spec.parse_active_branches(value, config.num_branches)
+
+
+def _int_list(name):
+  def check(value, config) -> None:  # pylint: disable=unused-argument
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+      raise ValueError(f"{name}={value!r} is invalid: give 0-based indices separated by commas, "
+                       f"e.g. --config.{name}=0,1")
+  return check
+
+
+def _trunk_from(value, config) -> None:  # pylint: disable=unused-argument
+  if value != "mean" and not value.strip().isdigit():
+    raise ValueError(f"trunk_from={value!r} is invalid: give the index of the source whose "
+                     "trunk is kept (e.g. 0) or 'mean'")
+
+
+def _enum(module: str, name: str) -> Callable[[], Tuple[str, ...]]:
+  def choices():
+    import importlib  # pylint: disable=g-import-not-at-top
+    return tuple(getattr(importlib.import_module(f"one_jax.{module}"), name))
+  return choices
+
+
+# ----------------------------------------------------------------------------- the table
+
+_POSITIVE_INT = Number(integer=True, low=1)
+_COUNT = Number(integer=True, low=0)
+_RATIO = Number(integer=False, low=0, high=1, high_open=True)
+
+RULES: Sequence[Rule] = (
+    # Model.
+    Rule("model", _enum("model_spec", "ARCHITECTURES")),
+    Rule("depth", Number(integer=True, low=8), extra=_depth),  # 6n+2: 8, 14, 20, 32, ...
+    Rule("num_branches", _POSITIVE_INT,
+         why="a model has at least one branch (--config.num_branches=1 or more)"),
+    Rule("branch_impl", _enum("models", "BRANCH_IMPLS")),
+    Rule("cpu_conv_library", _enum("cpu.xla_options", "CPU_CONV_LIBRARIES")),
+    Rule("conv_impl", _enum("cpu.kernels", "CONV_IMPLS")),
+    Rule("active_branches", Text(_active_branches)),
+    # Data.
+    Rule("dataset", _enum("input_pipeline", "DATASETS")),
+    Rule("num_classes", Number(integer=True, low=2),
+         why="a classifier needs at least two classes"),
+    Rule("npz_path", Text()),
+    Rule("data_dir", Text()),
+    Rule("download", Flag()),
+    Rule("synthetic_train_size", _POSITIVE_INT),
+    Rule("synthetic_test_size", _POSITIVE_INT),
+    # Optimisation.
+    Rule("batch_size", _POSITIVE_INT),
+    Rule("eval_batch_size", _POSITIVE_INT),
+    Rule("num_epochs", _POSITIVE_INT),
+    Rule("lr", Number(integer=False, low=0, low_open=True)),
+    Rule("momentum", _RATIO),
+    Rule("weight_decay", Number(integer=False, low=0)),
+    Rule("nesterov", Flag()),
+    Rule("schedule", _enum("optimizer", "SCHEDULES")),
+    Rule("milestones", Epochs()),
+    Rule("gamma", Number(integer=False, low=0, low_open=True)),
+    Rule("warmup_epochs", Number(integer=True, low=0, high="num_epochs", high_open=True)),
+    Rule("geo_lr", _COUNT, why="it must be 0 (off) or the period k >= 1 of the factors"),
+    Rule("geo_lr_max", Number(integer=False, low=0, low_open=True)),
+    Rule("geo_lr_min", Number(integer=False, low=0, low_open=True, high="geo_lr_max")),
+    Rule("geo_lr_ema", _RATIO),
+    Rule("steps_per_epoch", Number(integer=True, low=1, also=(-1,)),
+         why="it must be -1 (every step of the data) or a positive cap"),
+    # ONE loss.
+    Rule("temperature", Number(integer=False, low=0, low_open=True),
+         why="it must be > 0 (the logits are divided by it; the reference uses 3)"),
+    Rule("rampup_epochs", _COUNT),
+    Rule("kl_scale", Number(integer=False, low=0)),
+    Rule("ensemble_ce", Flag()),
+    Rule("stop_gradient", Flag()),
+    # Run.
+    Rule("seed", Number(integer=True, low=0, high=2**32 - 1)),
+    Rule("deterministic", Flag()),
+    Rule("keep_checkpoints", _POSITIVE_INT),
+    Rule("init_from", Text()),
+    Rule("init_optimizer_state", Flag()),
+    Rule("eval_only", Flag()),
+    Rule("vote", Flag()),
+    Rule("progress_bar", Flag()),
+    Rule("resume_fallback", Flag()),
+    Rule("new_run", Flag()),
+    Rule("adopt_checkpoints", Flag()),
+    Rule("variant", Text()),
+    # Step 2 (configs/step2.py).
+    Rule("source", Text()),
+    Rule("sources", Text()),
+    Rule("surgery", _enum("two_stage", "SURGERIES")),
+    Rule("expand_mode", OneOf(("copy", "fresh"))),
+    Rule("expand_from", Text(_int_list("expand_from"))),
+    Rule("trunk_from", Text(_trunk_from)),
+    Rule("symmetry_noise", Number(integer=False, low=0)),
+    Rule("symmetry_break", _enum("two_stage", "SYMMETRY_BREAKS")),
+    Rule("reset_optimizer", Flag()),
+)
+FIELDS = tuple(r.field for r in RULES)
+
+
+def _kind(rule: Rule):
+  return OneOf(rule.kind()) if callable(rule.kind) and not dataclasses.is_dataclass(
+      rule.kind) else rule.kind
+
+
+def kind_of(field: str):
+  """The checked kind of a field (Number, OneOf, Flag, Text or Epochs), for docs and tests."""
+  return _kind(next(r for r in RULES if r.field == field))
+
+
+def check(config) -> None:
+  """Raises a one-line ValueError for the first field of config outside its valid values.
+
+  Fields the config lacks are skipped (configs of older versions, library configs).
+  """
+  for rule in RULES:
+    if rule.field not in config:
+      continue
+    value = config[rule.field]
+    if rule.extra is not None:
+      rule.extra(value, config)
+    kind = _kind(rule)
+    if kind.valid(value, config):
+      continue
+    if isinstance(kind, OneOf):
+      raise ValueError(f"{rule.field}={value!r} is unknown: use {kind.describe()}")
+    raise ValueError(f"{rule.field}={value!r} is invalid: " + (
+        rule.why or f"it must be {kind.describe()}"))
