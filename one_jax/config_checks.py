@@ -234,7 +234,8 @@ RULES: Sequence[Rule] = (
     # ONE loss.
     Rule("temperature", Number(integer=False, low=0, low_open=True),
          why="it must be > 0 (the logits are divided by it; the reference uses 3)"),
-    Rule("rampup_epochs", _COUNT),
+    Rule("rampup_epochs", Number(integer=False, low=0),
+         why="it must be a number of epochs >= 0 (0: full KL weight from the start)"),
     Rule("kl_scale", Number(integer=False, low=0)),
     Rule("ensemble_ce", Flag()),
     Rule("stop_gradient", Flag()),
