@@ -30,7 +30,8 @@ def test_measure_gain_trains_both_implementations_and_writes_the_table(tmp_path)
   npz = _tiny_npz(tmp_path / "tiny.npz")
   out = tmp_path / "out"
   args = [f"--npz={npz}", f"--out_dir={out}", "--seeds=0", "--depth=8", "--epochs=1",
-          "--batch=16", "--steps_per_epoch=2", "--threads=1"]
+          "--batch=16", "--steps_per_epoch=2", "--threads=1",
+          "--milestones=1"]
   proc = _measure(*args)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   rows = json.loads((out / "results.json").read_text())

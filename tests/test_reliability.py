@@ -330,7 +330,53 @@ def _bad_npz(path, **changes):
   return str(path)
 
 
-def test_bad_input_gets_one_line_and_leaves_everything_as_it_was(reference_run, tmp_path):
+# The bad-input table's rows (bad_input_outcomes), one test id each.
+BAD_INPUT_CASES = (
+    'unknown variant',
+    'unknown option',
+    'missing config file',
+    'unknown field',
+    'wrong type',
+    'wrong tuple',
+    'bad depth, default workdir',
+    'no branches',
+    'cpu conv library',
+    'conv impl',
+    'batch vs devices',
+    'negative lr',
+    'classes vs dataset',
+    'npz missing file',
+    'npz missing key',
+    'npz wrong shape',
+    'npz wrong dtype',
+    'npz labels',
+    'init_from missing',
+    'init_from not a checkpoint',
+    'init_from other model',
+    'workdir is a file',
+    'workdir of another config',
+    'surgery: not a checkpoint',
+    'surgery: wrong model kind',
+    'surgery: existing destination',
+    'surgery: destination is the source',
+    'npz 0x0 images',
+    'temperature 0',
+    'TFDS data not prepared, offline',
+    'TFDS download forbidden',
+    'convert: a directory',
+    'convert: not torch',
+    'convert --to_torch: not a checkpoint',
+)
+
+
+@pytest.fixture(scope="module")
+def bad_input_outcomes(reference_run, tmp_path_factory):
+  """Every bad-input case run once, 4 at a time: name -> the ways it failed ([] = as promised).
+
+  Each case is a test of its own below; running them together keeps the table's wall time
+  that of a few starts instead of one per case.
+  """
+  tmp_path = tmp_path_factory.mktemp("bad_input")
   existing = _copy(reference_run, tmp_path, "existing")
   a_file = tmp_path / "a_file"
   a_file.write_text("not a directory")
@@ -433,8 +479,7 @@ def test_bad_input_gets_one_line_and_leaves_everything_as_it_was(reference_run, 
                                                           f"{out}.pth"],
        "is not a one_jax checkpoint", [f"{out}.pth"], 1),
   ]
-  if not os.path.exists(os.path.join(ROOT, "one_jax", "convert.py")):
-    cases = [c for c in cases if not c[0].startswith("convert")]
+  assert [c[0] for c in cases] == list(BAD_INPUT_CASES)  # one test id per row, in order
   # The cases run 4 at a time: each gets its own new workdir (a run's lock is per workdir).
   cases = [(name, [a.replace(new, f"{new}-{i}") for a in command], expected,
             [p.replace(new, f"{new}-{i}") for p in paths], devices)
@@ -450,17 +495,29 @@ def test_bad_input_gets_one_line_and_leaves_everything_as_it_was(reference_run, 
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
     results = list(pool.map(run, cases))
-  failures = []
+  outcomes = {}
   for (name, _, expected, paths, _), result in zip(cases, results):
+    failures = outcomes.setdefault(name, [])
     lines = result.stderr.strip().splitlines()
     if (result.returncode != 1 or len(lines) != 1 or not lines[0].startswith("error: ")
         or expected not in lines[0]):
-      failures.append(f"{name}: exit {result.returncode}, stderr {result.stderr[-1500:]!r}")
+      failures.append(f"exit {result.returncode}, stderr {result.stderr[-1500:]!r}")
     for p in paths:
       if _snapshot(p) != before[p]:
-        failures.append(f"{name}: {p} changed")
-  assert not failures, "\n".join(failures)
-  assert not [n for n in os.listdir(tmp_path) if n.startswith("new_dir")]  # no workdir at all
+        failures.append(f"{p} changed")
+  stray = [n for n in os.listdir(tmp_path) if n.startswith("new_dir")]
+  return outcomes, stray
+
+
+@pytest.mark.parametrize("name", BAD_INPUT_CASES)
+def test_bad_input_gets_one_line_and_leaves_everything_as_it_was(bad_input_outcomes, name):
+  outcomes, _ = bad_input_outcomes
+  assert not outcomes[name], "\n".join(outcomes[name])
+
+
+def test_bad_input_leaves_no_workdir(bad_input_outcomes):
+  _, stray = bad_input_outcomes
+  assert not stray  # no case created its --workdir
 
 
 # ----------------------------------------------------------------------------- one run per workdir
