@@ -30,7 +30,10 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
 CROP_PADDING = 4   # random crop back to the image size after this much zero padding per side
 
-DATASETS = ("cifar10", "cifar100", "svhn", "synthetic")
+# ImageNet-like datasets (images of any size, decoded and augmented per example) are built by
+# imagenet_input; its sources batch themselves (train_batches / eval_batches hand over to them).
+IMAGENET_DATASETS = ("imagenet2012", "synthetic_imagenet")
+DATASETS = ("cifar10", "cifar100", "svhn", "synthetic") + IMAGENET_DATASETS
 # Our dataset name -> (TFDS name, number of classes).
 TFDS_DATASETS = {"cifar10": ("cifar10", 10), "cifar100": ("cifar100", 100),
                  "svhn": ("svhn_cropped", 10)}
@@ -149,6 +152,9 @@ def get_datasets(config) -> Tuple[Any, Any, DatasetInfo]:
     raise ValueError(f"config.dataset={dataset!r} is unknown: use one of {', '.join(DATASETS)} "
                      "(or --config.npz_path=FILE.npz for local arrays)")
   config_checks.check_int("config.num_classes", num_classes, minimum=1)
+  if dataset in IMAGENET_DATASETS and not npz_path:
+    from one_jax import imagenet_input  # pylint: disable=g-import-not-at-top  (imports this)
+    return imagenet_input.get_datasets(config)
   if npz_path:
     train, test = load_npz(npz_path, num_classes)
     name = os.path.splitext(os.path.basename(npz_path))[0]
@@ -447,7 +453,13 @@ def train_batches(source, *, global_batch: int, seed: int, epoch: int, start_ste
   num_threads/prefetch: grain threads computing up to `prefetch` batches ahead of the consumer
   (0 threads: synchronous; None: 1 for in-memory arrays, whose numpy work holds the GIL, and
   4 for TFDS, whose reads wait on I/O). Call .close() on the iterator to stop its threads early.
+  A source with its own `train_batches` (imagenet_input) builds the batches itself.
   """
+  if hasattr(source, "train_batches"):
+    return source.train_batches(
+        global_batch=global_batch, seed=seed, epoch=epoch, start_step=start_step,
+        process_index=process_index, process_count=process_count, augment=augment,
+        num_threads=num_threads, prefetch=prefetch)
   local = _check_sharding(global_batch, process_index, process_count)
   steps = steps_per_epoch(len(source), global_batch)
   config_checks.check_int("epoch", epoch, minimum=0)
@@ -482,6 +494,10 @@ def eval_batches(source, *, global_batch: int, process_index: int = 0, process_c
   label 0. Every process yields the same number of batches (needed by collectives).
   num_threads/prefetch: as for train_batches.
   """
+  if hasattr(source, "eval_batches"):
+    return source.eval_batches(global_batch=global_batch, process_index=process_index,
+                               process_count=process_count, num_threads=num_threads,
+                               prefetch=prefetch)
   local = _check_sharding(global_batch, process_index, process_count)
   n = len(source)
   first_row = process_index * local
