@@ -156,9 +156,12 @@ class Rule:
 # ----------------------------------------------------------------------------- custom checks
 
 
-def _depth(value, config) -> None:  # pylint: disable=unused-argument
-  from one_jax import models  # pylint: disable=g-import-not-at-top
-  models.check_depth(value)
+def _depth(value, config) -> None:
+  from one_jax import imagenet_resnet, models  # pylint: disable=g-import-not-at-top
+  if config.get("model") in ("imagenet_resnet", "one_imagenet_resnet"):
+    imagenet_resnet.check_depth(value)   # torchvision's 18, 34, 50, 101, 152 (and 10)
+  else:
+    models.check_depth(value)
 
 
 def _active_branches(value, config) -> None:

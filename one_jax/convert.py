@@ -13,6 +13,9 @@ flax variable tree, so both directions are the same table:
   weight (conv OIHW, linear [out, in]) <-> kernel (HWIO, [in, out]); BN weight <-> scale;
   running_mean / running_var           <-> batch_stats mean / var
 
+torchvision's ImageNet ResNets (imagenet_resnet, one_imagenet_resnet) have their own name table
+in convert_torchvision.py; the functions and the command line below take either layout.
+
 Torch branches are numbered from 1, one_jax branches from 0. `num_batches_tracked` has no
 one_jax counterpart: the imported values are kept in the checkpoint metadata so that export
 reproduces the original state dict exactly.
@@ -21,6 +24,7 @@ Command line:
   python -m one_jax.convert IN.pth.tar OUT_DIR            # -> a one_jax checkpoint
   python -m one_jax.convert --allow_pickle IN OUT_DIR     # a trusted file outside the safe list
   python -m one_jax.convert --to_torch CKPT OUT.pth.tar   # -> {'state_dict': ..., 'epoch': ...}
+  python -m one_jax.convert --to_torch --branch 0 CKPT OUT.pth  # a ONE ImageNet ResNet's branch 0
 """
 import argparse
 import collections
@@ -107,6 +111,7 @@ def torch_key(path, branch: Optional[int] = None, spelling: str = "classfier") -
 
 _TORCH_ORDER = {name: i for i, name in enumerate(
     ["conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample", "layer1", "layer2", "layer3",
+     "layer4",
      "control_v1", "bn_v1", "classfier3", "classifier3", "fc", "weight", "bias", "running_mean",
      "running_var", NBT])}
 
@@ -302,6 +307,9 @@ def import_state_dict(state_dict, source: str = "state dict") -> TorchImport:
   not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
   if not_tensors:
     raise ConversionError(f"{source}: entries that are not tensors: {_list(not_tensors)}")
+  from one_jax import convert_torchvision  # pylint: disable=g-import-not-at-top  (imports this)
+  if convert_torchvision.is_torchvision(sd):
+    return convert_torchvision.import_state_dict(sd, source, prefixed)
   spec, spelling = _infer_model(sd, source)
   table = name_table(spec, spelling)
   nbt_keys = {f"{m}.{NBT}" for m in _bn_modules(table)}
@@ -382,8 +390,12 @@ def load_torch_checkpoint(path: str, *, allow_pickle: bool = False):
 def export_torch_state_dict(spec: model_spec.ModelSpec, variables, *, module_prefix: bool = True,
                             spelling: str = "classfier",
                             num_batches_tracked: Union[None, int, Mapping[str, int]] = 0,
-                            ignore_gate_offset: bool = False) -> "collections.OrderedDict":
+                            ignore_gate_offset: bool = False,
+                            branch: Optional[int] = None) -> "collections.OrderedDict":
   """variables -> an OrderedDict of torch tensors under the reference names.
+
+  An ImageNet ResNet gets torchvision's names instead (convert_torchvision.export_state_dict:
+  the baseline, or `branch` of a ONE model with its trunk; spelling and the gate do not apply).
 
   num_batches_tracked: an int for every BatchNorm (e.g. the training step count), a mapping
   {key without 'module.': count} as recorded by import (layers it lacks get 0), or None to
@@ -392,6 +404,14 @@ def export_torch_state_dict(spec: model_spec.ModelSpec, variables, *, module_pre
   outputs, so it is an error unless ignore_gate_offset.
   """
   import torch  # pylint: disable=g-import-not-at-top
+  from one_jax import convert_torchvision  # pylint: disable=g-import-not-at-top  (imports this)
+  if spec.kind in convert_torchvision.KINDS:
+    return convert_torchvision.export_state_dict(spec, variables, branch=branch,
+                                                 module_prefix=module_prefix,
+                                                 num_batches_tracked=num_batches_tracked)
+  if branch is not None:
+    raise ValueError(f"branch={branch} applies to ImageNet ResNets (torchvision exports one "
+                     f"branch); the {spec.describe()} exports whole under the reference names")
   offsets = jax.tree.leaves(variables.get("gate_offset", {}))
   if not ignore_gate_offset and any(np.any(np.asarray(o) != 0) for o in offsets):
     raise ValueError("the gate has a non-zero log-weight offset (from surgery), which the "
@@ -432,11 +452,13 @@ def convert_to_one_jax(in_path: str, out_dir: str, *, allow_pickle: bool = False
 
 
 def convert_to_torch(ckpt: str, out_path: str, *, module_prefix: Optional[bool] = None,
-                     spelling: Optional[str] = None, ignore_gate_offset: bool = False) -> str:
+                     spelling: Optional[str] = None, ignore_gate_offset: bool = False,
+                     branch: Optional[int] = None) -> str:
   """Writes {'state_dict', 'epoch'} of a one_jax checkpoint as a .pth.tar (never overwriting).
 
   Names and num_batches_tracked follow the torch file the checkpoint came from, if any;
-  otherwise the reference's ('module.' prefix, 'classfier', the checkpoint's step count).
+  otherwise the reference's ('module.' prefix, 'classfier', the checkpoint's step count), or
+  for an ImageNet ResNet torchvision's (no prefix; `branch` of a ONE model).
   """
   import torch  # pylint: disable=g-import-not-at-top
   out_path = workdirs.check_destination(out_path, [ckpt], flag="OUT.pth.tar")
@@ -447,14 +469,17 @@ def convert_to_torch(ckpt: str, out_path: str, *, module_prefix: Optional[bool] 
     raise ConversionError(f"the parent directory of {out_path} does not exist: create it first")
   state, meta = checkpoints.restore_raw(ckpt)
   spec = checkpoints.spec_of(meta, ckpt)
+  from one_jax import convert_torchvision  # pylint: disable=g-import-not-at-top  (imports this)
+  torchvision = spec.kind in convert_torchvision.KINDS
   recorded = meta.get("torch") or {}
   nbt = recorded["num_batches_tracked"] if "num_batches_tracked" in recorded else int(
       np.asarray(state.get("step", 0)))
   state_dict = export_torch_state_dict(
       spec, checkpoints.variables_of(state),
-      module_prefix=recorded.get("module_prefix", True) if module_prefix is None else module_prefix,
+      module_prefix=(recorded.get("module_prefix", not torchvision) if module_prefix is None
+                     else module_prefix),
       spelling=spelling or recorded.get("spelling", "classfier"),
-      num_batches_tracked=nbt, ignore_gate_offset=ignore_gate_offset)
+      num_batches_tracked=nbt, ignore_gate_offset=ignore_gate_offset, branch=branch)
   tmp = f"{out_path}.tmp-{os.getpid()}"
   torch.save({"state_dict": state_dict, "epoch": int(meta.get("epoch", 0))}, tmp)
   os.replace(tmp, out_path)
@@ -478,6 +503,9 @@ def _parser():
                  help="--to_torch: 'module.' key prefix (default: as imported, else yes)")
   p.add_argument("--ignore_gate_offset", action="store_true",
                  help="--to_torch: drop a non-zero gate offset instead of failing")
+  p.add_argument("--branch", type=int, default=None,
+                 help="--to_torch of a ONE ImageNet ResNet: the 0-based branch written, with "
+                      "the trunk, as a torchvision ResNet")
   return p
 
 
@@ -491,7 +519,7 @@ def _run(args) -> None:
   if args.to_torch:
     prefix = None if args.module_prefix is None else args.module_prefix == "yes"
     out = convert_to_torch(args.src, args.dst, module_prefix=prefix, spelling=args.spelling,
-                           ignore_gate_offset=args.ignore_gate_offset)
+                           ignore_gate_offset=args.ignore_gate_offset, branch=args.branch)
   else:
     if args.allow_pickle:
       print(ALLOW_PICKLE_WARNING.format(path=args.src), file=sys.stderr, flush=True)

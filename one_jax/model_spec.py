@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from one_jax import config_checks
+from one_jax import imagenet_resnet
 from one_jax import models
 from one_jax.cpu import kernels
 
@@ -212,6 +213,10 @@ def _resnet_details(spec):
   return {"block": models.block_type(spec.depth)}
 
 
+def _imagenet_details(spec):
+  return {"block": imagenet_resnet.block_type(spec.depth)}
+
+
 ARCHITECTURES: Dict[str, Architecture] = {
     "one_resnet": Architecture(
         module=lambda spec, axis_name: models.OneResNet(
@@ -226,6 +231,19 @@ ARCHITECTURES: Dict[str, Architecture] = {
             conv_impl=spec.conv_impl),
         branched=False, family="cifar_resnet", title="ResNet baseline",
         check=lambda spec: models.check_depth(spec.depth), details=_resnet_details),
+    "one_imagenet_resnet": Architecture(
+        module=lambda spec, axis_name: imagenet_resnet.OneImagenetResNet(
+            depth=spec.depth, num_branches=spec.num_branches, num_classes=spec.num_classes,
+            branch_impl=spec.branch_impl, active_branches=spec.active_branches,
+            axis_name=axis_name, conv_impl=spec.conv_impl),
+        branched=True, family="imagenet_resnet", title="ONE ImageNet ResNet",
+        check=lambda spec: imagenet_resnet.check_depth(spec.depth), details=_imagenet_details),
+    "imagenet_resnet": Architecture(
+        module=lambda spec, axis_name: imagenet_resnet.ImagenetResNet(
+            depth=spec.depth, num_classes=spec.num_classes, axis_name=axis_name,
+            conv_impl=spec.conv_impl),
+        branched=False, family="imagenet_resnet", title="ImageNet ResNet baseline",
+        check=lambda spec: imagenet_resnet.check_depth(spec.depth), details=_imagenet_details),
 }
 
 

@@ -163,6 +163,39 @@ class ONE_ResNet(_Trunk):  # pylint: disable=invalid-name
     return logits, gate, ensemble
 
 
+# torchvision.models.resnet{18,34,50,101,152}: (block, blocks per stage). Depth 10 is the
+# [1, 1, 1, 1] member of the same definition.
+TORCHVISION_STAGES = {10: (BasicBlock, (1, 1, 1, 1)), 18: (BasicBlock, (2, 2, 2, 2)),
+                      34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3)),
+                      101: (Bottleneck, (3, 4, 23, 3)), 152: (Bottleneck, (3, 8, 36, 3))}
+
+
+class TorchvisionResNet(nn.Module):
+  """torchvision's ImageNet ResNet (v1.5: a Bottleneck's stride on its 3x3 convolution), with
+  its module names, so state_dict() has torchvision's keys ('layer4.1.downsample.0.weight',
+  'fc.weight')."""
+
+  def __init__(self, depth, num_classes=1000):
+    super().__init__()
+    block, counts = TORCHVISION_STAGES[depth]
+    self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    self.bn1 = nn.BatchNorm2d(64)
+    self.relu = nn.ReLU(inplace=True)
+    self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    inplanes = 64
+    for index, (planes, blocks) in enumerate(zip((64, 128, 256, 512), counts)):
+      layer, inplanes = _make_layer(block, inplanes, planes, blocks, stride=1 if not index else 2)
+      setattr(self, f"layer{index + 1}", layer)
+    self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+    self.fc = nn.Linear(512 * block.expansion, num_classes)
+    _reference_init(self)
+
+  def forward(self, x):
+    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    return self.fc(self.avgpool(x).flatten(1))
+
+
 def sigmoid_rampup(epoch, rampup_length):
   """The reference's consistency weight exp(-5 (1 - clip(epoch / R, 0, 1))^2)."""
   if rampup_length == 0:

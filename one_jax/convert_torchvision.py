@@ -1,0 +1,152 @@
+"""torchvision ResNet state dicts <-> one_jax ImageNet ResNets (the imagenet_resnet family).
+
+The names are torchvision's (`torchvision.models.resnet18().state_dict()`):
+
+  conv1 / bn1                          <-> trunk/conv1, trunk/bn1
+  layer{1,2,3}.{i}.*                   <-> trunk/layer{1,2,3}_{i}/*
+  layer4.{i}.*, fc                     <-> branch/layer4_{i}/*, branch/classifier
+  {..}.downsample.0 / .downsample.1    <-> {..}/downsample_conv / {..}/downsample_bn
+
+with convert.py's leaf layouts (OIHW <-> HWIO, [out, in] <-> [in, out], BatchNorm weight <->
+scale, running_mean / running_var <-> batch_stats). A torchvision model is a baseline: import
+gives an `imagenet_resnet` checkpoint; a ONE model exports one chosen branch (with the shared
+trunk) as a torchvision ResNet, the gate left out, since torchvision has no multi-branch model.
+convert.py's reading, checks and command line serve both layouts.
+"""
+import collections
+import re
+from typing import Mapping, Optional, Union
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from one_jax import convert, imagenet_resnet, model_spec
+
+BASELINE_KIND = "imagenet_resnet"
+KINDS = (BASELINE_KIND, "one_imagenet_resnet")   # the model kinds with torchvision names
+
+
+def is_torchvision(state_dict) -> bool:
+  """Whether the keys are a torchvision ResNet's (a fourth stage and 'fc'), not the CIFAR
+  reference's (three stages)."""
+  keys = list(state_dict)
+  return "fc.weight" in keys and any(k.startswith("layer4.") for k in keys)
+
+
+def torch_key(path) -> str:
+  """torchvision key of a flax leaf path like ('trunk', 'layer1_0', 'conv1', 'kernel')."""
+  _, *modules, leaf = path
+  names = []
+  for module in modules:
+    if module == "classifier":
+      names.append("fc")
+    elif module in convert._MODULE_TO_TORCH:  # pylint: disable=protected-access
+      names.append(convert._MODULE_TO_TORCH[module])  # pylint: disable=protected-access
+    else:
+      names.append(re.sub(r"^(layer\d)_(\d+)$", r"\1.\2", module))
+  return ".".join(names + [convert._LEAF_TO_TORCH[leaf]])  # pylint: disable=protected-access
+
+
+def name_table(spec: model_spec.ModelSpec):
+  """[(torchvision key, (collection, *flax path), leaf shape)] of a baseline, in the order of
+  torchvision's state_dict()."""
+  shapes = spec.abstract_variables()
+  table = [(torch_key(path), (col,) + path, leaf.shape)
+           for col in ("params", "batch_stats")
+           for path, leaf in flax.traverse_util.flatten_dict(shapes.get(col, {})).items()]
+  return sorted(table, key=lambda row: convert._torch_order(row[0]))  # pylint: disable=protected-access
+
+
+def infer_spec(state_dict, source: str) -> model_spec.ModelSpec:
+  """The imagenet_resnet ModelSpec of torchvision keys: blocks per stage, block type, classes."""
+  counts = collections.Counter()
+  for key in state_dict:
+    m = re.match(r"layer([1-4])\.(\d+)\.", key)
+    if m:
+      counts[int(m[1])] = max(counts[int(m[1])], int(m[2]) + 1)
+  blocks = tuple(counts[i] for i in (1, 2, 3, 4))
+  kind = "bottleneck" if any(re.fullmatch(r"layer1\.\d+\.conv3\.weight", k)
+                             for k in state_dict) else "basic"
+  depths = [d for d, stages in imagenet_resnet.STAGES.items() if stages == (kind, blocks)]
+  if not depths:
+    known = ", ".join(f"{d} {b} {s}" for d, (b, s) in imagenet_resnet.STAGES.items())
+    raise convert.ConversionError(
+        f"{source}: a torchvision ResNet with {kind} blocks {list(blocks)} per stage is not "
+        f"one of the known depths ({known})")
+  weight = state_dict["fc.weight"]
+  if weight.ndim != 2:
+    raise convert.ConversionError(f"{source}: fc.weight has shape {tuple(weight.shape)}, not "
+                                  "[classes, features]")
+  return model_spec.ModelSpec(BASELINE_KIND, depths[0], int(weight.shape[0]))
+
+
+def import_state_dict(state_dict, source: str, prefixed: bool) -> convert.TorchImport:
+  """A torchvision ResNet state dict ('module.' already stripped) -> TorchImport of an
+  imagenet_resnet baseline; strict on names and shapes."""
+  spec = infer_spec(state_dict, source)
+  table = name_table(spec)
+  nbt_keys = {k[:-len("running_mean")] + convert.NBT for k, *_ in table
+              if k.endswith(".running_mean")}
+  expected = {k for k, *_ in table}
+  missing = expected - set(state_dict)
+  unknown = set(state_dict) - expected - nbt_keys
+  if missing or unknown:
+    parts = ([f"missing keys {convert._list(missing)}"] if missing else []) + (  # pylint: disable=protected-access
+        [f"unknown keys {convert._list(unknown)}"] if unknown else [])  # pylint: disable=protected-access
+    raise convert.ConversionError(f"{source}: does not match the {spec.describe()} its keys "
+                                  "imply: " + "; ".join(parts))
+  flat, bad = {}, []
+  for key, path, shape in table:
+    x = convert._from_torch_layout(convert._as_numpy(state_dict[key]), path[-1])  # pylint: disable=protected-access
+    if x.shape != tuple(shape):
+      bad.append(f"{key} {tuple(state_dict[key].shape)}")
+    flat[path] = x
+  if bad:
+    raise convert.ConversionError(f"{source}: tensors with shapes that do not fit the "
+                                  f"{spec.describe()}: {convert._list(bad)}")  # pylint: disable=protected-access
+  variables = jax.tree.map(jnp.asarray, flax.traverse_util.unflatten_dict(flat))
+  present = sorted(k for k in nbt_keys if k in state_dict)
+  nbt = {k: int(state_dict[k].item()) for k in present} if present else None
+  return convert.TorchImport(spec, variables, nbt, "classifier", prefixed)
+
+
+def branch_variables(spec: model_spec.ModelSpec, variables, branch: Optional[int]):
+  """(baseline spec, baseline variables): the model itself, or for a ONE model the trunk and
+  branch `branch` (a slice of the stack; the gate is left out)."""
+  if not spec.branched:
+    if branch not in (None, 0):
+      raise ValueError(f"branch={branch} is invalid for a {spec.describe()}: it has one branch")
+    return spec, variables
+  if branch is None or not 0 <= branch < spec.num_branches:
+    raise ValueError(f"the {spec.describe()} exports one branch as a torchvision ResNet: pass "
+                     f"--branch=B with B in 0..{spec.num_branches - 1}")
+  out = {}
+  for col in ("params", "batch_stats"):
+    tree = variables[col]
+    out[col] = {"trunk": tree["trunk"],
+                "branch": jax.tree.map(lambda x: np.asarray(x)[branch], tree["branches"])}
+  return spec.with_branches(None), out
+
+
+def export_state_dict(spec: model_spec.ModelSpec, variables, *, branch: Optional[int] = None,
+                      module_prefix: bool = False,
+                      num_batches_tracked: Union[None, int, Mapping[str, int]] = 0):
+  """variables -> an OrderedDict of torch tensors under torchvision's names (the baseline, or
+  branch `branch` of a ONE model with its trunk). num_batches_tracked as convert's export."""
+  import torch  # pylint: disable=g-import-not-at-top
+  spec, variables = branch_variables(spec, variables, branch)
+  flat = flax.traverse_util.flatten_dict(
+      {c: variables[c] for c in ("params", "batch_stats") if c in variables})
+  prefix = "module." if module_prefix else ""
+  out = collections.OrderedDict()
+  for key, path, _ in name_table(spec):
+    x = convert._to_torch_layout(np.asarray(flat[path]), path[-1])  # pylint: disable=protected-access
+    out[prefix + key] = torch.from_numpy(np.array(x))
+    if key.endswith(".running_var") and num_batches_tracked is not None:
+      nbt_key = key[:-len("running_var")] + convert.NBT
+      count = (num_batches_tracked.get(nbt_key, 0) if isinstance(num_batches_tracked, Mapping)
+               else num_batches_tracked)
+      out[prefix + nbt_key] = torch.tensor(int(count), dtype=torch.long)
+  return out
