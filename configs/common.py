@@ -13,8 +13,15 @@ def base_config() -> ml_collections.ConfigDict:
   """The reference ONE set-up: ResNet-32, 300 epochs, batch 128, SGD lr 0.1, wd 1e-4."""
   c = ml_collections.ConfigDict()
   # Model.
-  c.model = "one_resnet"          # 'one_resnet' (ONE) or 'cifar_resnet' (the baseline)
-  c.depth = 32
+  c.model = "one_resnet"          # 'one_resnet' (ONE) or 'cifar_resnet' (its baseline); also
+                                  # one_wrn/wrn, one_vgg/vgg, one_densenet/densenet, ...
+  c.depth = 32                    # the family's: 6n+2 (ResNet), 6n+4 (WRN), 16 (VGG-16), ...
+  # Architecture options (0 = the family's default; model_spec.OPTIONS).
+  c.width = 0                     # wrn: widening factor k (WRN-28-10: 10)
+  c.cardinality = 0               # resnext: groups of the 3x3 convolutions (8x64d: 8)
+  c.group_width = 0               # resnext: channels per group in stage 1 (8x64d: 64)
+  c.growth_rate = 0               # densenet: k, channels each layer adds (BC-100-12: 12)
+  c.bottleneck = True             # densenet: DenseNet-BC (False: the original, DenseNet-40-12)
   c.num_branches = 3
   c.branch_impl = "auto"          # 'auto' | 'loop' | 'vmap': same parameters, same numbers
   c.cpu_conv_library = "auto"     # 'auto' (= 'eigen') | 'eigen' | 'ynnpack': XLA:CPU kernels

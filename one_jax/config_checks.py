@@ -157,11 +157,10 @@ class Rule:
 
 
 def _depth(value, config) -> None:
-  from one_jax import imagenet_resnet, models  # pylint: disable=g-import-not-at-top
-  if config.get("model") in ("imagenet_resnet", "one_imagenet_resnet"):
-    imagenet_resnet.check_depth(value)   # torchvision's 18, 34, 50, 101, 152 (and 10)
-  else:
-    models.check_depth(value)
+  """A depth of the model's family (6n+2 for the CIFAR ResNet, 6n+4 for WRN, ...); the family's
+  options (width, growth_rate, ...) are checked with it, as they shape the same network."""
+  from one_jax import model_spec  # pylint: disable=g-import-not-at-top
+  model_spec.check_architecture(config.get("model", "one_resnet"), value, config)
 
 
 def _active_branches(value, config) -> None:
@@ -200,7 +199,15 @@ _RATIO = Number(integer=False, low=0, high=1, high_open=True)
 RULES: Sequence[Rule] = (
     # Model.
     Rule("model", _enum("model_spec", "ARCHITECTURES")),
-    Rule("depth", Number(integer=True, low=8), extra=_depth),  # 6n+2: 8, 14, 20, 32, ...
+    Rule("depth", Number(integer=True, low=8), extra=_depth),  # the family's: 6n+2, 6n+4, ...
+    # Architecture options (model_spec.OPTIONS; 0 = the family's default): refused for a
+    # family that does not take them (by the depth row's check, which reads them).
+    Rule("width", _COUNT, why="it must be 0 (the default) or the WRN widening factor k >= 1"),
+    Rule("cardinality", _COUNT, why="it must be 0 (the default) or ResNeXt's groups >= 1"),
+    Rule("group_width", _COUNT,
+         why="it must be 0 (the default) or ResNeXt's channels per group >= 1"),
+    Rule("growth_rate", _COUNT, why="it must be 0 (the default) or DenseNet's k >= 1"),
+    Rule("bottleneck", Flag()),  # DenseNet: True = DenseNet-BC, False = the original DenseNet
     Rule("num_branches", _POSITIVE_INT,
          why="a model has at least one branch (--config.num_branches=1 or more)"),
     Rule("branch_impl", _enum("models", "BRANCH_IMPLS")),

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from one_jax import convert, imagenet_resnet, model_spec
+from one_jax import convert, model_spec
+from one_jax.architectures import imagenet_resnet
 
 BASELINE_KIND = "imagenet_resnet"
 KINDS = (BASELINE_KIND, "one_imagenet_resnet")   # the model kinds with torchvision names

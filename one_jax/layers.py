@@ -24,31 +24,48 @@ def torch_linear_kernel_init(key, shape, dtype=jnp.float32):
 
 
 class Conv(nn.Module):
-  """Bias-free NHWC convolution with PyTorch's symmetric padding (k // 2).
+  """NHWC convolution with PyTorch's symmetric padding (k // 2), bias-free unless use_bias.
 
-  The parameter is nn.Conv's: 'kernel', [k, k, in, out] (HWIO), same initialiser, same name,
-  so checkpoints and conversion see the layout of flax.linen.Conv.
+  The parameters are nn.Conv's: 'kernel', [k, k, in / groups, out] (HWIO), same initialiser,
+  same name, and 'bias' (PyTorch's default init) with use_bias, so checkpoints and conversion
+  see the layout of flax.linen.Conv. Grouped convolutions (groups > 1, ResNeXt) are XLA's own
+  (lax.conv_general_dilated's feature_group_count, differentiated by XLA).
   """
   features: int
   kernel_size: int
   stride: int = 1
   copy_input: bool = True
   impl: str = "auto"   # kernels.CONV_IMPLS
+  groups: int = 1
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
-    kernel = self.param("kernel", conv_kernel_init, (k, k, x.shape[-1], self.features))
+    kernel = self.param("kernel", conv_kernel_init,
+                        (k, k, x.shape[-1] // self.groups, self.features))
     pad = k // 2
-    return conv2d(x, kernel.astype(x.dtype), self.stride, ((pad, pad), (pad, pad)),
-                  WEIGHT_GRAD_CHUNK, self.copy_input,
-                  kernels.resolve_conv_impl(self.impl))
+    if self.groups == 1:
+      y = conv2d(x, kernel.astype(x.dtype), self.stride, ((pad, pad), (pad, pad)),
+                 WEIGHT_GRAD_CHUNK, self.copy_input,
+                 kernels.resolve_conv_impl(self.impl))
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (self.stride, self.stride),
+                                       ((pad, pad), (pad, pad)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       feature_group_count=self.groups)
+    if self.use_bias:
+      bound = 1.0 / jnp.sqrt(k * k * x.shape[-1] // self.groups)
+      bias = self.param("bias", lambda key, s: jax.random.uniform(key, s, jnp.float32, -bound,
+                                                                   bound), (self.features,))
+      y = y + bias.astype(y.dtype)
+    return y
 
 
 def conv(features: int, kernel_size: int, stride: int = 1, name: Optional[str] = None,
-         copy_input: bool = True, impl: str = "auto"):
-  """Bias-free NHWC convolution with PyTorch's symmetric padding (k // 2)."""
-  return Conv(features, kernel_size, stride, copy_input, impl, name=name)
+         copy_input: bool = True, impl: str = "auto", groups: int = 1, use_bias: bool = False):
+  """NHWC convolution with PyTorch's symmetric padding (k // 2); bias-free unless use_bias."""
+  return Conv(features, kernel_size, stride, copy_input, impl, groups, use_bias, name=name)
 
 
 class Dense(nn.Module):

@@ -5,8 +5,9 @@ ModelSpec: built from a config (`from_config`), stored in and read back from che
 (`to_dict` / `from_dict`: the meta's 'model' entry), building the Flax module (`build`) and
 its variables (`init`, `abstract_variables`), describing itself (`describe`).
 
-Adding an architecture is its Flax module (its own file, e.g. built on models.conv_and_norm)
-plus one entry in ARCHITECTURES below.
+Adding an architecture family is its trunk and branch modules (their own file in
+one_jax/architectures/, built on models.conv_and_norm) plus one `family(...)` line in
+ARCHITECTURES below, which gives its ONE kind and its single-branch baseline kind.
 """
 import dataclasses
 import functools
@@ -17,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from one_jax import config_checks
-from one_jax import imagenet_resnet
 from one_jax import models
+from one_jax.architectures import densenet, imagenet_resnet, resnext, vgg, wrn
 from one_jax.cpu import kernels
 
 
@@ -48,6 +49,8 @@ class ModelSpec:
   record it); every user of the spec gets it from there.
 
   kind names a registry entry (ARCHITECTURES); num_branches is 1 for unbranched kinds.
+  The architecture options (OPTIONS: width, cardinality, ...) are None for a family that does
+  not take them and are set (to the family's default where not given) for one that does.
   branch_impl, active_branches and conv_impl choose how the model runs and trains (same
   parameters): they come from the config and are not stored with the weights.
   """
@@ -58,9 +61,23 @@ class ModelSpec:
   branch_impl: str = "auto"
   active_branches: Optional[Tuple[bool, ...]] = None
   conv_impl: str = "auto"
+  # Architecture options (OPTIONS), each read by the families that list it.
+  width: Optional[int] = None         # wrn: the widening factor k (WRN-28-10: 10)
+  cardinality: Optional[int] = None   # resnext: groups of the grouped 3x3 convolution (8x64d: 8)
+  group_width: Optional[int] = None   # resnext: channels per group in the first stage (8x64d: 64)
+  growth_rate: Optional[int] = None   # densenet: k, the channels each layer adds
+  bottleneck: Optional[bool] = None   # densenet: DenseNet-BC (1x1 bottlenecks, compression 0.5)
 
   def __post_init__(self):
     arch = architecture(self.kind)
+    defaults = dict(arch.options)
+    for name in OPTIONS:
+      value = getattr(self, name)
+      if name in defaults and value is None:
+        object.__setattr__(self, name, defaults[name])
+      elif name not in defaults and value is not None:
+        raise ValueError(f"{name}={value!r} is not an option of {self.kind} (its options: "
+                         f"{', '.join(defaults) or 'none'}): leave it unset")
     arch.check(self)
     config_checks.check_int("num_classes", self.num_classes, minimum=1)
     config_checks.check_int("num_branches", self.num_branches, minimum=1)
@@ -91,13 +108,18 @@ class ModelSpec:
                num_branches=branches, branch_impl=config.get("branch_impl", "auto"),
                active_branches=parse_active_branches(config.get("active_branches", ""),
                                                      branches),
-               conv_impl=config.get("conv_impl", "auto"))
+               conv_impl=config.get("conv_impl", "auto"), **_config_options(config, arch))
 
   def config_fields(self) -> Dict[str, Any]:
     """The config fields that describe this model's architecture (e.g. one restored from disk):
     config.update(spec.config_fields()) makes a config train or evaluate exactly it."""
-    return {"model": self.kind, "depth": self.depth, "num_classes": self.num_classes,
-            "num_branches": self.num_branches, "active_branches": ""}
+    fields = {"model": self.kind, "depth": self.depth, "num_classes": self.num_classes,
+              "num_branches": self.num_branches, "active_branches": ""}
+    return {**fields, **{name: CONFIG_UNSET[name] for name in OPTIONS}, **self.options()}
+
+  def options(self) -> Dict[str, Any]:
+    """The architecture options of this model's family ({} for the CIFAR ResNet)."""
+    return {name: getattr(self, name) for name, _ in architecture(self.kind).options}
 
   def to_dict(self) -> Dict[str, Any]:
     """The checkpoint meta's 'model' entry: the stored fields and the derived ones (block)."""
@@ -105,6 +127,7 @@ class ModelSpec:
     info = {"kind": self.kind, "depth": self.depth, "num_classes": self.num_classes}
     if arch.branched:
       info["num_branches"] = self.num_branches
+    info.update(self.options())
     info.update(arch.details(self))
     return info
 
@@ -121,8 +144,9 @@ class ModelSpec:
     arch = architecture(info["kind"])
     if arch.branched and "num_branches" not in info:
       raise ValueError(f"model info {dict(info)} lacks num_branches")
+    options = {name: info[name] for name, _ in arch.options if name in info}
     spec = cls(kind=info["kind"], depth=info["depth"], num_classes=info["num_classes"],
-               num_branches=info["num_branches"] if arch.branched else 1, **runtime)
+               num_branches=info["num_branches"] if arch.branched else 1, **options, **runtime)
     for field, value in arch.details(spec).items():
       if field in info and info[field] != value:
         raise ValueError(f"claims {info[field]} {field}s at depth {spec.depth}, which uses "
@@ -170,10 +194,41 @@ class ModelSpec:
   def describe(self) -> str:
     """One line for people: what `inspect` and error messages say about the model."""
     arch = architecture(self.kind)
-    details = "".join(f", {v} {k}s" for k, v in arch.details(self).items())
+    details = "".join(f", {k.replace('_', ' ')} {v}" for k, v in self.options().items())
+    details += "".join(f", {v} {k}s" for k, v in arch.details(self).items())
     branches = f"{self.num_branches} branch{'es' if self.num_branches != 1 else ''}"
     return (f"{arch.title} ({self.kind}), depth {self.depth}{details}, {branches}, "
             f"{self.num_classes} classes")
+
+
+# The architecture options: ModelSpec fields, config fields of the same names, meta entries.
+OPTIONS = ("width", "cardinality", "group_width", "growth_rate", "bottleneck")
+# A config's value for an option it leaves to the family's default (bottleneck: a bool, so
+# 'unset' is its default, True: DenseNet-BC).
+CONFIG_UNSET = {"width": 0, "cardinality": 0, "group_width": 0, "growth_rate": 0,
+                "bottleneck": True}
+
+
+def check_architecture(kind: str, depth, config) -> None:
+  """Raises the one-line error of a depth or option (config fields) the family of `kind`
+  cannot build; an unknown kind is left to the 'model' field's own check."""
+  if kind in ARCHITECTURES:
+    arch = ARCHITECTURES[kind]
+    ModelSpec(kind, depth, num_classes=2, **_config_options(config, arch))
+
+
+def _config_options(config, arch) -> Dict[str, Any]:
+  """The family's options a config sets; a set option the family does not take is an error."""
+  taken = dict(arch.options)
+  options = {}
+  for name in OPTIONS:
+    value = config.get(name, CONFIG_UNSET[name])
+    if name in taken:
+      options[name] = None if value == CONFIG_UNSET[name] and name != "bottleneck" else value
+    elif value != CONFIG_UNSET[name] and not isinstance(value, bool):
+      raise ValueError(f"{name}={value!r} is not an option of model={config.model!r} (its "
+                       f"options: {', '.join(taken) or 'none'}): leave --config.{name} unset")
+  return options
 
 
 @functools.lru_cache(maxsize=32)
@@ -199,7 +254,8 @@ class Architecture:
   stacked 'branches', gate) or a baseline's (trunk, 'branch'); kinds of one family share
   trunk and branch, so surgery moves branches between them. check(spec) raises a one-line
   ValueError for a field the architecture cannot take; details(spec) are derived fields the
-  checkpoint meta records (and from_dict checks).
+  checkpoint meta records (and from_dict checks); options are the architecture options
+  (OPTIONS) the family takes, with their defaults.
   """
   module: Callable[[ModelSpec, Optional[str]], nn.Module]
   branched: bool
@@ -207,14 +263,42 @@ class Architecture:
   title: str
   check: Callable[[ModelSpec], Any]
   details: Callable[[ModelSpec], Dict[str, Any]]
+  options: Tuple[Tuple[str, Any], ...] = ()
 
 
 def _resnet_details(spec):
   return {"block": models.block_type(spec.depth)}
 
 
-def _imagenet_details(spec):
-  return {"block": imagenet_resnet.block_type(spec.depth)}
+def family(name: str, title: str, trunk: type, branch: type,
+           args: Callable[[ModelSpec], Tuple[Dict[str, Any], Dict[str, Any]]],
+           check: Callable[[ModelSpec], Any], options: Dict[str, Any],
+           details: Callable[[ModelSpec], Dict[str, Any]] = lambda spec: {}
+           ) -> Dict[str, Architecture]:
+  """The two registry entries of an architecture family: 'one_<name>' (models.OneModel: the
+  trunk, B stacked branches, the gate) and '<name>' (models.Baseline: trunk + one 'branch').
+
+  trunk and branch are the family's module classes (fields conv and norm, plus the keyword
+  arguments args(spec) gives each: (trunk kwargs, branch kwargs)); the branch is the family's
+  last stage or block and its classifier, so every ONE contract (surgery, voting) holds.
+  """
+  def module_args(spec):
+    trunk_args, branch_args = args(spec)
+    return dict(trunk=trunk, branch=branch, trunk_args=tuple(sorted(trunk_args.items())),
+                branch_args=tuple(sorted(branch_args.items())), conv_impl=spec.conv_impl)
+
+  def one(spec, axis_name):
+    return models.OneModel(**module_args(spec), num_branches=spec.num_branches,
+                           branch_impl=spec.branch_impl, active_branches=spec.active_branches,
+                           axis_name=axis_name)
+
+  def baseline(spec, axis_name):
+    return models.Baseline(**module_args(spec), axis_name=axis_name)
+
+  common = dict(family=name, check=check, details=details, options=tuple(options.items()))
+  return {f"one_{name}": Architecture(module=one, branched=True, title=f"ONE {title}", **common),
+          name: Architecture(module=baseline, branched=False, title=f"{title} baseline",
+                             **common)}
 
 
 ARCHITECTURES: Dict[str, Architecture] = {
@@ -231,19 +315,15 @@ ARCHITECTURES: Dict[str, Architecture] = {
             conv_impl=spec.conv_impl),
         branched=False, family="cifar_resnet", title="ResNet baseline",
         check=lambda spec: models.check_depth(spec.depth), details=_resnet_details),
-    "one_imagenet_resnet": Architecture(
-        module=lambda spec, axis_name: imagenet_resnet.OneImagenetResNet(
-            depth=spec.depth, num_branches=spec.num_branches, num_classes=spec.num_classes,
-            branch_impl=spec.branch_impl, active_branches=spec.active_branches,
-            axis_name=axis_name, conv_impl=spec.conv_impl),
-        branched=True, family="imagenet_resnet", title="ONE ImageNet ResNet",
-        check=lambda spec: imagenet_resnet.check_depth(spec.depth), details=_imagenet_details),
-    "imagenet_resnet": Architecture(
-        module=lambda spec, axis_name: imagenet_resnet.ImagenetResNet(
-            depth=spec.depth, num_classes=spec.num_classes, axis_name=axis_name,
-            conv_impl=spec.conv_impl),
-        branched=False, family="imagenet_resnet", title="ImageNet ResNet baseline",
-        check=lambda spec: imagenet_resnet.check_depth(spec.depth), details=_imagenet_details),
+    **family("wrn", "Wide ResNet", wrn.Trunk, wrn.Branch, wrn.args, wrn.check, wrn.OPTIONS),
+    **family("vgg", "VGG", vgg.Trunk, vgg.Branch, vgg.args, vgg.check, vgg.OPTIONS),
+    **family("densenet", "DenseNet", densenet.Trunk, densenet.Branch, densenet.args,
+             densenet.check, densenet.OPTIONS),
+    **family("resnext", "ResNeXt", resnext.Trunk, resnext.Branch, resnext.args, resnext.check,
+             resnext.OPTIONS),
+    **family("imagenet_resnet", "ImageNet ResNet", imagenet_resnet.Trunk,
+             imagenet_resnet.Branch, imagenet_resnet.args, imagenet_resnet.check,
+             imagenet_resnet.OPTIONS, imagenet_resnet.details),
 }
 
 

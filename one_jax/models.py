@@ -126,13 +126,6 @@ class Trunk(nn.Module):
     return _stage(x, "layer2", self.depth, 32, 2, self.conv, self.norm)
 
 
-def _branch_logits(x, depth, num_classes, conv, norm):
-  """Stage 3 + global average pool + classifier, created in the calling module's scope."""
-  x = _stage(x, "layer3", depth, 64, 2, conv, norm)
-  x = jnp.mean(x, axis=(1, 2))
-  return layers.Dense(num_classes, name="classifier")(x)
-
-
 class Branch(nn.Module):
   """One branch (one student): stage 3 + global average pool + classifier."""
   depth: int
@@ -142,15 +135,9 @@ class Branch(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return _branch_logits(x, self.depth, self.num_classes, self.conv, self.norm)
-
-
-class _ScanBranch(Branch):
-  """Branch as a scan body: the trunk output is the (unchanged) carry."""
-
-  @nn.compact
-  def __call__(self, x):
-    return x, _branch_logits(x, self.depth, self.num_classes, self.conv, self.norm)
+    x = _stage(x, "layer3", self.depth, 64, 2, self.conv, self.norm)
+    x = jnp.mean(x, axis=(1, 2))
+    return layers.Dense(self.num_classes, name="classifier")(x)
 
 
 class Gate(nn.Module):
@@ -174,25 +161,27 @@ class Gate(nn.Module):
     return jax.nn.softmax(x, axis=-1)
 
 
-def stacked_branches(depth, num_classes, num_branches, impl, conv, norm, name):
+def stacked_branches(branch: ModuleDef, num_branches: int, impl: str, name: str):
   """B branches with parameters stacked on axis 0, computed by an unrolled loop or by vmap.
 
-  Both read and write the same layout (the one nn.vmap with variable_axes={'params': 0,
-  'batch_stats': 0} produces) and give the same numbers; returns a function x -> [B, N, C].
+  branch(name=...) makes one branch (any family's: x -> logits). Both implementations read and
+  write the same layout (the one nn.vmap with variable_axes={'params': 0, 'batch_stats': 0}
+  produces) and give the same numbers; returns a function x -> [B, N, C].
   """
+  axes = {"params": 0, "batch_stats": 0}
+  module = branch(name=name)
   if impl == "vmap":
-    vmapped = nn.vmap(Branch, variable_axes={"params": 0, "batch_stats": 0},
-                      split_rngs={"params": True}, in_axes=None, out_axes=0,
-                      axis_size=num_branches)
-    return vmapped(depth, num_classes, conv, norm, name=name)
+    vmapped = nn.vmap(lambda mdl, x: mdl(x), variable_axes=axes, split_rngs={"params": True},
+                      in_axes=None, out_axes=0, axis_size=num_branches)
+    return lambda x: vmapped(module, x)
   # A fully unrolled scan: B separate (un-batched) branch computations on slices of the
-  # stacked variables; XLA's CPU backend runs these much faster than vmapped convolutions.
-  # unroll=0 unrolls every length; unroll=B would leave B = 1 as a one-trip while loop, whose
-  # backward convolutions XLA:CPU then runs in a naive, ~50x slower form (benchmarks/NOTES.md).
-  looped = nn.scan(_ScanBranch, variable_axes={"params": 0, "batch_stats": 0},
-                   split_rngs={"params": True}, in_axes=(), length=num_branches,
-                   unroll=0)(depth, num_classes, conv, norm, name=name)
-  return lambda x: looped(x)[1]
+  # stacked variables, the trunk output the (unchanged) carry; XLA's CPU backend runs these
+  # much faster than vmapped convolutions. unroll=0 unrolls every length; unroll=B would leave
+  # B = 1 as a one-trip while loop, whose backward convolutions XLA:CPU then runs in a naive,
+  # ~50x slower form (benchmarks/NOTES.md).
+  looped = nn.scan(lambda mdl, x: (x, mdl(x)), variable_axes=axes, split_rngs={"params": True},
+                   in_axes=(), length=num_branches, unroll=0)
+  return lambda x: looped(module, x)[1]
 
 
 @flax.struct.dataclass
@@ -230,9 +219,8 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    conv, norm = conv_and_norm(train, self.axis_name, self.conv_impl)
-    x = Trunk(self.depth, conv, norm, name="trunk")(images)
-    return Branch(self.depth, self.num_classes, conv, norm, name="branch")(x)
+    return baseline_forward(self, images, train, functools.partial(Trunk, self.depth),
+                            functools.partial(Branch, self.depth, self.num_classes))
 
 
 class OneResNet(nn.Module):
@@ -247,29 +235,103 @@ class OneResNet(nn.Module):
 
   def __post_init__(self):
     check_depth(self.depth)
-    config_checks.check_int("num_branches", self.num_branches, minimum=1)
     config_checks.check_int("num_classes", self.num_classes, minimum=1)
-    resolve_branch_impl(self.branch_impl)
-    kernels.resolve_conv_impl(self.conv_impl)
-    if self.active_branches is not None:
-      object.__setattr__(self, "active_branches", tuple(bool(a) for a in self.active_branches))
-      if len(self.active_branches) != self.num_branches or not any(self.active_branches):
-        raise ValueError(f"active_branches={self.active_branches} must have one entry per "
-                         f"branch ({self.num_branches}) with at least one True")
+    _check_one_fields(self)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, images, train: bool = False) -> OneOutput:
-    conv, norm = conv_and_norm(train, self.axis_name, self.conv_impl)
-    x = Trunk(self.depth, conv, norm, name="trunk")(images)
-    branch_logits = stacked_branches(
-        self.depth, self.num_classes, self.num_branches, resolve_branch_impl(self.branch_impl),
-        conv, norm, name="branches")(x)
-    offset = self.variable("gate_offset", "log_weight",
-                           lambda: jnp.zeros((self.num_branches,), jnp.float32))
-    gate = Gate(self.num_branches, norm, self.active_branches, name="gate")(x, offset.value)
-    ensemble = jnp.einsum("nb,bnc->nc", gate, branch_logits)
-    return OneOutput(branch_logits=branch_logits, gate=gate, ensemble_logits=ensemble)
+    return one_forward(self, images, train, functools.partial(Trunk, self.depth),
+                       functools.partial(Branch, self.depth, self.num_classes))
+
+
+# ----------------------------------------------------------------------------- any family
+
+def one_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef) -> OneOutput:
+  """The ONE forward pass, run in `module`'s scope, for any family's trunk and branch.
+
+  trunk(conv=, norm=, name=) and branch(conv=, norm=, name=) make the family's modules (x ->
+  features, features -> logits); `module` gives num_branches, branch_impl, active_branches,
+  axis_name and conv_impl. The tree: 'trunk', 'branches' (stacked), 'gate', and the gate's
+  log-weight offset in the 'gate_offset' collection.
+  """
+  conv, norm = conv_and_norm(train, module.axis_name, module.conv_impl)
+  x = trunk(conv=conv, norm=norm, name="trunk")(images)
+  branch_logits = stacked_branches(
+      functools.partial(branch, conv=conv, norm=norm), module.num_branches,
+      resolve_branch_impl(module.branch_impl), name="branches")(x)
+  offset = module.variable("gate_offset", "log_weight",
+                           lambda: jnp.zeros((module.num_branches,), jnp.float32))
+  gate = Gate(module.num_branches, norm, module.active_branches, name="gate")(x, offset.value)
+  ensemble = jnp.einsum("nb,bnc->nc", gate, branch_logits)
+  return OneOutput(branch_logits=branch_logits, gate=gate, ensemble_logits=ensemble)
+
+
+def baseline_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef):
+  """The single-branch baseline in `module`'s scope: 'trunk' then one 'branch' -> logits."""
+  conv, norm = conv_and_norm(train, module.axis_name, module.conv_impl)
+  x = trunk(conv=conv, norm=norm, name="trunk")(images)
+  return branch(conv=conv, norm=norm, name="branch")(x)
+
+
+def _check_one_fields(module) -> None:
+  config_checks.check_int("num_branches", module.num_branches, minimum=1)
+  resolve_branch_impl(module.branch_impl)
+  kernels.resolve_conv_impl(module.conv_impl)
+  if module.active_branches is not None:
+    object.__setattr__(module, "active_branches", tuple(bool(a) for a in module.active_branches))
+    if len(module.active_branches) != module.num_branches or not any(module.active_branches):
+      raise ValueError(f"active_branches={module.active_branches} must have one entry per "
+                       f"branch ({module.num_branches}) with at least one True")
+
+
+Options = Tuple[Tuple[str, Any], ...]  # a module's keyword arguments, hashable: (('depth', 28),)
+
+
+class OneModel(nn.Module):
+  """ONE on any family (model_spec registry): trunk, B stacked branches, gate, ensemble.
+
+  trunk and branch are the family's module classes (fields conv and norm, plus their options:
+  trunk_args and branch_args); the output is OneOutput, as OneResNet's.
+  """
+  trunk: Any
+  branch: Any
+  trunk_args: Options = ()
+  branch_args: Options = ()
+  num_branches: int = 3
+  branch_impl: str = "auto"
+  active_branches: Optional[Sequence[bool]] = None
+  axis_name: Optional[str] = None
+  conv_impl: str = "auto"
+
+  def __post_init__(self):
+    _check_one_fields(self)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, images, train: bool = False) -> OneOutput:
+    return one_forward(self, images, train, functools.partial(self.trunk, **dict(self.trunk_args)),
+                       functools.partial(self.branch, **dict(self.branch_args)))
+
+
+class Baseline(nn.Module):
+  """Any family's single-branch baseline ('trunk', 'branch': one slice of OneModel's stack)."""
+  trunk: Any
+  branch: Any
+  trunk_args: Options = ()
+  branch_args: Options = ()
+  axis_name: Optional[str] = None
+  conv_impl: str = "auto"
+
+  def __post_init__(self):
+    kernels.resolve_conv_impl(self.conv_impl)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    return baseline_forward(self, images, train,
+                            functools.partial(self.trunk, **dict(self.trunk_args)),
+                            functools.partial(self.branch, **dict(self.branch_args)))
 
 
 def count_params(tree) -> int:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from one_jax import checkpoints, convert, convert_torchvision, imagenet_resnet, model_spec
-from one_jax import models
+from one_jax import checkpoints, convert, convert_torchvision, model_spec, models
+from one_jax.architectures import imagenet_resnet
 from tests import torch_reference as tr
 
 # torchvision.models.resnet{18,34,50}(num_classes=1000): parameters, and state_dict() entries.

@@ -61,8 +61,8 @@ def test_stored_model_infos_load(info, spec, written):
 
 @pytest.mark.parametrize("make,needle", [
     (lambda: model_spec.ModelSpec("resnet50", 8, 10), "model='resnet50' is unknown: use 'one_resnet'"),
-    (lambda: model_spec.ModelSpec.from_dict({"kind": "wrn", "depth": 8, "num_classes": 10}),
-     "model='wrn' is unknown"),
+    (lambda: model_spec.ModelSpec.from_dict(
+        {"kind": "squeezenet", "depth": 8, "num_classes": 10}), "model='squeezenet' is unknown"),
     (lambda: model_spec.ModelSpec.from_dict({"kind": "one_resnet", "depth": 8, "num_classes": 10}),
      "lacks num_branches"),
     (lambda: model_spec.ModelSpec.from_dict({"kind": "one_resnet", "depth": 8}), "lacks num_classes"),
@@ -83,9 +83,9 @@ def test_bad_descriptions_are_one_line_errors(make, needle):
 
 def test_unknown_kind_in_a_checkpoint_is_a_checkpoint_error():
   with pytest.raises(checkpoints.CheckpointError) as e:
-    checkpoints.spec_of({"model": {"kind": "wrn", "depth": 8, "num_classes": 10}}, "ckpt")
+    checkpoints.spec_of({"model": {"kind": "squeezenet", "depth": 8, "num_classes": 10}}, "ckpt")
   assert "ckpt has model metadata one_jax cannot build" in str(e.value)
-  assert "model='wrn' is unknown" in str(e.value) and "\n" not in str(e.value)
+  assert "model='squeezenet' is unknown" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_abstract_variables_are_the_shapes_of_init():

@@ -1,4 +1,4 @@
-"""ImageNet ResNets (torchvision's ResNet-18/34/50/101/152) as a ONE family (DESIGN.md section 2).
+"""ImageNet ResNets (torchvision's ResNet-18/34/50/101/152) as a ONE family (DESIGN.md 2).
 
 The definitions are torchvision's: a 7x7 stride-2 stem with 64 channels, BatchNorm, ReLU and
 a 3x3 stride-2 max pool; four stages of 64, 128, 256 and 512 planes (stride 1, 2, 2, 2) of
@@ -12,14 +12,12 @@ The trunk is the stem and stages 1-3 ('conv1', 'bn1', 'layer1_0', ..., 'layer3_{
 branch is stage 4 and the classifier ('layer4_0', ..., 'classifier'), so B branches cost B
 copies of the last stage (about 75% of ResNet-18's parameters, 60% of ResNet-50's).
 """
-import functools
-from typing import Optional, Sequence, Tuple
+from typing import Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from one_jax import config_checks, layers, models
-from one_jax.cpu import kernels
 
 # depth -> (block type, blocks per stage), torchvision's table (and ResNet-10 for smoke runs).
 STAGES = {10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)),
@@ -27,6 +25,7 @@ STAGES = {10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)),
           101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
 PLANES = (64, 128, 256, 512)
 STEM_CHANNELS = 64
+OPTIONS = {}   # depth and classes say everything (torchvision's widths are fixed)
 
 
 def check_depth(depth) -> Tuple[str, Tuple[int, ...]]:
@@ -39,6 +38,20 @@ def check_depth(depth) -> Tuple[str, Tuple[int, ...]]:
 
 def block_type(depth: int) -> str:
   return check_depth(depth)[0]
+
+
+def check(spec) -> None:
+  check_depth(spec.depth)
+
+
+def details(spec):
+  """The derived field checkpoint meta records: the block type of the depth."""
+  return {"block": block_type(spec.depth)}
+
+
+def args(spec):
+  """(trunk, branch) keyword arguments of a ModelSpec (model_spec.family)."""
+  return {"depth": spec.depth}, {"depth": spec.depth, "num_classes": spec.num_classes}
 
 
 def _stage(x, index: int, depth: int, conv, norm):
@@ -104,74 +117,3 @@ def torchvision_num_params(depth: int, num_classes: int = 1000) -> int:
       in_ch = planes * expansion
   return total + in_ch * num_classes + num_classes
 
-
-# ----------------------------------------------------------------------------- the models
-
-
-def _stacked(branch, num_branches: int, impl: str, name: str):
-  """B branches with parameters stacked on axis 0 (the layout of models.stacked_branches),
-  computed by an unrolled scan or by vmap; returns x -> [B, N, C]."""
-  axes = {"params": 0, "batch_stats": 0}
-  module = branch(name=name)
-  if impl == "vmap":
-    vmapped = nn.vmap(lambda mdl, x: mdl(x), variable_axes=axes, split_rngs={"params": True},
-                      in_axes=None, out_axes=0, axis_size=num_branches)
-    return lambda x: vmapped(module, x)
-  looped = nn.scan(lambda mdl, x: (x, mdl(x)), variable_axes=axes, split_rngs={"params": True},
-                   in_axes=(), length=num_branches, unroll=0)
-  return lambda x: looped(module, x)[1]
-
-
-class ImagenetResNet(nn.Module):
-  """torchvision's ResNet (the baseline): {'trunk', 'branch'}; apply -> logits [N, C]."""
-  depth: int = 18
-  num_classes: int = 1000
-  axis_name: Optional[str] = None
-  conv_impl: str = "auto"
-
-  def __post_init__(self):
-    check_depth(self.depth)
-    config_checks.check_int("num_classes", self.num_classes, minimum=1)
-    kernels.resolve_conv_impl(self.conv_impl)
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(self, images, train: bool = False):
-    conv, norm = models.conv_and_norm(train, self.axis_name, self.conv_impl)
-    x = Trunk(self.depth, conv, norm, name="trunk")(images)
-    return Branch(self.depth, self.num_classes, conv, norm, name="branch")(x)
-
-
-class OneImagenetResNet(nn.Module):
-  """ONE on an ImageNet ResNet: shared stem and stages 1-3, B stacked (stage 4 + classifier)
-  branches, the gate on the trunk output; apply -> models.OneOutput."""
-  depth: int = 18
-  num_branches: int = 3
-  num_classes: int = 1000
-  branch_impl: str = "auto"
-  active_branches: Optional[Sequence[bool]] = None
-  axis_name: Optional[str] = None
-  conv_impl: str = "auto"
-
-  def __post_init__(self):
-    check_depth(self.depth)
-    config_checks.check_int("num_branches", self.num_branches, minimum=1)
-    config_checks.check_int("num_classes", self.num_classes, minimum=1)
-    models.resolve_branch_impl(self.branch_impl)
-    kernels.resolve_conv_impl(self.conv_impl)
-    if self.active_branches is not None:
-      object.__setattr__(self, "active_branches", tuple(bool(a) for a in self.active_branches))
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(self, images, train: bool = False) -> models.OneOutput:
-    conv, norm = models.conv_and_norm(train, self.axis_name, self.conv_impl)
-    x = Trunk(self.depth, conv, norm, name="trunk")(images)
-    branch = functools.partial(Branch, self.depth, self.num_classes, conv, norm)
-    branch_logits = _stacked(branch, self.num_branches,
-                             models.resolve_branch_impl(self.branch_impl), "branches")(x)
-    offset = self.variable("gate_offset", "log_weight",
-                           lambda: jnp.zeros((self.num_branches,), jnp.float32))
-    gate = models.Gate(self.num_branches, norm, self.active_branches, name="gate")(x, offset.value)
-    ensemble = jnp.einsum("nb,bnc->nc", gate, branch_logits)
-    return models.OneOutput(branch_logits=branch_logits, gate=gate, ensemble_logits=ensemble)
