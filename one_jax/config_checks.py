@@ -1,6 +1,6 @@
 """Every config field's valid values, in one table, checked before anything is read or written.
 
-`check(config)` goes through RULES (one row per field of configs/common.py, step1.py and
+`check(config)` goes through RULES (one row per field of configs/common.py, step1.py, imagenet.py and
 step2.py) and raises a one-line ValueError naming the first bad field, the value and what
 it must be. Checks that need more than the config (batch size vs devices, num_classes vs the
 dataset, the data itself, checkpoints) stay where those are read.
@@ -223,6 +223,10 @@ RULES: Sequence[Rule] = (
     Rule("download", Flag()),
     Rule("synthetic_train_size", _POSITIVE_INT),
     Rule("synthetic_test_size", _POSITIVE_INT),
+    Rule("image_size", Number(integer=True, low=MIN_IMAGE_SIZE),
+         why=f"it must be the model's input side in pixels, >= {MIN_IMAGE_SIZE} (ImageNet: 224)"),
+    Rule("data_workers", _COUNT,
+         why="it must be 0 (threads of this process) or the number of worker processes"),
     # Optimisation.
     Rule("batch_size", _POSITIVE_INT),
     Rule("eval_batch_size", _POSITIVE_INT),

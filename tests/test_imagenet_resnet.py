@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from one_jax import checkpoints, convert, convert_torchvision, model_spec, models
+from one_jax import checkpoints, convert, convert_torchvision, model_spec, models, surgery
 from one_jax.architectures import imagenet_resnet
 from tests import torch_reference as tr
 
@@ -171,6 +171,22 @@ def test_cli_round_trip_and_one_line_errors(tmp_path, capsys):
   loaded = torch.load(back, map_location="cpu", weights_only=True)["state_dict"]
   assert list(loaded) == list(state_dict)   # torchvision's names: no 'module.' prefix
   assert all(torch.equal(loaded[k], v) for k, v in state_dict.items())
+  # Two converted baselines merge into a 2-branch ONE model (the trunk of the first), whose
+  # branch 1 exports as that trunk with the second source's stage 4 and fc.
+  other = _torch_model(10, classes=4, seed=1).state_dict()
+  torch.save(other, tmp_path / "other.pth")
+  assert convert.main([str(tmp_path / "other.pth"), str(tmp_path / "ckpt_other")]) == 0
+  merged = tmp_path / "merged"
+  assert surgery.main(["merge", "--src", str(out_dir), "--src", str(tmp_path / "ckpt_other"),
+                       "--dst", str(merged)]) == 0
+  assert checkpoints.load(str(merged))[0] == _spec(10, 2, classes=4)
+  assert convert.main(["--to_torch", "--branch", "1", str(merged), str(tmp_path / "b1.pth")]) == 0
+  branch1 = torch.load(tmp_path / "b1.pth", map_location="cpu", weights_only=True)["state_dict"]
+  assert list(branch1) == list(other)
+  for key, value in branch1.items():
+    if convert.NBT not in key:
+      source = other if key.startswith(("layer4.", "fc.")) else state_dict
+      assert torch.equal(value, source[key]), key
   capsys.readouterr()
 
   broken = {k: v for k, v in state_dict.items() if not k.startswith("layer2.0.downsample.1.")}

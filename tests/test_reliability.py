@@ -703,16 +703,22 @@ CASES_SCRIPT = os.path.join(ROOT, "tests", "cli_cases.py")
 STEP2 = os.path.join(ROOT, "configs", "step2.py")
 STEP2_FIELDS = ("source", "sources", "surgery", "expand_mode", "expand_from", "trunk_from",
                 "symmetry_noise", "symmetry_break", "reset_optimizer")
+IMAGENET = os.path.join(ROOT, "configs", "imagenet.py")
+IMAGENET_FIELDS = ("image_size", "data_workers")
 
 
 def _base_args(field):
   if field in STEP2_FIELDS:
     return [f"--config={STEP2}:three_into_five,smoke", "--config.progress_bar=False"]
+  if field in IMAGENET_FIELDS:
+    return [f"--config={IMAGENET}:resnet18_one,smoke", "--config.progress_bar=False"]
   return [f"--config={STEP1}:three_branch,smoke", "--config.progress_bar=False"]
 
 
 def _base_config(field):
-  from configs import step1, step2  # pylint: disable=g-import-not-at-top
+  from configs import imagenet, step1, step2  # pylint: disable=g-import-not-at-top
+  if field in IMAGENET_FIELDS:
+    return imagenet.get_config("resnet18_one,smoke")
   return (step2.get_config("three_into_five,smoke") if field in STEP2_FIELDS
           else step1.get_config("three_branch,smoke"))
 
@@ -800,9 +806,9 @@ def field_refusals(tmp_path_factory):
 
 
 def test_every_config_field_has_a_check_row():
-  from configs import step1, step2  # pylint: disable=g-import-not-at-top
+  from configs import imagenet, step1, step2  # pylint: disable=g-import-not-at-top
   fields = set(step1.get_config("three_branch").keys()) | set(
-      step2.get_config("three_into_five").keys())
+      step2.get_config("three_into_five").keys()) | set(imagenet.get_config("resnet18_one").keys())
   assert fields == set(config_checks.FIELDS)
   plain = set(config_checks.FIELDS) - set(CHECKED_FIELDS)  # any string is valid: read later
   assert plain == {"npz_path", "data_dir", "init_from", "variant", "source", "sources"}
