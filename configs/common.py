@@ -17,7 +17,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # one_wrn/wrn, one_vgg/vgg, one_densenet/densenet, ...
   c.depth = 32                    # the family's: 6n+2 (ResNet), 6n+4 (WRN), 16 (VGG-16), ...
   # Architecture options (0 = the family's default; model_spec.OPTIONS).
-  c.width = 0                     # wrn: widening factor k (WRN-28-10: 10)
+  c.width = 0                     # wrn: widening factor k (WRN-28-10: 10); vgg: channels of
+                                  # block 1 (64); resnext: stage-1 outputs / 64 (4)
   c.cardinality = 0               # resnext: groups of the 3x3 convolutions (8x64d: 8)
   c.group_width = 0               # resnext: channels per group in stage 1 (8x64d: 64)
   c.growth_rate = 0               # densenet: k, channels each layer adds (BC-100-12: 12)

@@ -8,13 +8,16 @@ synthetic data already on the devices. Compilation and warm-up steps are exclude
 medians over --steps. FLOPs come from XLA's cost analysis of the train step (`step_flops`).
 
 Fields: images_per_sec, eval_images_per_sec, step_ms, eval_step_ms, compile_s, backend,
-device_kind, device_count, flops_per_image, gflops_per_sec (achieved, train step), and the
-model fields (model, depth, num_branches, num_classes, batch, branch_impl), cpu_conv_library,
+device_kind, device_count, flops_per_image (train step), forward_flops_per_image (inference:
+`forward_flops_per_image`), gflops_per_sec (achieved, train step), and the
+model fields (model, depth, its architecture options, num_branches, num_classes, num_params:
+every parameter of the timed model, batch, branch_impl), cpu_conv_library,
 conv_impl ('kernel': one_jax's compiled CPU convolutions, 'xla': XLA's), jax_version, loss,
 and (from the command line) reuse_host_memory (one_jax/cpu/host_memory.py). Where
 conv_impl='auto' fell back to XLA on a CPU, one line on stderr says that the kernels are off
 and why (kernels.off_warning).
 """
+import dataclasses
 import json
 import statistics
 import sys
@@ -77,6 +80,16 @@ def step_flops(config, tx, mesh, state, batch, epoch) -> float:
   with xla_config.unlocked():
     xla_config.conv_impl = "xla"
   return _flops(train.make_train_step(xla_config, tx, mesh).lower(state, batch, epoch))
+
+
+def forward_flops_per_image(spec: model_spec.ModelSpec, image_shape=IMAGE_SHAPE) -> float:
+  """One image's inference arithmetic (the eval forward of every branch and the gate): XLA's
+  cost analysis of the model with XLA's own convolutions, before optimisation; nothing is
+  compiled or run (README's architecture table)."""
+  spec = dataclasses.replace(spec, conv_impl="xla")
+  model = spec.build()
+  images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+  return _flops(jax.jit(model.apply).lower(spec.abstract_variables(image_shape), images))
 
 
 def synthetic_batch(config, batch_size: int, seed: int = 0) -> Dict[str, np.ndarray]:
@@ -161,7 +174,9 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
   result.update(
       backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
       device_count=jax.device_count(), model=timer.spec.kind, depth=timer.spec.depth,
-      num_branches=timer.spec.num_branches, num_classes=timer.spec.num_classes,
+      **timer.spec.options(), num_branches=timer.spec.num_branches,
+      num_classes=timer.spec.num_classes, num_params=timer.spec.num_params(),
+      forward_flops_per_image=forward_flops_per_image(timer.spec),
       batch=batch_size, branch_impl=models.resolve_branch_impl(timer.spec.branch_impl),
       cpu_conv_library=xla_options.cpu_conv_library(c, jax.default_backend()),
       conv_impl=kernels.conv_impl_on(c.get("conv_impl", "auto"), jax.default_backend()),

@@ -202,7 +202,8 @@ RULES: Sequence[Rule] = (
     Rule("depth", Number(integer=True, low=8), extra=_depth),  # the family's: 6n+2, 6n+4, ...
     # Architecture options (model_spec.OPTIONS; 0 = the family's default): refused for a
     # family that does not take them (by the depth row's check, which reads them).
-    Rule("width", _COUNT, why="it must be 0 (the default) or the WRN widening factor k >= 1"),
+    Rule("width", _COUNT, why="it must be 0 (the default) or >= 1: WRN's widening factor k, "
+         "VGG's channels of block 1, ResNeXt's stage-1 outputs / 64"),
     Rule("cardinality", _COUNT, why="it must be 0 (the default) or ResNeXt's groups >= 1"),
     Rule("group_width", _COUNT,
          why="it must be 0 (the default) or ResNeXt's channels per group >= 1"),

@@ -129,6 +129,9 @@ def name_table(spec: model_spec.ModelSpec, spelling: str = "classfier"):
   """[(torch key, (collection, *flax path), branch slot or None, flax leaf shape)] in order."""
   if spelling not in SPELLINGS:
     raise ValueError(f"spelling={spelling!r} is unknown: use one of {', '.join(SPELLINGS)}")
+  if model_spec.architecture(spec.kind).family != "cifar_resnet":
+    raise ConversionError(f"a {spec.describe()} has no PyTorch counterpart here: conversion "
+                          "covers the reference's CIFAR ResNet (one_resnet, cifar_resnet) only")
   shapes = spec.abstract_variables()
   table = []
   for col in ("params", "batch_stats"):

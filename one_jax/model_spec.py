@@ -62,7 +62,8 @@ class ModelSpec:
   active_branches: Optional[Tuple[bool, ...]] = None
   conv_impl: str = "auto"
   # Architecture options (OPTIONS), each read by the families that list it.
-  width: Optional[int] = None         # wrn: the widening factor k (WRN-28-10: 10)
+  width: Optional[int] = None         # wrn: widening factor k (WRN-28-10: 10); vgg: channels of
+                                      # block 1 (64); resnext: stage-1 output / 64 (4)
   cardinality: Optional[int] = None   # resnext: groups of the grouped 3x3 convolution (8x64d: 8)
   group_width: Optional[int] = None   # resnext: channels per group in the first stage (8x64d: 64)
   growth_rate: Optional[int] = None   # densenet: k, the channels each layer adds
@@ -186,6 +187,11 @@ class ModelSpec:
     """Shapes and dtypes of the variables (jax.eval_shape of init; nothing is computed;
     cached, so read-only). Parameter shapes do not depend on the image size."""
     return _abstract_variables(self, tuple(image_shape))
+
+  def num_params(self) -> int:
+    """Every trainable parameter ('params': trunk, all branches, gate), as bench and
+    `surgery inspect` report it."""
+    return models.count_params(self.abstract_variables()["params"])
 
   def init(self, rng, image_shape=(32, 32, 3)) -> Dict[str, Any]:
     """Freshly initialised variables (one jitted init per model, reused)."""

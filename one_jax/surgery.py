@@ -137,18 +137,21 @@ def _check_info(info, what: str) -> model_spec.ModelSpec:
 
 
 def _check_same_architecture(specs, whats, op: str) -> None:
-  """Models whose branches combine: one architecture family, depth, block type, class count."""
+  """Models whose branches combine: one architecture family, depth, architecture options
+  (width, growth rate, ...), block type and class count."""
   first = specs[0].to_dict()
   for spec, what in zip(specs[1:], whats[1:]):
-    info = spec.to_dict()
-    for field, name in (("depth", "depth"), ("block", "block type"), ("num_classes", "class count")):
-      if info.get(field) != first.get(field):
-        raise SurgeryError(f"{op}: {what} has {name} {info[field]} but {whats[0]} has "
-                           f"{first[field]}: {op} needs models of the same depth, block type and "
-                           "class count")
     if spec.with_branches(None).kind != specs[0].with_branches(None).kind:
       raise SurgeryError(f"{op}: {what} is a {spec.describe()} but {whats[0]} is a "
                          f"{specs[0].describe()}: {op} needs models of one architecture")
+    info = spec.to_dict()
+    for field in ("depth",) + model_spec.OPTIONS + ("block", "num_classes"):
+      if info.get(field) != first.get(field):
+        name = {"block": "block type", "num_classes": "class count"}.get(
+            field, field.replace("_", " "))
+        raise SurgeryError(f"{op}: {what} has {name} {info.get(field)} but {whats[0]} has "
+                           f"{first.get(field)}: {op} needs models of the same depth, "
+                           "architecture options, block type and class count")
 
 
 def _template(spec: model_spec.ModelSpec) -> Dict[Key, jax.ShapeDtypeStruct]:
@@ -566,10 +569,11 @@ def transplant(dst_state, dst_info, src_state, src_info, *, branch: int, slot: i
 
 
 def extract(state, info, *, branch: int, reset_optimizer: bool = False):
-  """Branch `branch` with the trunk as a plain CifarResNet state (the deployable student)."""
+  """Branch `branch` with the trunk as its family's baseline state (the deployable student)."""
   model = _view(state, info, "the model")
   if not model.has_gate:
-    raise SurgeryError("extract: the model is already a plain ResNet (a baseline): use it as it is")
+    raise SurgeryError(f"extract: the model is already a single-branch baseline "
+                       f"({model.spec.describe()}): use it as it is")
   _check_index("extract", "--branch", branch, model.num_branches, "the model")
   out = model.spec.with_branches(None)
   return _assemble(out, trunk=model, slots=[(model, int(branch))], gate=None,
@@ -775,7 +779,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--slot", required=True, type=int)
   p.add_argument("--dst", required=True)
   p.add_argument("--reset_optimizer", action="store_true")
-  p = sub.add_parser("extract", help="branch I + trunk -> a plain CifarResNet checkpoint")
+  p = sub.add_parser("extract", help="branch I + trunk -> a baseline checkpoint")
   p.add_argument("--src", required=True)
   p.add_argument("--branch", required=True, type=int)
   p.add_argument("--dst", required=True)

@@ -66,9 +66,9 @@ def vote_accuracies(model, variables, batches: Iterable[Mapping[str, Any]]) -> L
   """One row per subset: {'branches': (0, 2), 'size': 2, 'gate', 'average', 'vote' (fractions
   of the real examples), 'examples': their count}.
 
-  model: a OneResNet (or anything whose apply(variables, images, train=False) returns
-  branch_logits [B, N, C] and gate [N, B]), without an axis_name; batches yield 'image',
-  'label' and 'mask' (mask optional: all real).
+  model: a ONE model of any family, OneResNet or OneModel (or anything whose apply(variables,
+  images, train=False) returns branch_logits [B, N, C] and gate [N, B]), without an
+  axis_name; batches yield 'image', 'label' and 'mask' (mask optional: all real).
   """
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   subsets, member, correct, examples = None, None, None, 0

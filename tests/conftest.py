@@ -14,7 +14,7 @@ sys.path.insert(0, REPO_ROOT)
 
 import jax  # noqa: E402  (after the environment above)
 
-from configs import step1, step2  # noqa: E402
+from configs import paper, step1, step2  # noqa: E402
 
 # Tests compile the same tiny programs many times (resume, 1 vs 4 devices, variants):
 # a persistent compilation cache shared by the test processes saves most of that time.
@@ -26,9 +26,11 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 def _smoke_config(variant: str = "three_branch", **overrides):
   """The ',smoke' config of a variant ('three_branch' is configs/step1.py's,
-  'step2:three_into_five' configs/step2.py's), without a progress bar, with overrides."""
+  'step2:three_into_five' configs/step2.py's, 'paper:vgg16_cifar10' configs/paper.py's), without
+  a progress bar, with overrides."""
   module, _, name = variant.rpartition(":")
-  config = {"": step1, "step1": step1, "step2": step2}[module].get_config(f"{name},smoke")
+  config = {"": step1, "step1": step1, "step2": step2, "paper": paper}[module].get_config(
+      f"{name},smoke")
   config.progress_bar = False
   config.update(overrides)
   return config

@@ -8,13 +8,13 @@ import sys
 import jax
 import pytest
 
-from one_jax import bench
+from one_jax import bench, model_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("images_per_sec", "eval_images_per_sec", "step_ms", "eval_step_ms", "compile_s",
           "backend", "device_kind", "device_count", "flops_per_image", "gflops_per_sec",
           "model", "depth", "num_branches", "num_classes", "batch", "branch_impl",
-          "cpu_conv_library", "loss")
+          "cpu_conv_library", "loss", "num_params", "forward_flops_per_image")
 
 
 def test_bench_command_prints_json():
@@ -32,8 +32,10 @@ def test_bench_command_prints_json():
   assert result["cpu_conv_library"] == "eigen"  # 'auto' on CPU
   assert result["device_count"] == jax.device_count()
   assert (result["depth"], result["num_branches"], result["batch"]) == (8, 3, 8)
+  # Every parameter of the timed model: trunk, 3 branches and gate of ONE-ResNet-8 (10 classes).
+  assert result["num_params"] == model_spec.ModelSpec("one_resnet", 8, 10, 3).num_params()
   for field in ("images_per_sec", "eval_images_per_sec", "step_ms", "compile_s",
-                "flops_per_image", "gflops_per_sec"):
+                "flops_per_image", "gflops_per_sec", "forward_flops_per_image"):
     assert result[field] > 0 and math.isfinite(result[field]), field
   # images/s and step time describe the same median step.
   assert result["images_per_sec"] == pytest.approx(8 / (result["step_ms"] / 1e3), rel=1e-6)

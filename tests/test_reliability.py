@@ -452,7 +452,7 @@ def bad_input_outcomes(reference_run, tmp_path_factory):
        "is not a one_jax checkpoint", [out], 1),
       ("surgery: wrong model kind", surgery + ["extract", f"--src={existing}", "--branch=0",
                                                f"--dst={out}"],
-       "extract: the model is already a plain ResNet", [out, existing], 1),
+       "extract: the model is already a single-branch baseline", [out, existing], 1),
       ("surgery: existing destination", surgery + ["expand", f"--src={existing}",
                                                    f"--dst={empty_cwd}", "--branches=3"],
        "already exists: choose a new --dst", [existing], 1),

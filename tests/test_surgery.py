@@ -363,7 +363,7 @@ def test_transplant_changes_only_the_slot(one2, base):
     (lambda s, i, b, bi: surgery.expand(s, i, 3, mode="fresh", sources=[0]), "--from"),
     (lambda s, i, b, bi: surgery.expand(s, i, 3, mode="grow"), "--mode='grow'"),
     (lambda s, i, b, bi: surgery.merge([b], [bi], fresh_gate="random"), "--fresh_gate='random'"),
-    (lambda s, i, b, bi: surgery.extract(b, bi, branch=0), "already a plain ResNet"),
+    (lambda s, i, b, bi: surgery.extract(b, bi, branch=0), "already a single-branch baseline"),
     (lambda s, i, b, bi: surgery.extract(s, i, branch=2), "--branch=2 is out of range"),
     (lambda s, i, b, bi: surgery.extract(s, i, branch=-1), "--branch=-1 is out of range"),
     (lambda s, i, b, bi: surgery.transplant(s, i, b, bi, branch=1, slot=0), "--branch=1"),

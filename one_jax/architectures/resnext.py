@@ -1,6 +1,7 @@
 """ResNeXt (Xie et al., "Aggregated Residual Transformations for Deep Neural Networks", CVPR
 2017), CIFAR form: ResNeXt-29 (8x64d, 16x64d) is a 3x3 stem of 64 channels and three stages
-of n bottleneck blocks (depth 9n + 2) with outputs 256, 512, 1024 on 32x32, 16x16, 8x8 maps.
+of n bottleneck blocks (depth 9n + 2) with outputs 256, 512, 1024 on 32x32, 16x16, 8x8 maps
+(64 x width x 2^(stage-1): width 4, smaller for tests).
 
 A block: conv1x1 to D = cardinality x group_width x 2^(stage-1) channels, a grouped 3x3
 convolution (cardinality groups; the stride), conv1x1 to the output, each followed by
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from one_jax import config_checks, layers
 from one_jax.models import ModuleDef
 
-OPTIONS = {"cardinality": 8, "group_width": 64}
+OPTIONS = {"width": 4, "cardinality": 8, "group_width": 64}
 
 
 def blocks_per_stage(depth) -> int:
@@ -28,6 +29,8 @@ def blocks_per_stage(depth) -> int:
 
 def check(spec) -> None:
   blocks_per_stage(spec.depth)
+  config_checks.check_int("width", spec.width, minimum=1,
+                          why="ResNeXt's widening: stage outputs 64 x width x 1, 2, 4 (4)")
   config_checks.check_int("cardinality", spec.cardinality, minimum=1,
                           why="the groups of the 3x3 convolutions (8x64d: --config.cardinality=8)")
   config_checks.check_int("group_width", spec.group_width, minimum=1,
@@ -35,7 +38,7 @@ def check(spec) -> None:
 
 
 def args(spec):
-  trunk = {"depth": spec.depth, "cardinality": spec.cardinality,
+  trunk = {"depth": spec.depth, "width": spec.width, "cardinality": spec.cardinality,
            "group_width": spec.group_width}
   return trunk, dict(trunk, num_classes=spec.num_classes)
 
@@ -61,11 +64,13 @@ class Block(nn.Module):
     return nn.relu(out + x)
 
 
-def _stage(x, index, depth, cardinality, group_width, conv, norm):
-  """Stage `index` (1-3): n blocks, inner width C x d x 2^(index-1), output 256 x 2^(index-1)."""
+def _stage(x, index, depth, width, cardinality, group_width, conv, norm):
+  """Stage `index` (1-3): n blocks, inner width C x d x 2^(index-1), output 64 x width x
+  2^(index-1)."""
   scale = 2 ** (index - 1)
   for i in range(blocks_per_stage(depth)):
-    x = Block(cardinality * group_width * scale, 256 * scale, 2 if i == 0 and index > 1 else 1,
+    x = Block(cardinality * group_width * scale, 64 * width * scale,
+              2 if i == 0 and index > 1 else 1,
               cardinality, conv, norm, name=f"layer{index}_{i}")(x)
   return x
 
@@ -73,6 +78,7 @@ def _stage(x, index, depth, cardinality, group_width, conv, norm):
 class Trunk(nn.Module):
   """Stem (conv3x3 64, BN, ReLU) + stages 1 and 2."""
   depth: int
+  width: int
   cardinality: int
   group_width: int
   conv: ModuleDef
@@ -82,13 +88,15 @@ class Trunk(nn.Module):
   def __call__(self, x):
     x = nn.relu(self.norm(name="bn1")(self.conv(64, 3, 1, "conv1")(x)))
     for index in (1, 2):
-      x = _stage(x, index, self.depth, self.cardinality, self.group_width, self.conv, self.norm)
+      x = _stage(x, index, self.depth, self.width, self.cardinality, self.group_width,
+                 self.conv, self.norm)
     return x
 
 
 class Branch(nn.Module):
   """Stage 3 + global average pool + classifier."""
   depth: int
+  width: int
   cardinality: int
   group_width: int
   num_classes: int
@@ -97,5 +105,6 @@ class Branch(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = _stage(x, 3, self.depth, self.cardinality, self.group_width, self.conv, self.norm)
+    x = _stage(x, 3, self.depth, self.width, self.cardinality, self.group_width, self.conv,
+               self.norm)
     return layers.Dense(self.num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
