@@ -131,7 +131,8 @@ def name_table(spec: model_spec.ModelSpec, spelling: str = "classfier"):
     raise ValueError(f"spelling={spelling!r} is unknown: use one of {', '.join(SPELLINGS)}")
   if model_spec.architecture(spec.kind).family != "cifar_resnet":
     raise ConversionError(f"a {spec.describe()} has no PyTorch counterpart here: conversion "
-                          "covers the reference's CIFAR ResNet (one_resnet, cifar_resnet) only")
+                          "covers the reference's CIFAR ResNet (one_resnet, cifar_resnet) and "
+                          "torchvision's ImageNet ResNets (imagenet_resnet, one_imagenet_resnet)")
   shapes = spec.abstract_variables()
   table = []
   for col in ("params", "batch_stats"):
