@@ -51,7 +51,13 @@ _BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: the co
 _EVAL = flags.DEFINE_bool("eval", True, "Also time the eval (inference) step.")
 REUSE_HOST_MEMORY = flags.DEFINE_bool(host_memory.FLAG_NAME, True, host_memory.FLAG_HELP)
 
-IMAGE_SHAPE = (32, 32, 3)
+IMAGE_SHAPE = (32, 32, 3)   # CIFAR's; a config with image_size (ImageNet: 224) sets its own
+
+
+def image_shape(config) -> tuple:
+  """The model input the benchmark feeds: config.image_size squared, else CIFAR's 32x32."""
+  size = config.get("image_size", IMAGE_SHAPE[0])
+  return (size, size, 3)
 STEPS_PER_EPOCH = 390  # CIFAR: 50000 // 128; only the learning-rate schedule sees it
 
 
@@ -94,7 +100,7 @@ def forward_flops_per_image(spec: model_spec.ModelSpec, image_shape=IMAGE_SHAPE)
 
 def synthetic_batch(config, batch_size: int, seed: int = 0) -> Dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
-  return {"image": rng.standard_normal((batch_size,) + IMAGE_SHAPE, dtype=np.float32),
+  return {"image": rng.standard_normal((batch_size,) + image_shape(config), dtype=np.float32),
           "label": rng.integers(0, config.num_classes, (batch_size,)).astype(np.int32),
           "mask": np.ones((batch_size,), np.float32)}
 
@@ -114,10 +120,11 @@ class StepTimer:
     self.mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, self.mesh)
     self.spec = model_spec.ModelSpec.from_config(config)
+    shape = image_shape(config)
     tx = optimizer.create_optimizer(config, STEPS_PER_EPOCH,
-                                    self.spec.abstract_variables(IMAGE_SHAPE)["params"])
+                                    self.spec.abstract_variables(shape)["params"])
     self.state = parallel.replicate(
-        train.initial_state(self.spec, tx, IMAGE_SHAPE, jax.random.key(config.seed)), self.mesh)
+        train.initial_state(self.spec, tx, shape, jax.random.key(config.seed)), self.mesh)
     host_batch = synthetic_batch(config, config.batch_size, config.seed)
     self.batch = parallel.shard_batch({k: host_batch[k] for k in ("image", "label")}, self.mesh)
     self.epoch = jnp.float32(1.0)
@@ -176,8 +183,8 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
       device_count=jax.device_count(), model=timer.spec.kind, depth=timer.spec.depth,
       **timer.spec.options(), num_branches=timer.spec.num_branches,
       num_classes=timer.spec.num_classes, num_params=timer.spec.num_params(),
-      forward_flops_per_image=forward_flops_per_image(timer.spec),
-      batch=batch_size, branch_impl=models.resolve_branch_impl(timer.spec.branch_impl),
+      forward_flops_per_image=forward_flops_per_image(timer.spec, image_shape(c)),
+      image_size=image_shape(c)[0], batch=batch_size, branch_impl=models.resolve_branch_impl(timer.spec.branch_impl),
       cpu_conv_library=xla_options.cpu_conv_library(c, jax.default_backend()),
       conv_impl=kernels.conv_impl_on(c.get("conv_impl", "auto"), jax.default_backend()),
       steps=steps,

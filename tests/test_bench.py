@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("images_per_sec", "eval_images_per_sec", "step_ms", "eval_step_ms", "compile_s",
           "backend", "device_kind", "device_count", "flops_per_image", "gflops_per_sec",
           "model", "depth", "num_branches", "num_classes", "batch", "branch_impl",
-          "cpu_conv_library", "loss", "num_params", "forward_flops_per_image")
+          "cpu_conv_library", "loss", "num_params", "forward_flops_per_image", "image_size")
 
 
 def test_bench_command_prints_json():
@@ -40,6 +40,13 @@ def test_bench_command_prints_json():
   # images/s and step time describe the same median step.
   assert result["images_per_sec"] == pytest.approx(8 / (result["step_ms"] / 1e3), rel=1e-6)
   assert math.isfinite(result["loss"])
+
+
+def test_image_size_follows_the_config():
+  from configs import imagenet, step1  # pylint: disable=g-import-not-at-top
+  assert bench.image_shape(step1.get_config("three_branch")) == (32, 32, 3)
+  assert bench.image_shape(imagenet.get_config("resnet18_one")) == (224, 224, 3)
+  assert bench.image_shape(imagenet.get_config("resnet18_one,smoke")) == (32, 32, 3)
 
 
 def test_bad_arguments_fail_clearly():
