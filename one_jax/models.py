@@ -1,4 +1,4 @@
-"""CIFAR ResNet and ONE ResNet (DESIGN.md section 2).
+"""CIFAR ResNet and ONE ResNet, and the ONE forward pass of any family (DESIGN.md section 2).
 
 Parameter tree (the contract that checkpoints, surgery and conversion rely on):
 
@@ -9,7 +9,9 @@ T holds the stem ('conv1', 'bn1') and stages 1-2 ('layer1_0', ..., 'layer2_{n-1}
 stage 3 ('layer3_0', ...) and the 'classifier'; G holds 'dense' and 'bn'. A baseline's
 'branch' is exactly one slice of a ONE model's 'branches', so surgery is slicing and
 concatenating on axis 0. The gate's non-trainable log-weight offset lives in the
-'gate_offset' collection (not in 'params'), shape [B].
+'gate_offset' collection (not in 'params'), shape [B]. Every family (one_jax/architectures)
+has this tree: OneModel and Baseline run `one_forward` / `baseline_forward`, as OneResNet and
+CifarResNet do, on the family's own trunk and branch modules.
 """
 import functools
 from typing import Any, Optional, Sequence, Tuple
