@@ -224,6 +224,8 @@ def resolve_branch_impl(impl: str) -> str:
 
   Measured on CPU (DESIGN.md section 2): the unrolled loop is 3.4-6x faster than vmapped
   convolutions. On accelerators vmap lowers to grouped convolutions, one kernel for all B.
+  Decided by the process's backend when the model is traced (the two shape the program
+  differently): a step exported for an accelerator from a CPU host should say 'vmap'.
   """
   if impl not in BRANCH_IMPLS:
     raise ValueError(f"branch_impl={impl!r} is unknown: use one of {', '.join(BRANCH_IMPLS)}")
