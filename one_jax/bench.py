@@ -11,7 +11,8 @@ Fields: images_per_sec, eval_images_per_sec, step_ms, eval_step_ms, compile_s, b
 device_kind, device_count, flops_per_image (train step), forward_flops_per_image (inference:
 `forward_flops_per_image`), gflops_per_sec (achieved, train step), and the
 model fields (model, depth, its architecture options, num_branches, num_classes, num_params:
-every parameter of the timed model, batch, branch_impl), cpu_conv_library,
+every parameter of the timed model, batch, branch_impl, compute_dtype: 'float32' or
+'bfloat16', set with --config.compute_dtype), cpu_conv_library,
 conv_impl ('kernel': one_jax's compiled CPU convolutions, 'xla': XLA's), jax_version, loss,
 and (from the command line) reuse_host_memory (one_jax/cpu/host_memory.py). Where
 conv_impl='auto' fell back to XLA on a CPU, one line on stderr says that the kernels are off
@@ -184,9 +185,12 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
       **timer.spec.options(), num_branches=timer.spec.num_branches,
       num_classes=timer.spec.num_classes, num_params=timer.spec.num_params(),
       forward_flops_per_image=forward_flops_per_image(timer.spec, image_shape(c)),
-      image_size=image_shape(c)[0], batch=batch_size, branch_impl=models.resolve_branch_impl(timer.spec.branch_impl),
+      image_size=image_shape(c)[0], batch=batch_size,
+      branch_impl=models.resolve_branch_impl(timer.spec.branch_impl),
+      compute_dtype=timer.spec.compute_dtype,
       cpu_conv_library=xla_options.cpu_conv_library(c, jax.default_backend()),
-      conv_impl=kernels.conv_impl_on(c.get("conv_impl", "auto"), jax.default_backend()),
+      conv_impl=kernels.conv_impl_on(timer.spec.conv_impl, jax.default_backend(),
+                                     timer.spec.compute_dtype),
       steps=steps,
       jax_version=jax.__version__, loss=loss)
   return result

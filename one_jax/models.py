@@ -26,6 +26,7 @@ from one_jax.cpu import kernels
 from one_jax import layers
 
 BRANCH_IMPLS = ("auto", "loop", "vmap")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def check_depth(depth) -> int:
@@ -39,6 +40,22 @@ def check_depth(depth) -> int:
 def block_type(depth: int) -> str:
   """The reference's rule: Bottleneck blocks from depth 44 on, BasicBlock below."""
   return "bottleneck" if check_depth(depth) and depth >= 44 else "basic"
+
+
+def resolve_compute_dtype(name: str, conv_impl: str = "auto") -> jnp.dtype:
+  """The dtype convolutions, dense layers and activations compute in (mixed precision).
+
+  Parameters, optimizer state, BatchNorm statistics, logits and losses stay float32 whatever
+  it is. one_jax's compiled CPU kernels are float32 only: in bfloat16 the CPU runs XLA's
+  convolutions, so conv_impl='kernel' with bfloat16 is an error.
+  """
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype={name!r} is unknown: use one of {', '.join(COMPUTE_DTYPES)}")
+  if name != "float32" and conv_impl == "kernel":
+    raise ValueError(f"conv_impl='kernel' computes in float32 only, not compute_dtype={name!r}: "
+                     "use conv_impl='auto' (XLA's convolutions in that dtype) or "
+                     "compute_dtype='float32'")
+  return jnp.dtype(name)
 
 
 ModuleDef = Any  # a module constructor: a Flax module class, or a partial of one
@@ -156,7 +173,7 @@ class Gate(nn.Module):
   def __call__(self, x, log_weight_offset):
     x = jnp.mean(x, axis=(1, 2))
     x = layers.Dense(self.num_branches, name="dense")(x)
-    x = nn.relu(self.norm(name="bn")(x))
+    x = nn.relu(self.norm(name="bn")(x)).astype(jnp.float32)  # the softmax in float32
     x = x + log_weight_offset
     if self.active_branches is not None:
       x = jnp.where(jnp.asarray(self.active_branches), x, -jnp.inf)
@@ -198,6 +215,8 @@ def resolve_branch_impl(impl: str) -> str:
 
   Measured on CPU (DESIGN.md section 2): the unrolled loop is 3.4-6x faster than vmapped
   convolutions. On accelerators vmap lowers to grouped convolutions, one kernel for all B.
+  Decided by the process's backend when the model is traced (the two shape the program
+  differently): a step exported for an accelerator from a CPU host should say 'vmap'.
   """
   if impl not in BRANCH_IMPLS:
     raise ValueError(f"branch_impl={impl!r} is unknown: use one of {', '.join(BRANCH_IMPLS)}")
@@ -212,11 +231,13 @@ class CifarResNet(nn.Module):
   num_classes: int = 10
   axis_name: Optional[str] = None
   conv_impl: str = "auto"   # layers.conv2d: 'auto' | 'kernel' | 'xla' (kernels.py)
+  compute_dtype: str = "float32"   # COMPUTE_DTYPES: what the layers compute in
 
   def __post_init__(self):
     check_depth(self.depth)
     config_checks.check_int("num_classes", self.num_classes, minimum=1)
     kernels.resolve_conv_impl(self.conv_impl)
+    resolve_compute_dtype(self.compute_dtype, self.conv_impl)
     super().__post_init__()
 
   @nn.compact
@@ -234,6 +255,7 @@ class OneResNet(nn.Module):
   active_branches: Optional[Sequence[bool]] = None
   axis_name: Optional[str] = None
   conv_impl: str = "auto"   # layers.conv2d: 'auto' | 'kernel' | 'xla' (kernels.py)
+  compute_dtype: str = "float32"   # COMPUTE_DTYPES: what the layers compute in
 
   def __post_init__(self):
     check_depth(self.depth)
@@ -254,14 +276,16 @@ def one_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef
 
   trunk(conv=, norm=, name=) and branch(conv=, norm=, name=) make the family's modules (x ->
   features, features -> logits); `module` gives num_branches, branch_impl, active_branches,
-  axis_name and conv_impl. The tree: 'trunk', 'branches' (stacked), 'gate', and the gate's
-  log-weight offset in the 'gate_offset' collection.
+  axis_name, conv_impl and compute_dtype. The tree: 'trunk', 'branches' (stacked), 'gate', and
+  the gate's log-weight offset in the 'gate_offset' collection. The layers compute in the
+  images' dtype (compute_dtype); logits and gate come out in float32.
   """
   conv, norm = conv_and_norm(train, module.axis_name, module.conv_impl)
+  images = images.astype(resolve_compute_dtype(module.compute_dtype))  # layers follow x's dtype
   x = trunk(conv=conv, norm=norm, name="trunk")(images)
   branch_logits = stacked_branches(
       functools.partial(branch, conv=conv, norm=norm), module.num_branches,
-      resolve_branch_impl(module.branch_impl), name="branches")(x)
+      resolve_branch_impl(module.branch_impl), name="branches")(x).astype(jnp.float32)
   offset = module.variable("gate_offset", "log_weight",
                            lambda: jnp.zeros((module.num_branches,), jnp.float32))
   gate = Gate(module.num_branches, norm, module.active_branches, name="gate")(x, offset.value)
@@ -270,16 +294,19 @@ def one_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef
 
 
 def baseline_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef):
-  """The single-branch baseline in `module`'s scope: 'trunk' then one 'branch' -> logits."""
+  """The single-branch baseline in `module`'s scope: 'trunk' then one 'branch' -> float32
+  logits (the layers compute in module.compute_dtype, as in one_forward)."""
   conv, norm = conv_and_norm(train, module.axis_name, module.conv_impl)
+  images = images.astype(resolve_compute_dtype(module.compute_dtype))  # layers follow x's dtype
   x = trunk(conv=conv, norm=norm, name="trunk")(images)
-  return branch(conv=conv, norm=norm, name="branch")(x)
+  return branch(conv=conv, norm=norm, name="branch")(x).astype(jnp.float32)
 
 
 def _check_one_fields(module) -> None:
   config_checks.check_int("num_branches", module.num_branches, minimum=1)
   resolve_branch_impl(module.branch_impl)
   kernels.resolve_conv_impl(module.conv_impl)
+  resolve_compute_dtype(module.compute_dtype, module.conv_impl)
   if module.active_branches is not None:
     object.__setattr__(module, "active_branches", tuple(bool(a) for a in module.active_branches))
     if len(module.active_branches) != module.num_branches or not any(module.active_branches):
@@ -305,6 +332,7 @@ class OneModel(nn.Module):
   active_branches: Optional[Sequence[bool]] = None
   axis_name: Optional[str] = None
   conv_impl: str = "auto"
+  compute_dtype: str = "float32"   # COMPUTE_DTYPES: what the layers compute in
 
   def __post_init__(self):
     _check_one_fields(self)
@@ -324,9 +352,11 @@ class Baseline(nn.Module):
   branch_args: Options = ()
   axis_name: Optional[str] = None
   conv_impl: str = "auto"
+  compute_dtype: str = "float32"   # COMPUTE_DTYPES: what the layers compute in
 
   def __post_init__(self):
     kernels.resolve_conv_impl(self.conv_impl)
+    resolve_compute_dtype(self.compute_dtype, self.conv_impl)
     super().__post_init__()
 
   @nn.compact
