@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from one_jax import device_data, input_pipeline, model_spec, optimizer, parallel, train
+from one_jax import device_data, input_pipeline, model_spec, optimizer, parallel, preemption
+from one_jax import train
 
 STEPS = 4
 
@@ -87,3 +88,27 @@ def test_non_finite_step_inside_a_dispatch_keeps_no_later_state(tiny_config):
   after_one = step(parallel.replicate(fresh, mesh), parallel.replicate(zero, mesh),
                    train._stack(batches[:1], mesh), jnp.float32(0))
   _assert_identical(parallel.to_host(after_one[:2]), (state, sums))
+
+
+def test_multi_process_runs_share_the_stop_flag_every_few_steps():
+  stop = preemption.StopRequest()
+  stop.signal_name = "SIGTERM"
+  every = train.STOP_SYNC_STEPS
+  assert train._stop_requested(stop, 1, 3, 4)             # one process: at every dispatch
+  assert not train._stop_requested(stop, 2, 1, every - 1)  # no round trip inside an interval
+  assert train._stop_requested(stop, 2, every - 1, every + 2)  # shared when one is crossed
+  assert train._stop_requested(stop, 2)                   # and at every epoch's end
+
+
+def test_data_on_device_auto_takes_in_memory_sets_that_fit():
+  small = input_pipeline.ArraySource(np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4))
+  assert device_data.use_device_data("auto", small)
+  assert not device_data.use_device_data("false", small)
+  big = input_pipeline.ArraySource(np.broadcast_to(np.zeros((), np.uint8), (
+      device_data.MAX_AUTO_BYTES // 3072 + 1, 32, 32, 3)), np.zeros(
+          device_data.MAX_AUTO_BYTES // 3072 + 1))
+  assert not device_data.use_device_data("auto", big)
+  streamed = input_pipeline.TfdsSource([])
+  assert not device_data.use_device_data("auto", streamed)
+  with pytest.raises(ValueError, match="needs an in-memory train set"):
+    device_data.use_device_data("true", streamed)

@@ -790,6 +790,8 @@ def _invalid_values(field, rng):
     return [f"a{k}", "-1"]
   if field == "trunk_from":
     return [f"first{k}", "-1"]
+  if field == "profile_steps":
+    return [f"{k + 2},1", f"0,{k}", "x"]
   return []
 
 
