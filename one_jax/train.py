@@ -93,7 +93,7 @@ def train_step_fn(config, spec, model, tx, state, batch, epoch):
   metrics = jax.lax.pmean(metrics, DATA)
   # Non-finite guard: the update is applied only when every loss term, the gradients and the
   # updated state are finite (the same decision on every device: all are averaged over
-  # 'data'). The flags go back with the metrics; the loop reads them one step behind.
+  # 'data'). The flags go back with the metrics (dispatch_fn keeps the first bad step's).
   finite = {f"{FINITE}{k}": jnp.isfinite(metrics[f"train/{k}"]) for k in terms}
   finite[f"{FINITE}gradients"] = _all_finite(grads)
   finite[f"{FINITE}update"] = _all_finite(
@@ -607,7 +607,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   """Trains for config.num_epochs, evaluating and checkpointing every epoch; resumes itself.
 
   Nothing is written before the config, the data, the model and the checkpoint to resume
-  from have been checked. SIGTERM/SIGINT stop it after the step in flight with a checkpoint
+  from have been checked. SIGTERM/SIGINT stop it after the dispatch in flight with a checkpoint
   (preemption.Interrupted; mid-epoch, a restart continues exactly where it stopped); a
   non-finite loss term, gradient or update stops it at that step (FloatingPointError) and
   keeps the last good checkpoint.
