@@ -119,6 +119,7 @@ def compare(config, steps: int, warmup: int, pause: float = 0.1) -> dict:
               jax_step_ms=1e3 * t_jax, speedup=t_torch / t_jax,
               jax_flops_per_step=jax_step.flops, torch_threads=_THREADS.value,
               jax_backend=jax.default_backend(), jax_device_count=jax.device_count(),
+              jax_compute_dtype=jax_step.spec.compute_dtype,
               jax_min_ms=1e3 * min(times["jax"]), torch_min_ms=1e3 * min(times["torch"]),
               steps=steps)
 
@@ -139,7 +140,7 @@ def main(argv):
     print(json.dumps(result), flush=True)
   print(f"\nONE-ResNet{results[0]['depth']}, {results[0]['num_classes']} classes, batch "
         f"{results[0]['batch']}, torch {torch.__version__} ({_THREADS.value} threads) vs "
-        f"jax {jax.__version__} ({jax.default_backend()}); medians of {bench._STEPS.value} "
+        f"jax {jax.__version__} ({jax.default_backend()}, {results[0]['jax_compute_dtype']}); medians of {bench._STEPS.value} "
         f"interleaved steps; reuse_host_memory={reused}")
   print("| B | torch img/s | one_jax img/s | speedup (torch time / jax time) |")
   print("|---|---|---|---|")

@@ -19,6 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.branch_impl = "auto"          # 'auto' | 'loop' | 'vmap': same parameters, same numbers
   c.cpu_conv_library = "auto"     # 'auto' (= 'eigen') | 'eigen' | 'ynnpack': XLA:CPU kernels
   c.conv_impl = "auto"            # 'auto' | 'kernel' | 'xla': one_jax's compiled CPU convolutions
+  c.compute_dtype = "float32"     # 'float32' | 'bfloat16': mixed precision (parameters stay float32)
   c.active_branches = ""          # e.g. '0,2': other branches get gate 0 and no update
   # Data.
   c.dataset = "cifar10"           # cifar10 | cifar100 | svhn | synthetic

@@ -9,8 +9,9 @@ medians over --steps. FLOPs come from XLA's cost analysis of the train step (`st
 
 Fields: images_per_sec, eval_images_per_sec, step_ms, eval_step_ms, compile_s, backend,
 device_kind, device_count, flops_per_image, gflops_per_sec (achieved, train step), and the
-model fields (model, depth, num_branches, num_classes, batch, branch_impl), cpu_conv_library,
-conv_impl ('kernel': one_jax's compiled CPU convolutions, 'xla': XLA's), jax_version, loss,
+model fields (model, depth, num_branches, num_classes, batch, branch_impl, compute_dtype:
+'float32' or 'bfloat16', set with --config.compute_dtype), cpu_conv_library, conv_impl
+('kernel': one_jax's compiled CPU convolutions, 'xla': XLA's), jax_version, loss,
 and (from the command line) reuse_host_memory (one_jax/cpu/host_memory.py). Where
 conv_impl='auto' fell back to XLA on a CPU, one line on stderr says that the kernels are off
 and why (kernels.off_warning).
@@ -163,8 +164,10 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
       device_count=jax.device_count(), model=timer.spec.kind, depth=timer.spec.depth,
       num_branches=timer.spec.num_branches, num_classes=timer.spec.num_classes,
       batch=batch_size, branch_impl=models.resolve_branch_impl(timer.spec.branch_impl),
+      compute_dtype=timer.spec.compute_dtype,
       cpu_conv_library=xla_options.cpu_conv_library(c, jax.default_backend()),
-      conv_impl=kernels.conv_impl_on(c.get("conv_impl", "auto"), jax.default_backend()),
+      conv_impl=kernels.conv_impl_on(timer.spec.conv_impl, jax.default_backend(),
+                                     timer.spec.compute_dtype),
       steps=steps,
       jax_version=jax.__version__, loss=loss)
   return result

@@ -166,6 +166,12 @@ def _active_branches(value, config) -> None:
   model_spec.parse_active_branches(value, config.num_branches)
 
 
+def _compute_dtype(value, config) -> None:
+  from one_jax import models  # pylint: disable=g-import-not-at-top
+  if value in models.COMPUTE_DTYPES:   # an unknown name gets the table's message
+    models.resolve_compute_dtype(value, config.get("conv_impl", "auto"))
+
+
 def _int_list(name):
   def check(value, config) -> None:  # pylint: disable=unused-argument
     parts = [p.strip() for p in value.split(",") if p.strip()]
@@ -208,6 +214,7 @@ RULES: Sequence[Rule] = (
     Rule("branch_impl", _enum("models", "BRANCH_IMPLS")),
     Rule("cpu_conv_library", _enum("cpu.xla_options", "CPU_CONV_LIBRARIES")),
     Rule("conv_impl", _enum("cpu.kernels", "CONV_IMPLS")),
+    Rule("compute_dtype", _enum("models", "COMPUTE_DTYPES"), extra=_compute_dtype),
     Rule("active_branches", Text(_active_branches)),
     # Data.
     Rule("dataset", _enum("input_pipeline", "DATASETS")),

@@ -27,7 +27,8 @@ class Conv(nn.Module):
   """Bias-free NHWC convolution with PyTorch's symmetric padding (k // 2).
 
   The parameter is nn.Conv's: 'kernel', [k, k, in, out] (HWIO), same initialiser, same name,
-  so checkpoints and conversion see the layout of flax.linen.Conv.
+  so checkpoints and conversion see the layout of flax.linen.Conv. It stays float32; the
+  convolution computes in the dtype of x (bfloat16 under mixed precision).
   """
   features: int
   kernel_size: int
@@ -52,7 +53,8 @@ def conv(features: int, kernel_size: int, stride: int = 1, name: Optional[str] =
 
 
 class Dense(nn.Module):
-  """nn.Linear with PyTorch's default init for both kernel and bias."""
+  """nn.Linear with PyTorch's default init for both kernel and bias; computes in the dtype of
+  its input (float32 parameters, cast: mixed precision), as Conv and BatchNorm do."""
   features: int
 
   @nn.compact
@@ -62,7 +64,7 @@ class Dense(nn.Module):
     bound = 1.0 / jnp.sqrt(fan_in)
     bias = self.param("bias", lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound),
                       (self.features,))
-    return x @ kernel + bias
+    return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
 
 
 class BatchNorm(nn.Module):
@@ -71,7 +73,9 @@ class BatchNorm(nn.Module):
   Differs from flax.linen.BatchNorm where the reference differs: the running variance
   is updated with the *unbiased* batch variance (n / (n - 1)), as torch.nn.BatchNorm does.
   With `axis_name` set, statistics are averaged over that mapped axis (synchronised
-  BatchNorm), so N devices with a global batch give the numbers of one device.
+  BatchNorm), so N devices with a global batch give the numbers of one device. Statistics,
+  running averages and the normalisation are computed in float32 whatever x's dtype (mixed
+  precision); the output has x's dtype.
   """
   use_running_average: bool
   axis_name: Optional[str] = None
@@ -85,11 +89,13 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (features,))
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+    # Statistics and normalisation in float32 (or wider), only the result rounded to x's dtype;
+    # one cast, so that in bfloat16 the backward pass sums its nearly cancelling terms in float32.
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
       reduce_axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # >= float32 statistics
       mean = jnp.mean(xf, axis=reduce_axes)
       mean_sq = jnp.mean(jnp.square(xf), axis=reduce_axes)
       count = x.size // features
@@ -103,4 +109,4 @@ class BatchNorm(nn.Module):
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
     inv = jax.lax.rsqrt(var + self.epsilon) * scale
-    return (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
+    return ((xf - mean) * inv + bias).astype(x.dtype)

@@ -47,8 +47,9 @@ class ModelSpec:
   record it); every user of the spec gets it from there.
 
   kind names a registry entry (ARCHITECTURES); num_branches is 1 for unbranched kinds.
-  branch_impl, active_branches and conv_impl choose how the model runs and trains (same
-  parameters): they come from the config and are not stored with the weights.
+  branch_impl, active_branches, conv_impl and compute_dtype choose how the model runs and
+  trains (same float32 parameters): they come from the config and are not stored with the
+  weights, so a checkpoint of a bfloat16 run is read, evaluated and edited as any other.
   """
   kind: str
   depth: int
@@ -57,6 +58,7 @@ class ModelSpec:
   branch_impl: str = "auto"
   active_branches: Optional[Tuple[bool, ...]] = None
   conv_impl: str = "auto"
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
     arch = architecture(self.kind)
@@ -68,6 +70,7 @@ class ModelSpec:
                        "has one branch: use a branched kind (e.g. one_resnet)")
     models.resolve_branch_impl(self.branch_impl)
     kernels.resolve_conv_impl(self.conv_impl)
+    models.resolve_compute_dtype(self.compute_dtype, self.conv_impl)
     if self.active_branches is not None:
       mask = tuple(bool(a) for a in self.active_branches)
       object.__setattr__(self, "active_branches", mask)
@@ -90,7 +93,8 @@ class ModelSpec:
                num_branches=branches, branch_impl=config.get("branch_impl", "auto"),
                active_branches=parse_active_branches(config.get("active_branches", ""),
                                                      branches),
-               conv_impl=config.get("conv_impl", "auto"))
+               conv_impl=config.get("conv_impl", "auto"),
+               compute_dtype=config.get("compute_dtype", "float32"))
 
   def config_fields(self) -> Dict[str, Any]:
     """The config fields that describe this model's architecture (e.g. one restored from disk):
@@ -110,7 +114,7 @@ class ModelSpec:
   @classmethod
   def from_dict(cls, info: Mapping[str, Any], **runtime) -> "ModelSpec":
     """Inverse of to_dict (every meta one_jax has written); runtime fields (branch_impl,
-    conv_impl, active_branches) as keyword arguments. Derived fields must agree."""
+    conv_impl, compute_dtype, active_branches) as keyword arguments. Derived fields must agree."""
     if not isinstance(info, Mapping):
       raise ValueError(f"model info {info!r} is not a mapping with 'kind', 'depth' and "
                        "'num_classes'")
@@ -217,13 +221,13 @@ ARCHITECTURES: Dict[str, Architecture] = {
         module=lambda spec, axis_name: models.OneResNet(
             depth=spec.depth, num_branches=spec.num_branches, num_classes=spec.num_classes,
             branch_impl=spec.branch_impl, active_branches=spec.active_branches,
-            axis_name=axis_name, conv_impl=spec.conv_impl),
+            axis_name=axis_name, conv_impl=spec.conv_impl, compute_dtype=spec.compute_dtype),
         branched=True, family="cifar_resnet", title="ONE ResNet",
         check=lambda spec: models.check_depth(spec.depth), details=_resnet_details),
     "cifar_resnet": Architecture(
         module=lambda spec, axis_name: models.CifarResNet(
             depth=spec.depth, num_classes=spec.num_classes, axis_name=axis_name,
-            conv_impl=spec.conv_impl),
+            conv_impl=spec.conv_impl, compute_dtype=spec.compute_dtype),
         branched=False, family="cifar_resnet", title="ResNet baseline",
         check=lambda spec: models.check_depth(spec.depth), details=_resnet_details),
 }

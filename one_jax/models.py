@@ -24,6 +24,7 @@ from one_jax.cpu import kernels
 from one_jax import layers
 
 BRANCH_IMPLS = ("auto", "loop", "vmap")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def check_depth(depth) -> int:
@@ -37,6 +38,22 @@ def check_depth(depth) -> int:
 def block_type(depth: int) -> str:
   """The reference's rule: Bottleneck blocks from depth 44 on, BasicBlock below."""
   return "bottleneck" if check_depth(depth) and depth >= 44 else "basic"
+
+
+def resolve_compute_dtype(name: str, conv_impl: str = "auto") -> jnp.dtype:
+  """The dtype convolutions, dense layers and activations compute in (mixed precision).
+
+  Parameters, optimizer state, BatchNorm statistics, logits and losses stay float32 whatever
+  it is. one_jax's compiled CPU kernels are float32 only: in bfloat16 the CPU runs XLA's
+  convolutions, so conv_impl='kernel' with bfloat16 is an error.
+  """
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype={name!r} is unknown: use one of {', '.join(COMPUTE_DTYPES)}")
+  if name != "float32" and conv_impl == "kernel":
+    raise ValueError(f"conv_impl='kernel' computes in float32 only, not compute_dtype={name!r}: "
+                     "use conv_impl='auto' (XLA's convolutions in that dtype) or "
+                     "compute_dtype='float32'")
+  return jnp.dtype(name)
 
 
 ModuleDef = Any  # a module constructor: a Flax module class, or a partial of one
@@ -130,7 +147,7 @@ def _branch_logits(x, depth, num_classes, conv, norm):
   """Stage 3 + global average pool + classifier, created in the calling module's scope."""
   x = _stage(x, "layer3", depth, 64, 2, conv, norm)
   x = jnp.mean(x, axis=(1, 2))
-  return layers.Dense(num_classes, name="classifier")(x)
+  return layers.Dense(num_classes, name="classifier")(x).astype(jnp.float32)  # float32 logits
 
 
 class Branch(nn.Module):
@@ -167,7 +184,7 @@ class Gate(nn.Module):
   def __call__(self, x, log_weight_offset):
     x = jnp.mean(x, axis=(1, 2))
     x = layers.Dense(self.num_branches, name="dense")(x)
-    x = nn.relu(self.norm(name="bn")(x))
+    x = nn.relu(self.norm(name="bn")(x)).astype(jnp.float32)  # the softmax in float32
     x = x + log_weight_offset
     if self.active_branches is not None:
       x = jnp.where(jnp.asarray(self.active_branches), x, -jnp.inf)
@@ -207,6 +224,8 @@ def resolve_branch_impl(impl: str) -> str:
 
   Measured on CPU (DESIGN.md section 2): the unrolled loop is 3.4-6x faster than vmapped
   convolutions. On accelerators vmap lowers to grouped convolutions, one kernel for all B.
+  Decided by the process's backend when the model is traced (the two shape the program
+  differently): a step exported for an accelerator from a CPU host should say 'vmap'.
   """
   if impl not in BRANCH_IMPLS:
     raise ValueError(f"branch_impl={impl!r} is unknown: use one of {', '.join(BRANCH_IMPLS)}")
@@ -221,16 +240,19 @@ class CifarResNet(nn.Module):
   num_classes: int = 10
   axis_name: Optional[str] = None
   conv_impl: str = "auto"   # layers.conv2d: 'auto' | 'kernel' | 'xla' (kernels.py)
+  compute_dtype: str = "float32"   # COMPUTE_DTYPES: what the layers compute in
 
   def __post_init__(self):
     check_depth(self.depth)
     config_checks.check_int("num_classes", self.num_classes, minimum=1)
     kernels.resolve_conv_impl(self.conv_impl)
+    resolve_compute_dtype(self.compute_dtype, self.conv_impl)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     conv, norm = conv_and_norm(train, self.axis_name, self.conv_impl)
+    images = images.astype(resolve_compute_dtype(self.compute_dtype))  # layers follow x's dtype
     x = Trunk(self.depth, conv, norm, name="trunk")(images)
     return Branch(self.depth, self.num_classes, conv, norm, name="branch")(x)
 
@@ -244,6 +266,7 @@ class OneResNet(nn.Module):
   active_branches: Optional[Sequence[bool]] = None
   axis_name: Optional[str] = None
   conv_impl: str = "auto"   # layers.conv2d: 'auto' | 'kernel' | 'xla' (kernels.py)
+  compute_dtype: str = "float32"   # COMPUTE_DTYPES: what the layers compute in
 
   def __post_init__(self):
     check_depth(self.depth)
@@ -251,6 +274,7 @@ class OneResNet(nn.Module):
     config_checks.check_int("num_classes", self.num_classes, minimum=1)
     resolve_branch_impl(self.branch_impl)
     kernels.resolve_conv_impl(self.conv_impl)
+    resolve_compute_dtype(self.compute_dtype, self.conv_impl)
     if self.active_branches is not None:
       object.__setattr__(self, "active_branches", tuple(bool(a) for a in self.active_branches))
       if len(self.active_branches) != self.num_branches or not any(self.active_branches):
@@ -261,6 +285,7 @@ class OneResNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False) -> OneOutput:
     conv, norm = conv_and_norm(train, self.axis_name, self.conv_impl)
+    images = images.astype(resolve_compute_dtype(self.compute_dtype))  # layers follow x's dtype
     x = Trunk(self.depth, conv, norm, name="trunk")(images)
     branch_logits = stacked_branches(
         self.depth, self.num_classes, self.num_branches, resolve_branch_impl(self.branch_impl),

@@ -14,12 +14,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("images_per_sec", "eval_images_per_sec", "step_ms", "eval_step_ms", "compile_s",
           "backend", "device_kind", "device_count", "flops_per_image", "gflops_per_sec",
           "model", "depth", "num_branches", "num_classes", "batch", "branch_impl",
-          "cpu_conv_library", "loss")
+          "cpu_conv_library", "conv_impl", "compute_dtype", "loss")
 
 
 def test_bench_command_prints_json():
+  """In bfloat16 (float32 is timed by the other benchmark tests): the CPU runs XLA's
+  convolutions, the compiled kernels being float32 only."""
   cmd = [sys.executable, "-m", "one_jax.bench", "--config=configs/step1.py:three_branch,smoke",
-         "--steps=2", "--warmup=0", "--batch=8"]
+         "--steps=2", "--warmup=0", "--batch=8", "--config.compute_dtype=bfloat16"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -30,6 +32,7 @@ def test_bench_command_prints_json():
     assert field in result, field
   assert result["backend"] == "cpu"
   assert result["cpu_conv_library"] == "eigen"  # 'auto' on CPU
+  assert (result["compute_dtype"], result["conv_impl"]) == ("bfloat16", "xla")
   assert result["device_count"] == jax.device_count()
   assert (result["depth"], result["num_branches"], result["batch"]) == (8, 3, 8)
   for field in ("images_per_sec", "eval_images_per_sec", "step_ms", "compile_s",
@@ -64,6 +67,6 @@ def test_torch_vs_jax_script_runs_both_and_reports_ratios():
   assert [r["num_branches"] for r in results] == [1, 2]
   for r in results:
     assert r["batch"] == 8 and r["depth"] == 8 and r["reuse_host_memory"] is True
-    assert r["torch_step_ms"] > 0 and r["jax_step_ms"] > 0
+    assert r["torch_step_ms"] > 0 and r["jax_step_ms"] > 0 and r["jax_compute_dtype"] == "float32"
     assert abs(r["speedup"] - r["torch_step_ms"] / r["jax_step_ms"]) < 1e-9
   assert "| 2 |" in out and "time(B=2) / time(B=1)" in out

@@ -25,6 +25,7 @@ def test_the_kernels_are_built_and_run_here():
   assert kernels.resolve_conv_impl("auto") == "kernel"
   assert kernels.conv_impl_on("auto", "cpu") == "kernel"
   assert kernels.conv_impl_on("auto", "gpu") == "xla"
+  assert kernels.conv_impl_on("auto", "cpu", "bfloat16") == "xla"   # the kernels: float32 only
   assert kernels.resolve_conv_impl("xla") == "xla"
 
 

@@ -1,10 +1,14 @@
-"""The custom-VJP convolution of every model: lax.conv_general_dilated's value and gradients,
-computed faster on the CPU.
+"""The convolution of every model: lax.conv_general_dilated's value and gradients, computed
+faster on the CPU.
 
-Its gradients are XLA's own where the compiled kernels do not apply (other platforms, other
-dtypes or shapes), so a model gives the numbers of flax.linen.Conv everywhere; on the CPU the
-weight gradient and, with the kernels (one_jax/cpu/kernels.py), the forward and stride-1
-input gradient take faster paths (benchmarks/NOTES.md, entries 3, 4 and 10).
+The choice is made by the platform a computation is lowered for (lax.platform_dependent), not
+by the process's default backend, so a step exported for 'cuda' or 'tpu' from a CPU host carries
+the accelerator form: on GPU and TPU, and for data other than float32 (bfloat16 compute), the
+convolution and its gradients are exactly lax.conv_general_dilated's and jax.grad's. In float32
+on the CPU the custom VJP `cpu_conv2d` takes faster paths to the same numbers: the weight
+gradient over 16-image slices through an opaque copy and, with the kernels
+(one_jax/cpu/kernels.py), the forward and stride-1 input gradient too (benchmarks/NOTES.md,
+entries 3, 4 and 10).
 """
 import functools
 from typing import Optional
@@ -93,22 +97,36 @@ def _kernel_input_grad_applies(dy, kernel, stride, padding) -> bool:
           and kernels.supports(dy, (kh, kw, kernel.shape[3], kernel.shape[2]), padding))
 
 
-def _on_cpu(use_kernel: bool, kernel_fn, xla_fn, *args):
-  """kernel_fn(*args) in computations lowered for the CPU (where use_kernel), else xla_fn."""
-  if not use_kernel:
-    return xla_fn(*args)
-  return jax.lax.platform_dependent(*args, cpu=kernel_fn, default=xla_fn)
+def _either(use_kernel: bool, kernel_fn, xla_fn, *args):
+  return kernel_fn(*args) if use_kernel else xla_fn(*args)
+
+
+def conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_CHUNK,
+           copy_input: bool = True, impl: str = "xla"):
+  """NHWC x HWIO convolution: lax.conv_general_dilated's value and gradients.
+
+  The platform the computation is lowered for chooses (lax.platform_dependent, so a step
+  exported for 'cuda' or 'tpu' from a CPU host gets the accelerator form): on GPU and TPU, and
+  for data other than float32 everywhere, exactly lax.conv_general_dilated differentiated by
+  JAX; in float32 on the CPU, `cpu_conv2d`'s faster forms of the same numbers.
+  """
+  if x.dtype != jnp.float32:
+    return _conv2d_forward(x, kernel, stride, padding)
+  return jax.lax.platform_dependent(
+      x, kernel,
+      cpu=lambda x, k: cpu_conv2d(x, k, stride, padding, chunk, copy_input, impl),
+      default=lambda x, k: _conv2d_forward(x, k, stride, padding))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_CHUNK,
-           copy_input: bool = True, impl: str = "xla"):
-  """NHWC x HWIO convolution: lax.conv_general_dilated's value and gradients, faster.
+def cpu_conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_CHUNK,
+               copy_input: bool = True, impl: str = "xla"):
+  """conv2d's forms for XLA:CPU (only lowered for the CPU; conv2d picks them).
 
-  impl='kernel' (resolved by kernels.resolve_conv_impl): in computations lowered for the CPU,
-  the compiled kernels of one_jax/cpu/csrc compute the output, the weight gradient and
-  (stride 1) the input gradient, reading NHWC data in place (float32, output channels a
-  multiple of 16); elsewhere, and outside that scope, XLA's forms below. impl='xla':
+  impl='kernel' (resolved by kernels.resolve_conv_impl): the compiled kernels of
+  one_jax/cpu/csrc compute the output, the weight gradient and (stride 1) the input gradient,
+  reading NHWC data in place (float32, output channels a multiple of 16); outside that scope,
+  XLA's forms below. impl='xla':
   - forward and input gradient: XLA's (the input gradient is a convolution with the flipped
     kernel);
   - weight gradient: `weight_grad` over `chunk`-image slices, reading x through
@@ -122,7 +140,7 @@ def conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_C
 
 
 def _conv2d_value(x, kernel, stride, padding, impl):
-  return _on_cpu(impl == "kernel" and kernels.supports(x, kernel.shape, padding),
+  return _either(impl == "kernel" and kernels.supports(x, kernel.shape, padding),
                  lambda x, k: kernels.conv_forward(x, k, stride, padding),
                  lambda x, k: _conv2d_forward(x, k, stride, padding), x, kernel)
 
@@ -138,15 +156,15 @@ def _conv2d_bwd(stride, padding, chunk, copy_input, impl, residuals, dy):
     x_read = _opaque_copy(x) if copy_input else x
     return weight_grad(x_read, dy, kernel.shape, stride, padding, chunk)
 
-  kernel_grad = _on_cpu(
+  kernel_grad = _either(
       impl == "kernel" and kernels.supports(x, kernel.shape, padding),
       lambda x, dy: kernels.conv_weight_grad(x, dy, kernel.shape, stride, padding),
       xla_weight_grad, x, dy)
-  input_grad = _on_cpu(
+  input_grad = _either(
       impl == "kernel" and _kernel_input_grad_applies(dy, kernel, stride, padding),
       lambda dy, k: _kernel_input_grad(dy, k, padding),
       lambda dy, k: _xla_input_grad(dy, k, x.shape, stride, padding), dy, kernel)
   return input_grad, kernel_grad
 
 
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+cpu_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

@@ -100,10 +100,11 @@ def resolve_conv_impl(impl: str) -> str:
   return "xla"
 
 
-def conv_impl_on(impl: str, platform: str) -> str:
-  """What runs the convolutions of a model with `conv_impl=impl` on `platform`."""
+def conv_impl_on(impl: str, platform: str, compute_dtype: str = "float32") -> str:
+  """What runs the convolutions of a model with `conv_impl=impl` on `platform` (the kernels
+  take float32 data only)."""
   resolved = resolve_conv_impl(impl)
-  return resolved if platform == "cpu" else "xla"
+  return resolved if platform == "cpu" and compute_dtype == "float32" else "xla"
 
 
 def off_warning(impl: str, platform: str) -> str:
