@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.download = True               # prepare a missing TFDS dataset (downloads it) on first use
   c.synthetic_train_size = 2048
   c.synthetic_test_size = 512
+  c.data_on_device = "auto"       # 'auto' | 'true' | 'false': uint8 train set in device memory,
+                                  # augmented in the step ('auto': in-memory sets up to 2 GB)
   # Optimisation (DESIGN.md section 4).
   c.batch_size = 128              # global batch, over all devices and processes
   c.eval_batch_size = 500
@@ -69,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_only = False             # evaluate init_from (or the workdir's latest) and stop
   c.vote = False                  # also evaluate every subset of branches (voting table)
   c.progress_bar = True
+  c.steps_per_dispatch = 1        # k train steps per jitted call (lax.scan); stops land between
+  c.log_every_steps = 0           # > 0: loss terms and lr every this many steps (steps.jsonl)
+  c.profile_steps = ""            # 'START,END': jax.profiler trace of those steps in WORKDIR/profile
   c.resume_fallback = False       # resume from the checkpoint before an unreadable latest one
   c.new_run = False               # WORKDIR holds a run: start a fresh one in WORKDIR-2, -3, ...
   c.adopt_checkpoints = False     # resume checkpoints of a workdir without any stored config

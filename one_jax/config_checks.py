@@ -189,6 +189,11 @@ def _trunk_from(value, config) -> None:  # pylint: disable=unused-argument
                      "trunk is kept (e.g. 0) or 'mean'")
 
 
+def _profile_steps(value, config) -> None:  # pylint: disable=unused-argument
+  from one_jax import train  # pylint: disable=g-import-not-at-top
+  train.parse_profile_steps(value)
+
+
 def _enum(module: str, name: str) -> Callable[[], Tuple[str, ...]]:
   def choices():
     import importlib  # pylint: disable=g-import-not-at-top
@@ -235,6 +240,7 @@ RULES: Sequence[Rule] = (
          why=f"it must be the model's input side in pixels, >= {MIN_IMAGE_SIZE} (ImageNet: 224)"),
     Rule("data_workers", _COUNT,
          why="it must be 0 (threads of this process) or the number of worker processes"),
+    Rule("data_on_device", _enum("device_data", "MODES")),
     # Optimisation.
     Rule("batch_size", _POSITIVE_INT),
     Rule("eval_batch_size", _POSITIVE_INT),
@@ -270,6 +276,10 @@ RULES: Sequence[Rule] = (
     Rule("eval_only", Flag()),
     Rule("vote", Flag()),
     Rule("progress_bar", Flag()),
+    Rule("steps_per_dispatch", _POSITIVE_INT,
+         why="it must be a positive integer: the train steps of one jitted call (1 = one each)"),
+    Rule("log_every_steps", _COUNT, why="it must be 0 (off) or the period >= 1 in steps"),
+    Rule("profile_steps", Text(_profile_steps)),
     Rule("resume_fallback", Flag()),
     Rule("new_run", Flag()),
     Rule("adopt_checkpoints", Flag()),

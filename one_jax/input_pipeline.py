@@ -123,10 +123,35 @@ class TfdsSource:
     example = self.source[int(index)]
     return {"image": np.asarray(example["image"], np.uint8), "label": int(example["label"])}
 
+  def gather(self, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """One batched read (TFDS data sources read and decode a list of keys together)."""
+    keys = [int(i) for i in indices]
+    try:
+      examples = self.source.__getitems__(keys)
+    except (AttributeError, TypeError):  # a source without it (TFDS's mock data source)
+      examples = [self.source[i] for i in keys]
+    return (np.stack([np.asarray(e["image"], np.uint8) for e in examples]),
+            np.array([int(e["label"]) for e in examples], np.int32))
+
+
+def decode_all(source, chunk: int = 1024) -> ArraySource:
+  """Every example of a random-access source decoded once into arrays (an ArraySource)."""
+  n = len(source)
+  images, labels = None, np.empty((n,), np.int32)
+  for start in range(0, n, chunk):
+    part_images, part_labels = _gather(source, np.arange(start, min(start + chunk, n)))
+    if images is None:
+      images = np.empty((n,) + part_images.shape[1:], np.uint8)
+    images[start:start + len(part_labels)], labels[start:start + len(part_labels)] = (
+        part_images, part_labels)
+  if images is None:
+    images = np.empty((0, 32, 32, 3), np.uint8)
+  return ArraySource(images, labels)
+
 
 def _gather(source, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
   """Images [n, H, W, 3] uint8 and labels [n] int32 of source[indices], vectorised when possible."""
-  if isinstance(source, ArraySource):
+  if isinstance(source, (ArraySource, TfdsSource)):
     return source.gather(indices)
   examples = [source[int(i)] for i in indices]
   images = np.stack([np.asarray(e["image"], np.uint8) for e in examples])
@@ -170,7 +195,9 @@ def get_datasets(config) -> Tuple[Any, Any, DatasetInfo]:
                        f"classes: set --config.num_classes={dataset_classes}")
     data_dir = getattr(config, "data_dir", "") or None
     download = bool(getattr(config, "download", True))
-    train, test = (TfdsSource(load_tfds(tfds_name, split, data_dir, download))
+    # Decoded once into memory (CIFAR and SVHN are 150-600 MB of uint8), not per example and
+    # epoch: batches are then one fancy index, and the train set can live on the device.
+    train, test = (decode_all(TfdsSource(load_tfds(tfds_name, split, data_dir, download)))
                    for split in ("train", "test"))
     name = dataset
   if not len(train) or not len(test):
@@ -460,8 +487,39 @@ def train_batches(source, *, global_batch: int, seed: int, epoch: int, start_ste
         global_batch=global_batch, seed=seed, epoch=epoch, start_step=start_step,
         process_index=process_index, process_count=process_count, augment=augment,
         num_threads=num_threads, prefetch=prefetch)
+  def make_batch(plan: dict) -> dict:
+    images, labels = _gather(source, plan["index"])
+    if augment:
+      images = random_crop_flip(images, plan["offset"], plan["flip"])
+    return {"image": normalize(images), "label": labels.astype(np.int32)}
+
+  plans = _plans(len(source), global_batch=global_batch, seed=seed, epoch=epoch,
+                 start_step=start_step, process_index=process_index,
+                 process_count=process_count)
+  return _iterate(plans.map(make_batch), source, num_threads, prefetch)
+
+
+def train_plans(num_examples: int, *, global_batch: int, seed: int, epoch: int,
+                start_step: int = 0, process_index: int = 0,
+                process_count: int = 1) -> Iterator[dict]:
+  """What train_batches draws, without the pixels: for a train set kept on the device.
+
+  Yields, for the same steps and rows as train_batches, {'index': int32 [local] example ids,
+  'offset': int32 [local, 2] crop offsets (dy, dx) into the image padded by CROP_PADDING,
+  'flip': bool [local]}: gathering source[index], random_crop_flip and normalize give exactly
+  train_batches' batch (device_data.augment does that on the device).
+  """
+  plans = _plans(num_examples, global_batch=global_batch, seed=seed, epoch=epoch,
+                 start_step=start_step, process_index=process_index,
+                 process_count=process_count)
+  return iter(plans)
+
+
+def _plans(num_examples: int, *, global_batch, seed, epoch, start_step, process_index,
+           process_count):
+  """MapDataset of this process's rows of each step's example ids and augmentation draws."""
   local = _check_sharding(global_batch, process_index, process_count)
-  steps = steps_per_epoch(len(source), global_batch)
+  steps = steps_per_epoch(num_examples, global_batch)
   config_checks.check_int("epoch", epoch, minimum=0)
   if not config_checks.is_int(start_step) or not 0 <= start_step <= steps:
     raise ValueError(f"start_step={start_step!r} is out of range: an epoch has {steps} steps")
@@ -469,20 +527,17 @@ def train_batches(source, *, global_batch: int, seed: int, epoch: int, start_ste
   aug_seed = (_seed_word(seed), int(epoch), 1)
   rows = slice(process_index * local, (process_index + 1) * local)
 
-  def make_batch(step: int, ids: np.ndarray) -> dict:
-    images, labels = _gather(source, ids[rows])
-    if augment:
-      # Drawn for the whole global batch, then sliced: independent of process_count.
-      rng = np.random.default_rng(aug_seed + (step,))
-      offsets = rng.integers(0, 2 * CROP_PADDING + 1, size=(global_batch, 2))[rows]
-      flips = (rng.random(global_batch) < 0.5)[rows]
-      images = random_crop_flip(images, offsets, flips)
-    return {"image": normalize(images), "label": labels.astype(np.int32)}
+  def make_plan(step: int, ids: np.ndarray) -> dict:
+    # Drawn for the whole global batch, then sliced: independent of process_count.
+    rng = np.random.default_rng(aug_seed + (step,))
+    offsets = rng.integers(0, 2 * CROP_PADDING + 1, size=(global_batch, 2))[rows]
+    flips = (rng.random(global_batch) < 0.5)[rows]
+    return {"index": np.asarray(ids[rows], np.int32), "offset": offsets.astype(np.int32),
+            "flip": flips}
 
-  ds = grain.MapDataset.range(len(source)).shuffle(seed=int(epoch_seed))
+  ds = grain.MapDataset.range(num_examples).shuffle(seed=int(epoch_seed))
   ds = ds.batch(global_batch, drop_remainder=True)   # element = example ids of one global batch
-  ds = ds.map_with_index(make_batch)[start_step:]
-  return _iterate(ds, source, num_threads, prefetch)
+  return ds.map_with_index(make_plan)[start_step:]
 
 
 def eval_batches(source, *, global_batch: int, process_index: int = 0, process_count: int = 1,

@@ -2,6 +2,8 @@
 
 Per epoch: workdir/metrics.csv (one row per epoch, one column per metric), workdir/metrics.jsonl
 (one JSON object per epoch) and TensorBoard scalars in workdir/tensorboard (step = epoch).
+Every log_every_steps steps (when on): workdir/steps.jsonl (one JSON object per log point,
+'step' = global step) and TensorBoard scalars in workdir/tensorboard/steps (step = global step).
 At the end: workdir/curves.png and workdir/summary.txt (final vs best test accuracy per head).
 
 Accuracies ('.../top1/<head>', '.../top5/<head>') are expected as fractions in [0, 1] (what
@@ -27,6 +29,8 @@ from one_jax import config_checks
 
 CSV_NAME = "metrics.csv"
 JSONL_NAME = "metrics.jsonl"
+STEPS_JSONL_NAME = "steps.jsonl"
+STEPS_TB_SUBDIR = "steps"
 TB_DIR = "tensorboard"
 PLOT_NAME = "curves.png"
 SUMMARY_NAME = "summary.txt"
@@ -94,8 +98,9 @@ def _read_csv(path: str):
     return [], []
 
 
-def _read_jsonl(path: str):
-  """Rows of an existing metrics.jsonl; a torn last line (crash mid-append) is skipped."""
+def _read_jsonl(path: str, key: str = "epoch"):
+  """Rows of an existing metrics.jsonl (steps.jsonl: key='step'); a torn last line (crash
+  mid-append) is skipped."""
   rows = []
   try:
     with open(path, encoding="utf-8") as f:
@@ -104,7 +109,7 @@ def _read_jsonl(path: str):
           row = json.loads(line)
         except ValueError:
           continue
-        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+        if isinstance(row, dict) and isinstance(row.get(key), int):
           rows.append(row)
   except (OSError, UnicodeDecodeError):
     pass
@@ -122,15 +127,23 @@ def load_history(workdir: str) -> List[dict]:
 class MetricWriter:
   """Writes one row of metrics per completed epoch to CSV, JSONL and TensorBoard."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True, resume_epoch: int = 0):
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_epoch: int = 0,
+               resume_step: int = 0):
     self.workdir = workdir
     self.enabled = bool(enabled)
     self._rows: List[dict] = []
     self._keys: List[str] = ["epoch"]
     self._tb = None
+    self._steps_tb = None
+    self._resume_step = resume_step
     if not self.enabled:
       return
     resume_epoch = config_checks.check_int("resume_epoch", resume_epoch, minimum=0)
+    resume_step = config_checks.check_int("resume_step", resume_step, minimum=0)
+    self._steps_path = os.path.join(workdir, STEPS_JSONL_NAME)
+    if os.path.exists(self._steps_path):  # drop log points after the checkpoint resumed from
+      kept = [r for r in _read_jsonl(self._steps_path, "step") if r["step"] <= resume_step]
+      _atomic_write(self._steps_path, "".join(json.dumps(r) + "\n" for r in kept))
     os.makedirs(workdir, exist_ok=True)
     self._csv_path = os.path.join(workdir, CSV_NAME)
     self._jsonl_path = os.path.join(workdir, JSONL_NAME)
@@ -198,6 +211,23 @@ class MetricWriter:
         self._tb.add_scalar(name, value, global_step=epoch)
     self._tb.flush()
 
+  def write_steps(self, step: int, metrics: Dict[str, float]) -> None:
+    """Logs the metrics of the steps up to global step `step` (a per-step log point)."""
+    if not self.enabled:
+      return
+    row = dict({"step": int(step)}, **{k: _to_number(k, v) for k, v in metrics.items()})
+    with open(self._steps_path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._steps_tb is None:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._steps_tb = tensorboardX.SummaryWriter(
+          logdir=os.path.join(self.workdir, TB_DIR, STEPS_TB_SUBDIR),
+          purge_step=self._resume_step + 1 if self._resume_step else None,
+          filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    for name, value in row.items():
+      if name != "step":
+        self._steps_tb.add_scalar(name, value, global_step=row["step"])
+
   def _write_csv(self):
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -229,9 +259,10 @@ class MetricWriter:
     return table
 
   def close(self):
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    for tb in (self._tb, self._steps_tb):
+      if tb is not None:
+        tb.close()
+    self._tb = self._steps_tb = None
 
   def __enter__(self):
     return self

@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from one_jax import checkpoints, config_checks, input_pipeline, losses, metric_writers
+from one_jax import checkpoints, config_checks, device_data, input_pipeline, losses
+from one_jax import metric_writers
 from one_jax import model_spec, optimizer, parallel, preemption, two_stage, workdirs
 from one_jax.cpu import xla_options
 
@@ -92,7 +93,7 @@ def train_step_fn(config, spec, model, tx, state, batch, epoch):
   metrics = jax.lax.pmean(metrics, DATA)
   # Non-finite guard: the update is applied only when every loss term, the gradients and the
   # updated state are finite (the same decision on every device: all are averaged over
-  # 'data'). The flags go back with the metrics; the loop reads them one step behind.
+  # 'data'). The flags go back with the metrics (dispatch_fn keeps the first bad step's).
   finite = {f"{FINITE}{k}": jnp.isfinite(metrics[f"train/{k}"]) for k in terms}
   finite[f"{FINITE}gradients"] = _all_finite(grads)
   finite[f"{FINITE}update"] = _all_finite(
@@ -113,6 +114,45 @@ def _all_finite(tree) -> jax.Array:
                                                                  jnp.inexact)]
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else \
       jnp.asarray(True)
+
+
+def dispatch_fn(config, spec, model, tx, state, sums, batches, epoch, data=None):
+  """n train steps in a row (lax.scan over the leading axis of `batches`), on this device.
+
+  `sums` (the epoch's metric sums so far) is carried through the steps, so that the sums are
+  added in step order whatever the steps per dispatch. With `data` (the train set on the
+  device) the batches are device_data plans, augmented here. The non-finite guard carries the
+  index of the first step whose update was not applied: from there on every later step of the
+  dispatch leaves the state (and the sums) as they were. Returns (state, sums, guard) with
+  guard = {'first_bad': int32 (n when every step was finite), FINITE flags of that step}.
+  """
+  n = jax.tree.leaves(batches)[0].shape[0]
+
+  def body(carry, batch):
+    state, sums, guard, index = carry
+    if data is not None:
+      batch = device_data.augment(data, batch)
+    new_state, metrics = train_step_fn(config, spec, model, tx, state, batch, epoch)
+    clean = guard["first_bad"] == n          # every step before this one was applied
+    bad_here = clean & (metrics[FINITE_ALL] < 1.0)
+    keep = clean & ~bad_here
+    state = jax.tree.map(lambda new, old: jnp.where(clean, new, old), new_state, state)
+    sums = {k: jnp.where(keep, v + metrics[k], v) for k, v in sums.items()}
+    guard = {k: jnp.where(bad_here, index if k == "first_bad" else metrics[k], v)
+             for k, v in guard.items()}
+    return (state, sums, guard, index + 1), None
+
+  flags = {k: jnp.float32(1.0) for k in _finite_keys(sums)}
+  guard = dict(flags, first_bad=jnp.int32(n))
+  (state, sums, guard, _), _ = jax.lax.scan(body, (state, sums, guard, jnp.int32(0)), batches)
+  return state, sums, guard
+
+
+def _finite_keys(sums) -> Tuple[str, ...]:
+  """The FINITE flags of a step whose metric sums have these keys."""
+  terms = [k[len("train/"):] for k in sums if not k.startswith("train/top")]
+  return tuple(f"{FINITE}{t}" for t in terms) + (f"{FINITE}gradients", f"{FINITE}update",
+                                                  FINITE_ALL)
 
 
 def eval_step_fn(config, spec, model, variables, batch):
@@ -138,6 +178,27 @@ def make_train_step(config, tx, mesh):
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA), P()), out_specs=(P(), P()),
                           check_vma=False)
   return jax.jit(sharded, donate_argnums=0, compiler_options=_compiler_options(config, mesh))
+
+
+def make_dispatch_step(config, tx, mesh, on_device: bool = False):
+  """jit(shard_map(dispatch_fn)): (state, sums, batches [n, ...], epoch[, data]) ->
+  (state, sums, guard); batches split over 'data' along their second axis; state and sums
+  donated. on_device: the batches are plans and the last argument is device_data.put's set."""
+  spec = model_spec.ModelSpec.from_config(config)
+  step = functools.partial(dispatch_fn, config, spec, spec.build(axis_name=DATA), tx)
+  in_specs = (P(), P(), P(None, DATA), P()) + ((P(),) if on_device else ())
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=(P(), P(), P()),
+                          check_vma=False)
+  return jax.jit(sharded, donate_argnums=(0, 1),
+                 compiler_options=_compiler_options(config, mesh))
+
+
+def zero_sums(config, tx, mesh, state, image_shape) -> Dict[str, np.ndarray]:
+  """Zeros of every training metric (the keys a train step returns), host arrays."""
+  batch = {"image": jax.ShapeDtypeStruct((config.batch_size,) + tuple(image_shape), jnp.float32),
+           "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
+  _, metrics = jax.eval_shape(make_train_step(config, tx, mesh), state, batch, jnp.float32(0))
+  return {k: np.zeros(v.shape, v.dtype) for k, v in metrics.items() if not k.startswith(FINITE)}
 
 
 def make_eval_step(config, mesh):
@@ -251,10 +312,13 @@ class _Run:
   train_source: Any
   test_source: Any
   steps_per_epoch: int
-  train_step: Callable
+  dispatch_step: Callable     # make_dispatch_step's: up to steps_per_dispatch steps per call
   eval_step: Callable
   process_index: int
   process_count: int
+  device_data: Optional[Dict[str, Any]]   # the train set on the device, or None (host batches)
+  zero_sums: Dict[str, np.ndarray]
+  log_step: Callable          # step -> learning rate of that step, for the per-step log
 
   @property
   def is_main(self) -> bool:
@@ -290,9 +354,17 @@ def _prepare(config, workdir: str) -> Tuple[_Run, Dict[str, Any]]:
   tx = optimizer.create_optimizer(config, steps_per_epoch,
                                   spec.abstract_variables(info.image_shape)["params"])
   fresh = initial_state(spec, tx, info.image_shape, jax.random.key(config.seed))
+  on_device = device_data.use_device_data(config.get("data_on_device", "false"), train_source,
+                                          mesh.devices.flat[0])
   run = _Run(config, workdir, spec, mesh, train_source, test_source, steps_per_epoch,
-             make_train_step(config, tx, mesh), make_eval_step(config, mesh), process_index,
-             process_count)
+             make_dispatch_step(config, tx, mesh, on_device), make_eval_step(config, mesh),
+             process_index, process_count,
+             device_data.put(train_source, mesh) if on_device else None,
+             zero_sums(config, tx, mesh, fresh, info.image_shape),
+             optimizer.learning_rate_schedule(config, steps_per_epoch))
+  if run.is_main:
+    logging.info("train set %s; %d step(s) per dispatch", "on the device" if on_device
+                 else "fed by the host", config.get("steps_per_dispatch", 1))
   return run, fresh
 
 
@@ -337,7 +409,8 @@ def _open_workdir(run: _Run, start: _Start):
             f"{start.last_saved}", file=sys.stderr, flush=True)
   mngr = checkpoints.manager(run.ckpt_dir, keep=run.config.keep_checkpoints)
   writer = metric_writers.MetricWriter(run.workdir, enabled=run.is_main,
-                                       resume_epoch=start.epoch)
+                                       resume_epoch=start.epoch,
+                                       resume_step=start.last_saved or 0)
   if run.is_main:
     workdirs.write_config(run.config, run.workdir)
   return mngr, writer
@@ -355,40 +428,43 @@ class _Epoch:
 
 
 def _train_epoch(run: _Run, state, epoch: int, first: int, sums, stop,
-                 last_saved: Optional[int]) -> _Epoch:
-  """Trains one epoch from step `first` (a resumed epoch continues with its partial sums);
-  stops early, after the step in flight, when a stop is requested."""
+                 last_saved: Optional[int], hooks: "_StepHooks") -> _Epoch:
+  """Trains one epoch from step `first` (a resumed epoch continues with its partial sums), in
+  dispatches of up to steps_per_dispatch steps (the last one of the epoch may be shorter);
+  stops early, after the dispatch in flight, when a stop is requested."""
   config, spe = run.config, run.steps_per_epoch
+  k = config.get("steps_per_dispatch", 1)
   t0 = time.time()
   n_steps, pending, stopped = first, None, False
-  # Throughput is timed from the end of the epoch's first step: in the first epoch that step
-  # includes compiling the train step.
+  # Throughput is timed from the end of the epoch's first dispatch: in the first epoch that
+  # includes compiling the step.
   t_warm, warm_steps = None, first
   bar = metric_writers.progress_bar(spe, f"epoch {epoch + 1}/{config.num_epochs}",
                                     enabled=run.is_main and config.progress_bar)
   bar.update(first)
-  batches = input_pipeline.train_batches(
-      run.train_source, global_batch=config.batch_size, seed=config.seed, epoch=epoch,
-      start_step=first, process_index=run.process_index, process_count=run.process_count)
-  for batch in itertools.islice(batches, spe - first):
-    state, step_metrics = run.train_step(state, parallel.shard_batch(batch, run.mesh),
-                                         jnp.float32(epoch))
-    if pending is not None:  # the step before, checked while this one runs
+  feed = _feed(run, epoch, first)
+  hooks.start_epoch(epoch, first, sums)
+  while n_steps < spe:
+    n = min(k, spe - n_steps)
+    hooks.before(epoch * spe + n_steps, n)
+    batches = _stack(list(itertools.islice(feed, n)), run.mesh)
+    args = (batches, jnp.float32(epoch)) + ((run.device_data,) if run.device_data else ())
+    state, sums, guard = run.dispatch_step(state, sums, *args)
+    if pending is not None:  # the dispatch before, checked while this one runs
       _check_finite(config, pending, spe, last_saved, run.ckpt_dir)
-    pending = (epoch, n_steps, step_metrics)
-    step_metrics = {k: v for k, v in step_metrics.items() if not k.startswith(FINITE)}
-    sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
-    n_steps += 1
+    pending = (epoch, n_steps, n, guard)
+    n_steps += n
     if t_warm is None:
-      jax.block_until_ready(step_metrics)
+      jax.block_until_ready(sums)
       t_warm, warm_steps = time.time(), n_steps
-    bar.update(1)
-    if n_steps < spe and _stop_requested(stop, run.process_count):
+    bar.update(n)
+    hooks.after(epoch, n_steps, state, sums)
+    if n_steps < spe and _stop_requested(stop, run.process_count, n_steps - n, n_steps):
       stopped = True
       break
   bar.close()
-  if hasattr(batches, "close"):
-    batches.close()
+  if hasattr(feed, "close"):
+    feed.close()
   if pending is not None:
     _check_finite(config, pending, spe, last_saved, run.ckpt_dir)
   t_end = time.time()
@@ -396,6 +472,90 @@ def _train_epoch(run: _Run, state, epoch: int, first: int, sums, stop,
   images_per_sec = (timed_steps * config.batch_size / (t_end - t_warm) if timed_steps
                     else (n_steps - first) * config.batch_size / (t_end - t0))
   return _Epoch(state, sums, n_steps, stopped, t_end - t0, images_per_sec)
+
+
+def _feed(run: _Run, epoch: int, first: int):
+  """This process's per-step inputs from step `first` of the epoch: host batches, or the
+  plans (ids, crops, flips) of a train set on the device."""
+  config = run.config
+  where = dict(global_batch=config.batch_size, seed=config.seed, epoch=epoch, start_step=first,
+               process_index=run.process_index, process_count=run.process_count)
+  if run.device_data is not None:
+    return input_pipeline.train_plans(len(run.train_source), **where)
+  return input_pipeline.train_batches(run.train_source, **where)
+
+
+def _stack(items, mesh):
+  """[per-step pytrees of this process's rows] -> one [n, global rows, ...] pytree on the mesh."""
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *items)
+  sharding = jax.sharding.NamedSharding(mesh, P(None, DATA))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), stacked)
+
+
+class _StepHooks:
+  """What happens at dispatch boundaries besides training: the per-step log
+  (config.log_every_steps) and the profiler trace (config.profile_steps)."""
+
+  def __init__(self, run: _Run, writer):
+    self.run, self.writer = run, writer
+    self.every = run.config.get("log_every_steps", 0)
+    self.profile = parse_profile_steps(run.config.get("profile_steps", ""))
+    self.tracing = False
+    self._last = None  # (step in epoch, host sums) of the last log line in this epoch
+
+  def start_epoch(self, epoch, first, sums):
+    del epoch
+    if self.every:
+      self._last = (first, parallel.to_host(sums) if sums is not None else None)
+
+  def before(self, step: int, n: int):
+    """Starts the trace when the dispatch of steps step+1 .. step+n holds profile start."""
+    if self.profile and self.run.is_main and not self.tracing and (
+        step < self.profile[1] and step + n >= self.profile[0]):
+      jax.profiler.start_trace(os.path.join(self.run.workdir, PROFILE_DIR))
+      self.tracing = True
+
+  def after(self, epoch, n_steps, state, sums):
+    spe = self.run.steps_per_epoch
+    step = epoch * spe + n_steps
+    if self.tracing and step >= self.profile[1]:
+      self.stop_trace(state)
+    if not self.every:
+      return
+    first, before = self._last
+    if step // self.every == (epoch * spe + first) // self.every and n_steps < spe:
+      return
+    now = parallel.to_host(sums)  # the one device read of a log interval
+    count = n_steps - first
+    if count:
+      means = {k: (float(v) - (float(before[k]) if before else 0.0)) / count
+               for k, v in now.items()}
+      self.writer.write_steps(step, dict(means, lr=float(self.run.log_step(step - 1))))
+    self._last = (n_steps, now)
+
+  def stop_trace(self, state=None):
+    if self.tracing:
+      if state is not None:
+        jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.tracing = False
+      print(f"profile of steps {self.profile[0]}-{self.profile[1]} written to "
+            f"{os.path.join(self.run.workdir, PROFILE_DIR)}", flush=True)
+
+
+PROFILE_DIR = "profile"
+
+
+def parse_profile_steps(value: str) -> Optional[Tuple[int, int]]:
+  """'START,END' -> (START, END), the global steps (1-based) to trace; '' -> None."""
+  if not value:
+    return None
+  parts = [p.strip() for p in value.split(",")]
+  if len(parts) != 2 or not all(p.isdigit() for p in parts) or not (
+      1 <= int(parts[0]) <= int(parts[1])):
+    raise ValueError(f"profile_steps={value!r} is invalid: give the first and last global "
+                     "step to trace, 1 <= START <= END, e.g. --config.profile_steps=20,30")
+  return int(parts[0]), int(parts[1])
 
 
 def _evaluate_and_log(run: _Run, writer, epoch: int, done: _Epoch) -> Dict[str, float]:
@@ -447,7 +607,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   """Trains for config.num_epochs, evaluating and checkpointing every epoch; resumes itself.
 
   Nothing is written before the config, the data, the model and the checkpoint to resume
-  from have been checked. SIGTERM/SIGINT stop it after the step in flight with a checkpoint
+  from have been checked. SIGTERM/SIGINT stop it after the dispatch in flight with a checkpoint
   (preemption.Interrupted; mid-epoch, a restart continues exactly where it stopped); a
   non-finite loss term, gradient or update stops it at that step (FloatingPointError) and
   keeps the last good checkpoint.
@@ -460,16 +620,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   last_saved = start.last_saved
   mngr, writer = _open_workdir(run, start)
   metrics: Dict[str, float] = {}
+  hooks = _StepHooks(run, writer)
   try:
     with preemption.StopRequest() as stop:
       for epoch in range(start.epoch, config.num_epochs):
         resumed = epoch == start.epoch
-        sums = None
+        sums = run.zero_sums
         if resumed and start.partial_sums:
-          sums = parallel.replicate({k: np.float32(v) for k, v in start.partial_sums.items()},
-                                    run.mesh)
-        done = _train_epoch(run, state, epoch, start.step_in_epoch if resumed else 0, sums,
-                            stop, last_saved)
+          sums = {k: np.asarray(start.partial_sums.get(k, 0.0), v.dtype)
+                  for k, v in sums.items()}
+        done = _train_epoch(run, state, epoch, start.step_in_epoch if resumed else 0,
+                            parallel.replicate(sums, run.mesh), stop, last_saved, hooks)
         state = done.state
         if done.stopped:
           _checkpoint_and_stop(run, mngr, stop, state, epoch, done.steps_done, done.sums)
@@ -484,28 +645,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if run.is_main:
       writer.finish(run.spec.heads())
   finally:
+    hooks.stop_trace()
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
   return metrics
 
 
-def _stop_requested(stop: preemption.StopRequest, process_count: int) -> bool:
-  """Whether to stop now; every process of a multi-process run takes the same decision."""
+STOP_SYNC_STEPS = 10  # multi-process runs share the stop flag every this many steps
+
+
+def _stop_requested(stop: preemption.StopRequest, process_count: int,
+                    since: Optional[int] = None, now: Optional[int] = None) -> bool:
+  """Whether to stop now; every process of a multi-process run takes the same decision.
+
+  Between steps `since` and `now` (a dispatch boundary) a multi-process run shares its flags
+  (one process_allgather, a host round trip) only when the dispatch crossed a multiple of
+  STOP_SYNC_STEPS; without since/now (an epoch's end) it always does.
+  """
   if process_count == 1:
     return stop.requested
+  if since is not None and now // STOP_SYNC_STEPS == since // STOP_SYNC_STEPS:
+    return False
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(np.max(multihost_utils.process_allgather(np.int32(stop.requested))))
 
 
 def _check_finite(config, pending, steps_per_epoch: int, last_saved: Optional[int],
                   ckpt_dir: str) -> None:
-  """Raises FloatingPointError naming the step and what went non-finite (the step's update
-  was not applied: the state is the one before it, and nothing of it is saved)."""
-  epoch, index, step_metrics = pending
-  if float(parallel.to_host(step_metrics[FINITE_ALL])) == 1.0:
+  """Raises FloatingPointError naming the step and what went non-finite (pending: a dispatch's
+  epoch, first step, step count and guard). That step's update and every later one of its
+  dispatch were not applied, and nothing after the last checkpoint is saved."""
+  epoch, start, n, guard = pending
+  first_bad = int(parallel.to_host(guard["first_bad"]))
+  if first_bad == n:
     return
-  flags = parallel.to_host({k: v for k, v in step_metrics.items()
+  index = start + first_bad
+  flags = parallel.to_host({k: v for k, v in guard.items()
                             if k.startswith(FINITE) and k != FINITE_ALL})
   bad = [k[len(FINITE):] for k, v in flags.items() if float(v) < 1.0]
   terms = [b for b in bad if b not in ("gradients", "update")]

@@ -5,9 +5,11 @@
 ONE_JAX_FAULT:
   signal_at_step=SIGTERM:K[:N]  the process sends itself the signal (N times, default once)
                             as it takes its K-th training batch (1-based, counted in this
-                            process): step K runs, then the run stops as it would on a real
-                            preemption (twice: at once, as on a second signal).
-  nan_at_step=K             the K-th training batch of this process is all NaN.
+                            process; with the train set on the device, the K-th step's ids and
+                            draws): the dispatch holding step K runs, then the run stops as it
+                            would on a real preemption (twice: at once, as on a second signal).
+  nan_at_step=K             the K-th training batch of this process is all NaN (the run is given
+                            --config.data_on_device=false: uint8 pixels on a device cannot be).
   block_in_save=STEP        the checkpoint save of STEP stops just before its commit (every
                             file written in STEP.orbax-checkpoint-tmp, the rename to STEP not
                             done), writes the file $ONE_JAX_FAULT_MARKER and sleeps: the test
@@ -22,10 +24,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _wrap_train_batches(on_batch):
+def _wrap_train_batches(on_batch, names=("train_batches", "train_plans")):
   from one_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  original = input_pipeline.train_batches
   taken = [0]
+  for name in names:
+    _wrap(input_pipeline, name, on_batch, taken)
+
+
+def _wrap(input_pipeline, name, on_batch, taken):
+  original = getattr(input_pipeline, name)
 
   class Batches:
     def __init__(self, inner):
@@ -46,7 +53,7 @@ def _wrap_train_batches(on_batch):
   def train_batches(*args, **kwargs):
     return Batches(iter(original(*args, **kwargs)))
 
-  input_pipeline.train_batches = train_batches
+  setattr(input_pipeline, name, train_batches)
 
 
 def _signal_at_step(spec):
@@ -68,7 +75,8 @@ def _nan_at_step(k):
     if n == int(k):
       batch = dict(batch, image=np.full_like(batch["image"], np.nan))
     return batch
-  _wrap_train_batches(on_batch)
+  _wrap_train_batches(on_batch, names=("train_batches",))
+  sys.argv.append("--config.data_on_device=false")
 
 
 def _block_in_save(step):

@@ -24,9 +24,10 @@ SCRIPTS = ("local.sh", "slurm.sbatch", "tpu_pod.sh")
 # A tiny run: ResNet-8 ONE, 2 steps of global batch 32 per epoch, 50 test examples in
 # batches of 20 (the last one padded). A moderate learning rate keeps the float noise of
 # different device layouts small (see _assert_states_close).
+# Both steps of an epoch go in one dispatch, the train set on the device.
 OVERRIDES = {"num_epochs": 1, "steps_per_epoch": 2, "batch_size": 32, "eval_batch_size": 20,
              "synthetic_train_size": 128, "synthetic_test_size": 50, "lr": 0.02,
-             "progress_bar": False}
+             "progress_bar": False, "steps_per_dispatch": 2, "data_on_device": "true"}
 STEPS_PER_EPOCH = OVERRIDES["steps_per_epoch"]
 
 

@@ -150,6 +150,33 @@ def test_sigterm_at_the_end_of_an_epoch_stops_after_its_checkpoint(reference_run
   _assert_same_run(reference_run, workdir)
 
 
+def test_sigterm_inside_a_dispatch_stops_at_its_end_and_resumes_exactly(reference_run,
+                                                                       tmp_path):
+  # 3 steps per dispatch: epoch 1 is dispatches of steps 1-3 and 4, epoch 2 of 5-7 and 8. The
+  # signal comes as step 5's batch is taken: the dispatch of steps 5-7 ends, then the stop.
+  # Every 2 steps a log line (at the first dispatch boundary past it, and at epoch ends);
+  # steps 2-3 are profiled.
+  workdir = str(tmp_path / "run")
+  args = SMOKE + [f"--workdir={workdir}", "--config.steps_per_dispatch=3",
+                  "--config.log_every_steps=2", "--config.profile_steps=2,3"]
+  first = _main(args, fault="signal_at_step=SIGTERM:5")
+  assert first.returncode == preemption.EXIT_INTERRUPTED, first.stderr
+  assert "stopped by SIGTERM at step 7 (epoch 2, step 3 of 4)" in first.stderr
+  assert any(n.endswith(".xplane.pb") for _, _, names in os.walk(os.path.join(workdir, "profile"))
+             for n in names)
+  second = _main(args)
+  assert second.returncode == 0, second.stderr
+  assert "from checkpoint step 7 (epoch 2, step 3 of 4)" in second.stdout
+  _assert_same_run(reference_run, workdir)  # and the same as one step per dispatch
+  with open(os.path.join(workdir, "steps.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
+  assert [line["step"] for line in lines] == [3, 4, 7, 8]
+  assert set(lines[0]) == {"step", "lr", "train/ce", "train/loss", "train/top1/model"}
+  epoch_1 = _metrics_rows(workdir)[0]  # the epoch's mean is the steps' means, weighted
+  np.testing.assert_allclose((3 * lines[0]["train/loss"] + lines[1]["train/loss"]) / 4,
+                             float(epoch_1["train/loss"]), rtol=1e-5)
+
+
 def test_stop_request_turns_signals_into_a_flag_and_restores_handlers():
   before = signal.getsignal(signal.SIGINT)
   with preemption.StopRequest(announce=False) as stop:
@@ -268,6 +295,15 @@ def test_non_finite_step_is_reported_exactly(tmp_path):
   assert result.returncode == 1
   assert "non-finite values at step 7 (epoch 2, step 3 of 4) in: " in result.stderr
   assert "gradients" in result.stderr
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
+
+
+def test_non_finite_step_inside_a_dispatch_is_reported_by_its_own_number(tmp_path):
+  workdir = str(tmp_path / "run")
+  result = _main(SMOKE + [f"--workdir={workdir}", "--config.steps_per_dispatch=3"],
+                 fault="nan_at_step=6")   # the second step of the dispatch of steps 5-7
+  assert result.returncode == 1
+  assert "non-finite values at step 6 (epoch 2, step 2 of 4) in: " in result.stderr
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
 
 
@@ -760,6 +796,8 @@ def _invalid_values(field, rng):
     return [f"a{k}", "-1"]
   if field == "trunk_from":
     return [f"first{k}", "-1"]
+  if field == "profile_steps":
+    return [f"{k + 2},1", f"0,{k}", "x"]
   return []
 
 
