@@ -56,6 +56,14 @@ def resolve_compute_dtype(name: str, conv_impl: str = "auto") -> jnp.dtype:
   return jnp.dtype(name)
 
 
+def _in_compute_dtype(images, compute_dtype: str):
+  """The images in the compute dtype, which every layer then follows; 'float32' leaves them
+  as they are (float64 in the float64 parity tests)."""
+  if compute_dtype == "float32":
+    return images
+  return images.astype(resolve_compute_dtype(compute_dtype))
+
+
 ModuleDef = Any  # a module constructor: a Flax module class, or a partial of one
 
 
@@ -147,7 +155,7 @@ def _branch_logits(x, depth, num_classes, conv, norm):
   """Stage 3 + global average pool + classifier, created in the calling module's scope."""
   x = _stage(x, "layer3", depth, 64, 2, conv, norm)
   x = jnp.mean(x, axis=(1, 2))
-  return layers.Dense(num_classes, name="classifier")(x).astype(jnp.float32)  # float32 logits
+  return layers.at_least_float32(layers.Dense(num_classes, name="classifier")(x))  # logits
 
 
 class Branch(nn.Module):
@@ -184,7 +192,7 @@ class Gate(nn.Module):
   def __call__(self, x, log_weight_offset):
     x = jnp.mean(x, axis=(1, 2))
     x = layers.Dense(self.num_branches, name="dense")(x)
-    x = nn.relu(self.norm(name="bn")(x)).astype(jnp.float32)  # the softmax in float32
+    x = layers.at_least_float32(nn.relu(self.norm(name="bn")(x)))  # the softmax in float32
     x = x + log_weight_offset
     if self.active_branches is not None:
       x = jnp.where(jnp.asarray(self.active_branches), x, -jnp.inf)
@@ -252,7 +260,7 @@ class CifarResNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     conv, norm = conv_and_norm(train, self.axis_name, self.conv_impl)
-    images = images.astype(resolve_compute_dtype(self.compute_dtype))  # layers follow x's dtype
+    images = _in_compute_dtype(images, self.compute_dtype)
     x = Trunk(self.depth, conv, norm, name="trunk")(images)
     return Branch(self.depth, self.num_classes, conv, norm, name="branch")(x)
 
@@ -285,7 +293,7 @@ class OneResNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False) -> OneOutput:
     conv, norm = conv_and_norm(train, self.axis_name, self.conv_impl)
-    images = images.astype(resolve_compute_dtype(self.compute_dtype))  # layers follow x's dtype
+    images = _in_compute_dtype(images, self.compute_dtype)
     x = Trunk(self.depth, conv, norm, name="trunk")(images)
     branch_logits = stacked_branches(
         self.depth, self.num_classes, self.num_branches, resolve_branch_impl(self.branch_impl),
