@@ -72,7 +72,7 @@ class CheckpointError(ValueError):
 
 def spec_of(meta: Dict[str, Any], source: str = "the checkpoint", **runtime) -> model_spec.ModelSpec:
   """The ModelSpec of a checkpoint's meta (its 'model' entry); runtime fields (branch_impl,
-  conv_impl, active_branches) as keyword arguments."""
+  conv_impl, compute_dtype, active_branches) as keyword arguments."""
   try:
     return model_spec.ModelSpec.from_dict(meta["model"], **runtime)
   except (KeyError, TypeError, ValueError) as e:

@@ -23,6 +23,11 @@ def torch_linear_kernel_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def at_least_float32(x):
+  """x in float32, or as it is when wider (float64 runs): what mixed precision keeps exact."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class Conv(nn.Module):
   """NHWC convolution with PyTorch's symmetric padding (k // 2), bias-free unless use_bias.
 
@@ -108,7 +113,7 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
     # Statistics and normalisation in float32 (or wider), only the result rounded to x's dtype;
     # one cast, so that in bfloat16 the backward pass sums its nearly cancelling terms in float32.
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    xf = at_least_float32(x)
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:

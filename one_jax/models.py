@@ -58,6 +58,14 @@ def resolve_compute_dtype(name: str, conv_impl: str = "auto") -> jnp.dtype:
   return jnp.dtype(name)
 
 
+def _in_compute_dtype(images, compute_dtype: str):
+  """The images in the compute dtype, which every layer then follows; 'float32' leaves them
+  as they are (float64 in the float64 parity tests)."""
+  if compute_dtype == "float32":
+    return images
+  return images.astype(resolve_compute_dtype(compute_dtype))
+
+
 ModuleDef = Any  # a module constructor: a Flax module class, or a partial of one
 
 
@@ -173,7 +181,7 @@ class Gate(nn.Module):
   def __call__(self, x, log_weight_offset):
     x = jnp.mean(x, axis=(1, 2))
     x = layers.Dense(self.num_branches, name="dense")(x)
-    x = nn.relu(self.norm(name="bn")(x)).astype(jnp.float32)  # the softmax in float32
+    x = layers.at_least_float32(nn.relu(self.norm(name="bn")(x)))  # the softmax in float32
     x = x + log_weight_offset
     if self.active_branches is not None:
       x = jnp.where(jnp.asarray(self.active_branches), x, -jnp.inf)
@@ -278,14 +286,14 @@ def one_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef
   features, features -> logits); `module` gives num_branches, branch_impl, active_branches,
   axis_name, conv_impl and compute_dtype. The tree: 'trunk', 'branches' (stacked), 'gate', and
   the gate's log-weight offset in the 'gate_offset' collection. The layers compute in the
-  images' dtype (compute_dtype); logits and gate come out in float32.
+  images' dtype (compute_dtype); logits and gate come out in (at least) float32.
   """
   conv, norm = conv_and_norm(train, module.axis_name, module.conv_impl)
-  images = images.astype(resolve_compute_dtype(module.compute_dtype))  # layers follow x's dtype
+  images = _in_compute_dtype(images, module.compute_dtype)  # the layers follow x's dtype
   x = trunk(conv=conv, norm=norm, name="trunk")(images)
-  branch_logits = stacked_branches(
+  branch_logits = layers.at_least_float32(stacked_branches(
       functools.partial(branch, conv=conv, norm=norm), module.num_branches,
-      resolve_branch_impl(module.branch_impl), name="branches")(x).astype(jnp.float32)
+      resolve_branch_impl(module.branch_impl), name="branches")(x))
   offset = module.variable("gate_offset", "log_weight",
                            lambda: jnp.zeros((module.num_branches,), jnp.float32))
   gate = Gate(module.num_branches, norm, module.active_branches, name="gate")(x, offset.value)
@@ -297,9 +305,9 @@ def baseline_forward(module, images, train: bool, trunk: ModuleDef, branch: Modu
   """The single-branch baseline in `module`'s scope: 'trunk' then one 'branch' -> float32
   logits (the layers compute in module.compute_dtype, as in one_forward)."""
   conv, norm = conv_and_norm(train, module.axis_name, module.conv_impl)
-  images = images.astype(resolve_compute_dtype(module.compute_dtype))  # layers follow x's dtype
+  images = _in_compute_dtype(images, module.compute_dtype)  # the layers follow x's dtype
   x = trunk(conv=conv, norm=norm, name="trunk")(images)
-  return branch(conv=conv, norm=norm, name="branch")(x).astype(jnp.float32)
+  return layers.at_least_float32(branch(conv=conv, norm=norm, name="branch")(x))
 
 
 def _check_one_fields(module) -> None:
