@@ -32,7 +32,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import step1  # noqa: E402
-from one_jax import device_data, input_pipeline, model_spec, optimizer, parallel, train  # noqa: E402
+from one_jax import device_data, input_pipeline, model_spec  # noqa: E402
+from one_jax import optimizer, parallel, train  # noqa: E402
 
 _BRANCHES = flags.DEFINE_list("branches", ["1", "3", "5"], "Branch counts.")
 _BATCHES = flags.DEFINE_list("batches", ["128", "512"], "Global batch sizes.")

@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
   c.steps_per_dispatch = 1        # k train steps per jitted call (lax.scan); stops land between
   c.log_every_steps = 0           # > 0: loss terms and lr every this many steps (steps.jsonl)
-  c.profile_steps = ""            # 'START,END': jax.profiler trace of those steps in WORKDIR/profile
+  c.profile_steps = ""            # 'START,END': jax.profiler trace of those steps (WORKDIR/profile)
   c.resume_fallback = False       # resume from the checkpoint before an unreadable latest one
   c.new_run = False               # WORKDIR holds a run: start a fresh one in WORKDIR-2, -3, ...
   c.adopt_checkpoints = False     # resume checkpoints of a workdir without any stored config

@@ -263,6 +263,7 @@ def test_tfds_under_mock_data():
   with tfds.testing.mock_data(num_examples=21, policy=tfds.testing.MockPolicy.USE_CODE):
     train, test, info = ip.get_datasets(_config(dataset="cifar100", num_classes=100))
   assert info == ip.DatasetInfo("cifar100", 100, 21, 21, (32, 32, 3))
+  assert isinstance(train, ip.ArraySource) and isinstance(test, ip.ArraySource)  # decoded once
   example = train[3]
   assert set(example) == {"image", "label"}
   assert example["image"].dtype == np.uint8 and 0 <= example["label"] < 100
