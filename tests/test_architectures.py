@@ -3,6 +3,7 @@ definitions, forward shapes, the gated ensemble, and surgery on every family."""
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -252,6 +253,12 @@ def test_options_round_trip_through_meta_and_config(tiny):
   assert S.from_dict(info) == spec
   with pytest.raises(ValueError, match="growth_rate=12 is not an option of one_wrn"):
     S("one_wrn", 10, 5, 2, growth_rate=12)
+  # From a config: 0 leaves an option to the family; a family refuses another's option.
+  config = ml_collections.ConfigDict(dict(model="one_wrn", width=0, growth_rate=0))
+  model_spec.check_architecture("one_wrn", 10, config)
+  config.growth_rate = 12
+  with pytest.raises(ValueError, match="growth_rate=12 is not an option of model='one_wrn'"):
+    model_spec.check_architecture("one_wrn", 10, config)
 
 
 def test_conversion_is_for_the_cifar_resnet_only(tiny):
