@@ -3,6 +3,7 @@ definitions, forward shapes, the gated ensemble, and surgery on every family."""
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -208,7 +209,8 @@ def surgery_variables(state):
 
 
 def test_surgery_on_every_family(tiny):
-  """expand (copy) keeps the ensemble; extract and transplant equal the source's branches."""
+  """expand (copy) keeps the ensemble; extract, merge and transplant equal the sources'
+  branches."""
   spec, variables, out = tiny
   state = dict(variables, step=np.int32(0))
   info = spec.to_dict()
@@ -221,6 +223,12 @@ def test_surgery_on_every_family(tiny):
   assert not S.from_dict(single_info).branched
   logits = S.from_dict(single_info).build().apply(surgery_variables(single), IMAGES)
   chex.assert_trees_all_close(logits, out.branch_logits[2], atol=1e-5)
+
+  merged, merged_info = surgery.merge([dict(single, step=np.int32(0)), state],
+                                      [single_info, info])
+  got = S.from_dict(merged_info).build().apply(surgery_variables(merged), IMAGES)
+  chex.assert_trees_all_close(got.branch_logits, jnp.concatenate(
+      [out.branch_logits[2:3], out.branch_logits]), atol=1e-5)
 
   swapped, swapped_info = surgery.transplant(state, info, state, info, branch=1, slot=0)
   got = S.from_dict(swapped_info).build().apply(surgery_variables(swapped), IMAGES)
@@ -246,6 +254,12 @@ def test_options_round_trip_through_meta_and_config(tiny):
   assert S.from_dict(info) == spec
   with pytest.raises(ValueError, match="growth_rate=12 is not an option of one_wrn"):
     S("one_wrn", 10, 5, 2, growth_rate=12)
+  # From a config: 0 leaves an option to the family; a family refuses another's option.
+  config = ml_collections.ConfigDict(dict(model="one_wrn", width=0, growth_rate=0))
+  model_spec.check_architecture("one_wrn", 10, config)
+  config.growth_rate = 12
+  with pytest.raises(ValueError, match="growth_rate=12 is not an option of model='one_wrn'"):
+    model_spec.check_architecture("one_wrn", 10, config)
 
 
 def test_conversion_is_for_the_cifar_resnet_only(tiny):
