@@ -5,8 +5,8 @@ nothing in memory: TFDS's ArrayRecord data source (`tfds.data_source`, the JPEGs
 TFDS when an example is read), or synthetic images computed from (seed, index). Batches are
 built with grain as in input_pipeline, with the same guarantees: the order of an epoch and
 the augmentation of every example depend only on (seed, epoch, position in the epoch), never
-on the number of processes (process p reads rows [p * local, (p + 1) * local) of each global
-batch, `grain.sharding.ShardByJaxProcess`'s index and count), and resuming at step k of an
+on the number of processes (process p of P, jax.process_index() of jax.process_count(), reads
+rows [p * local, (p + 1) * local) of each global batch), and resuming at step k of an
 epoch yields batches k, k + 1, ... Reading, JPEG decoding and augmentation run per batch in
 grain worker processes (`workers`), each up to `prefetch` batches ahead; memory is bounded
 by those buffers.
@@ -135,7 +135,8 @@ class SyntheticImages:
 
   def __init__(self, num_examples: int, num_classes: int, seed: int, split: int,
                image_size: int):
-    self.num_examples = config_checks.check_int("synthetic size", num_examples, minimum=1)
+    self.num_examples = config_checks.check_int(
+        f"config.synthetic_{('train', 'test')[min(split, 1)]}_size", num_examples, minimum=1)
     self.num_classes = num_classes
     self.word = input_pipeline._seed_word(seed)  # pylint: disable=protected-access
     self.split = split
