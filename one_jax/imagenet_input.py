@@ -92,8 +92,9 @@ def train_image(image, image_size: int, rng: np.random.Generator) -> np.ndarray:
   """RandomResizedCrop(image_size) + RandomHorizontalFlip: uint8 [image_size, image_size, 3]."""
   pil = _pil(image)
   top, left, h, w = random_resized_crop_box(pil.height, pil.width, rng)
-  out = np.asarray(pil.resize((image_size, image_size), Image.BILINEAR,
-                              box=(left, top, left + w, top + h)))
+  # torchvision's resized_crop on PIL images: crop, then resize the crop (its edges clamp).
+  out = np.asarray(pil.crop((left, top, left + w, top + h)).resize((image_size, image_size),
+                                                                   Image.BILINEAR))
   return out[:, ::-1] if rng.random() < 0.5 else out
 
 
