@@ -38,9 +38,9 @@ DEFAULT_IMAGE_SIZE = 224
 
 _MANUAL_DOWNLOAD = (
     "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org into "
-    "a directory (TFDS's manual_dir, by default ~/tensorflow_datasets/downloads/manual), then "
-    "run `tfds build imagenet2012 --file_format=array_record` once (it needs tensorflow) or "
-    "train with --config.dataset=synthetic_imagenet")
+    "TFDS's manual directory ({where}/downloads/manual), then run `tfds build imagenet2012 "
+    "--file_format=array_record --data_dir={where}` once (it needs tensorflow), or train on "
+    "--config.dataset=synthetic_imagenet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,14 +242,23 @@ def load_tfds(split: str, data_dir: Optional[str] = None):
   saying how to prepare it from the manual download.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow, optional)
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.get_absl_logger().addFilter(input_pipeline._quiet_tfds)  # pylint: disable=protected-access
   where = data_dir or tfds.core.constants.DATA_DIR
   try:
-    source = tfds.data_source(TFDS_NAME, split=split, data_dir=data_dir, download=False)
+    return tfds.data_source(TFDS_NAME, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # pylint: disable=broad-except  (tfds raises many types here)
-    raise ValueError(f"TFDS dataset {TFDS_NAME!r} (split {split!r}) is not prepared in "
-                     f"ArrayRecord format under {where} "
-                     f"({input_pipeline._first_line(e)}): {_MANUAL_DOWNLOAD}") from None  # pylint: disable=protected-access
-  return source
+    cause = input_pipeline._first_line(e)  # pylint: disable=protected-access
+  try:
+    prepared = tfds.builder(TFDS_NAME, data_dir=data_dir).is_prepared()
+  except Exception:  # pylint: disable=broad-except
+    prepared = False
+  if not prepared:
+    raise ValueError(f"TFDS dataset {TFDS_NAME!r} is not prepared under {where}: "
+                     f"{_MANUAL_DOWNLOAD.format(where=where)}")
+  raise ValueError(f"TFDS dataset {TFDS_NAME!r} (split {split!r}) under {where} cannot be read "
+                   f"in ArrayRecord format ({cause}): prepare it with `tfds build {TFDS_NAME} "
+                   f"--file_format=array_record --data_dir={where}`")
 
 
 # ---------------------------------------------------------------------------------------------

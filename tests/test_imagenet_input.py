@@ -108,7 +108,8 @@ def test_tfds_imagenet_under_mock_data():
 def test_imagenet_errors_are_one_line(tmp_path):
   with pytest.raises(ValueError, match=r"num_classes=10 but imagenet2012 has 1000") as e:
     ip.get_datasets(_config(dataset="imagenet2012"))
-  with pytest.raises(ValueError, match=r"not prepared .* ILSVRC2012_img_train.tar") as e:
+  with pytest.raises(ValueError, match=r"not prepared under .*: download "
+                                       r"ILSVRC2012_img_train.tar") as e:
     ip.get_datasets(_config(dataset="imagenet2012", num_classes=1000, data_dir=str(tmp_path)))
   assert "\n" not in str(e.value)
   with pytest.raises(ValueError, match=r"config.image_size=2 is invalid"):
