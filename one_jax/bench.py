@@ -58,6 +58,8 @@ def image_shape(config) -> tuple:
   """The model input the benchmark feeds: config.image_size squared, else CIFAR's 32x32."""
   size = config.get("image_size", IMAGE_SHAPE[0])
   return (size, size, 3)
+
+
 STEPS_PER_EPOCH = 390  # CIFAR: 50000 // 128; only the learning-rate schedule sees it
 
 
@@ -184,7 +186,8 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
       **timer.spec.options(), num_branches=timer.spec.num_branches,
       num_classes=timer.spec.num_classes, num_params=timer.spec.num_params(),
       forward_flops_per_image=forward_flops_per_image(timer.spec, image_shape(c)),
-      image_size=image_shape(c)[0], batch=batch_size, branch_impl=models.resolve_branch_impl(timer.spec.branch_impl),
+      image_size=image_shape(c)[0], batch=batch_size,
+      branch_impl=models.resolve_branch_impl(timer.spec.branch_impl),
       cpu_conv_library=xla_options.cpu_conv_library(c, jax.default_backend()),
       conv_impl=kernels.conv_impl_on(c.get("conv_impl", "auto"), jax.default_backend()),
       steps=steps,

@@ -26,6 +26,12 @@ from PIL import Image
 
 from one_jax import config_checks, input_pipeline
 
+# input_pipeline's helpers, shared so that both pipelines shard, seed and report alike.
+# pylint: disable=protected-access
+_check_sharding, _seed_word = input_pipeline._check_sharding, input_pipeline._seed_word
+_first_line, _quiet_tfds = input_pipeline._first_line, input_pipeline._quiet_tfds
+# pylint: enable=protected-access
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 NUM_CLASSES = 1000
@@ -139,7 +145,7 @@ class SyntheticImages:
     self.num_examples = config_checks.check_int(
         f"config.synthetic_{('train', 'test')[min(split, 1)]}_size", num_examples, minimum=1)
     self.num_classes = num_classes
-    self.word = input_pipeline._seed_word(seed)  # pylint: disable=protected-access
+    self.word = _seed_word(seed)
     self.split = split
     self.image_size = image_size
 
@@ -243,12 +249,12 @@ def load_tfds(split: str, data_dir: Optional[str] = None):
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow, optional)
   from absl import logging  # pylint: disable=g-import-not-at-top
-  logging.get_absl_logger().addFilter(input_pipeline._quiet_tfds)  # pylint: disable=protected-access
+  logging.get_absl_logger().addFilter(_quiet_tfds)
   where = data_dir or tfds.core.constants.DATA_DIR
   try:
     return tfds.data_source(TFDS_NAME, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # pylint: disable=broad-except  (tfds raises many types here)
-    cause = input_pipeline._first_line(e)  # pylint: disable=protected-access
+    cause = _first_line(e)
   try:
     prepared = tfds.builder(TFDS_NAME, data_dir=data_dir).is_prepared()
   except Exception:  # pylint: disable=broad-except
@@ -275,12 +281,12 @@ def train_batches(source: ImageNetSource, *, global_batch: int, seed: int, epoch
   Each example's crop and flip come from its own generator seeded by (seed, epoch, position
   in the epoch). augment=False gives the evaluation transform instead.
   """
-  local = input_pipeline._check_sharding(global_batch, process_index, process_count)  # pylint: disable=protected-access
+  local = _check_sharding(global_batch, process_index, process_count)
   steps = input_pipeline.steps_per_epoch(len(source), global_batch)
   config_checks.check_int("epoch", epoch, minimum=0)
   if not config_checks.is_int(start_step) or not 0 <= start_step <= steps:
     raise ValueError(f"start_step={start_step!r} is out of range: an epoch has {steps} steps")
-  word = input_pipeline._seed_word(seed)  # pylint: disable=protected-access
+  word = _seed_word(seed)
   epoch_seed = np.random.SeedSequence([word, int(epoch), 0]).generate_state(1)[0]
   first_row = process_index * local
   size = source.image_size
@@ -308,7 +314,7 @@ def eval_batches(source: ImageNetSource, *, global_batch: int, process_index: in
                  process_count: int = 1, num_threads: Optional[int] = None,
                  prefetch: int = 4) -> Iterator[dict]:
   """Every example once, in order, as input_pipeline.eval_batches (padding rows: mask 0)."""
-  local = input_pipeline._check_sharding(global_batch, process_index, process_count)  # pylint: disable=protected-access
+  local = _check_sharding(global_batch, process_index, process_count)
   n = len(source)
   first_row = process_index * local
   size = source.image_size
