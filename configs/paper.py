@@ -44,7 +44,7 @@ VARIANTS = tuple(f"{arch}_{dataset}" for arch, (_, _, _, recipe) in ARCHS.items(
 # The smoke form of each family: the smallest depth, a few channels.
 SMOKE = {"one_resnet": (8, {}), "one_wrn": (10, dict(width=1)),
          "one_vgg": (11, dict(width=4)),
-         "one_densenet": (10, dict(growth_rate=4)),  # BC: 6n+4 (the original: 3n+4, 7)
+         "one_densenet": (10, dict(growth_rate=4)),  # n = 1 (BC, 6n+4) or 2 (3n+4)
          "one_resnext": (11, dict(width=1, cardinality=2, group_width=2))}
 
 
@@ -64,7 +64,5 @@ def get_config(arg=None):
     common.apply_smoke(c)
     c.depth, smoke_options = SMOKE[kind]
     c.update(smoke_options)
-    if kind == "one_densenet" and not c.bottleneck:
-      c.depth = 7
   c.deterministic = "deterministic" in flags
   return c

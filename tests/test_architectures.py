@@ -208,7 +208,8 @@ def surgery_variables(state):
 
 
 def test_surgery_on_every_family(tiny):
-  """expand (copy) keeps the ensemble; extract and transplant equal the source's branches."""
+  """expand (copy) keeps the ensemble; extract, merge and transplant equal the sources'
+  branches."""
   spec, variables, out = tiny
   state = dict(variables, step=np.int32(0))
   info = spec.to_dict()
@@ -221,6 +222,12 @@ def test_surgery_on_every_family(tiny):
   assert not S.from_dict(single_info).branched
   logits = S.from_dict(single_info).build().apply(surgery_variables(single), IMAGES)
   chex.assert_trees_all_close(logits, out.branch_logits[2], atol=1e-5)
+
+  merged, merged_info = surgery.merge([dict(single, step=np.int32(0)), state],
+                                      [single_info, info])
+  got = S.from_dict(merged_info).build().apply(surgery_variables(merged), IMAGES)
+  chex.assert_trees_all_close(got.branch_logits, jnp.concatenate(
+      [out.branch_logits[2:3], out.branch_logits]), atol=1e-5)
 
   swapped, swapped_info = surgery.transplant(state, info, state, info, branch=1, slot=0)
   got = S.from_dict(swapped_info).build().apply(surgery_variables(swapped), IMAGES)
