@@ -59,6 +59,8 @@ def image_shape(config) -> tuple:
   """The model input the benchmark feeds: config.image_size squared, else CIFAR's 32x32."""
   size = config.get("image_size", IMAGE_SHAPE[0])
   return (size, size, 3)
+
+
 STEPS_PER_EPOCH = 390  # CIFAR: 50000 // 128; only the learning-rate schedule sees it
 
 

@@ -1,7 +1,7 @@
 """Every config field's valid values, in one table, checked before anything is read or written.
 
-`check(config)` goes through RULES (one row per field of configs/common.py, step1.py, imagenet.py and
-step2.py) and raises a one-line ValueError naming the first bad field, the value and what
+`check(config)` goes through RULES (one row per field of configs/common.py, step1.py, step2.py
+and imagenet.py) and raises a one-line ValueError naming the first bad field, the value and what
 it must be. Checks that need more than the config (batch size vs devices, num_classes vs the
 dataset, the data itself, checkpoints) stay where those are read.
 

@@ -25,6 +25,13 @@ import numpy as np
 from one_jax import convert, model_spec
 from one_jax.architectures import imagenet_resnet
 
+# convert.py's leaf names and layouts, shared: one table of them for both sets of names.
+# pylint: disable=protected-access
+_LEAF_TO_TORCH, _MODULE_TO_TORCH = convert._LEAF_TO_TORCH, convert._MODULE_TO_TORCH
+_list, _torch_order, _as_numpy = convert._list, convert._torch_order, convert._as_numpy
+_to_torch_layout, _from_torch_layout = convert._to_torch_layout, convert._from_torch_layout
+# pylint: enable=protected-access
+
 BASELINE_KIND = "imagenet_resnet"
 KINDS = (BASELINE_KIND, "one_imagenet_resnet")   # the model kinds with torchvision names
 
@@ -43,11 +50,11 @@ def torch_key(path) -> str:
   for module in modules:
     if module == "classifier":
       names.append("fc")
-    elif module in convert._MODULE_TO_TORCH:  # pylint: disable=protected-access
-      names.append(convert._MODULE_TO_TORCH[module])  # pylint: disable=protected-access
+    elif module in _MODULE_TO_TORCH:
+      names.append(_MODULE_TO_TORCH[module])
     else:
       names.append(re.sub(r"^(layer\d)_(\d+)$", r"\1.\2", module))
-  return ".".join(names + [convert._LEAF_TO_TORCH[leaf]])  # pylint: disable=protected-access
+  return ".".join(names + [_LEAF_TO_TORCH[leaf]])
 
 
 def name_table(spec: model_spec.ModelSpec):
@@ -57,7 +64,7 @@ def name_table(spec: model_spec.ModelSpec):
   table = [(torch_key(path), (col,) + path, leaf.shape)
            for col in ("params", "batch_stats")
            for path, leaf in flax.traverse_util.flatten_dict(shapes.get(col, {})).items()]
-  return sorted(table, key=lambda row: convert._torch_order(row[0]))  # pylint: disable=protected-access
+  return sorted(table, key=lambda row: _torch_order(row[0]))
 
 
 def infer_spec(state_dict, source: str) -> model_spec.ModelSpec:
@@ -94,19 +101,19 @@ def import_state_dict(state_dict, source: str, prefixed: bool) -> convert.TorchI
   missing = expected - set(state_dict)
   unknown = set(state_dict) - expected - nbt_keys
   if missing or unknown:
-    parts = ([f"missing keys {convert._list(missing)}"] if missing else []) + (  # pylint: disable=protected-access
-        [f"unknown keys {convert._list(unknown)}"] if unknown else [])  # pylint: disable=protected-access
+    parts = ([f"missing keys {_list(missing)}"] if missing else []) + (
+        [f"unknown keys {_list(unknown)}"] if unknown else [])
     raise convert.ConversionError(f"{source}: does not match the {spec.describe()} its keys "
                                   "imply: " + "; ".join(parts))
   flat, bad = {}, []
   for key, path, shape in table:
-    x = convert._from_torch_layout(convert._as_numpy(state_dict[key]), path[-1])  # pylint: disable=protected-access
+    x = _from_torch_layout(_as_numpy(state_dict[key]), path[-1])
     if x.shape != tuple(shape):
       bad.append(f"{key} {tuple(state_dict[key].shape)}")
     flat[path] = x
   if bad:
     raise convert.ConversionError(f"{source}: tensors with shapes that do not fit the "
-                                  f"{spec.describe()}: {convert._list(bad)}")  # pylint: disable=protected-access
+                                  f"{spec.describe()}: {_list(bad)}")
   variables = jax.tree.map(jnp.asarray, flax.traverse_util.unflatten_dict(flat))
   present = sorted(k for k in nbt_keys if k in state_dict)
   nbt = {k: int(state_dict[k].item()) for k in present} if present else None
@@ -143,7 +150,7 @@ def export_state_dict(spec: model_spec.ModelSpec, variables, *, branch: Optional
   prefix = "module." if module_prefix else ""
   out = collections.OrderedDict()
   for key, path, _ in name_table(spec):
-    x = convert._to_torch_layout(np.asarray(flat[path]), path[-1])  # pylint: disable=protected-access
+    x = _to_torch_layout(np.asarray(flat[path]), path[-1])
     out[prefix + key] = torch.from_numpy(np.array(x))
     if key.endswith(".running_var") and num_batches_tracked is not None:
       nbt_key = key[:-len("running_var")] + convert.NBT

@@ -5,8 +5,8 @@ nothing in memory: TFDS's ArrayRecord data source (`tfds.data_source`, the JPEGs
 TFDS when an example is read), or synthetic images computed from (seed, index). Batches are
 built with grain as in input_pipeline, with the same guarantees: the order of an epoch and
 the augmentation of every example depend only on (seed, epoch, position in the epoch), never
-on the number of processes (process p reads rows [p * local, (p + 1) * local) of each global
-batch, `grain.sharding.ShardByJaxProcess`'s index and count), and resuming at step k of an
+on the number of processes (process p of P, jax.process_index() of jax.process_count(), reads
+rows [p * local, (p + 1) * local) of each global batch), and resuming at step k of an
 epoch yields batches k, k + 1, ... Reading, JPEG decoding and augmentation run per batch in
 grain worker processes (`workers`), each up to `prefetch` batches ahead; memory is bounded
 by those buffers.
@@ -26,6 +26,12 @@ from PIL import Image
 
 from one_jax import config_checks, input_pipeline
 
+# input_pipeline's helpers, shared so that both pipelines shard, seed and report alike.
+# pylint: disable=protected-access
+_check_sharding, _seed_word = input_pipeline._check_sharding, input_pipeline._seed_word
+_first_line, _quiet_tfds = input_pipeline._first_line, input_pipeline._quiet_tfds
+# pylint: enable=protected-access
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 NUM_CLASSES = 1000
@@ -38,9 +44,9 @@ DEFAULT_IMAGE_SIZE = 224
 
 _MANUAL_DOWNLOAD = (
     "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org into "
-    "a directory (TFDS's manual_dir, by default ~/tensorflow_datasets/downloads/manual), then "
-    "run `tfds build imagenet2012 --file_format=array_record` once (it needs tensorflow) or "
-    "train with --config.dataset=synthetic_imagenet")
+    "TFDS's manual directory ({where}/downloads/manual), then run `tfds build imagenet2012 "
+    "--file_format=array_record --data_dir={where}` once (it needs tensorflow), or train on "
+    "--config.dataset=synthetic_imagenet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,8 +98,9 @@ def train_image(image, image_size: int, rng: np.random.Generator) -> np.ndarray:
   """RandomResizedCrop(image_size) + RandomHorizontalFlip: uint8 [image_size, image_size, 3]."""
   pil = _pil(image)
   top, left, h, w = random_resized_crop_box(pil.height, pil.width, rng)
-  out = np.asarray(pil.resize((image_size, image_size), Image.BILINEAR,
-                              box=(left, top, left + w, top + h)))
+  # torchvision's resized_crop on PIL images: crop, then resize the crop (its edges clamp).
+  out = np.asarray(pil.crop((left, top, left + w, top + h)).resize((image_size, image_size),
+                                                                   Image.BILINEAR))
   return out[:, ::-1] if rng.random() < 0.5 else out
 
 
@@ -135,9 +142,10 @@ class SyntheticImages:
 
   def __init__(self, num_examples: int, num_classes: int, seed: int, split: int,
                image_size: int):
-    self.num_examples = config_checks.check_int("synthetic size", num_examples, minimum=1)
+    self.num_examples = config_checks.check_int(
+        f"config.synthetic_{('train', 'test')[min(split, 1)]}_size", num_examples, minimum=1)
     self.num_classes = num_classes
-    self.word = input_pipeline._seed_word(seed)  # pylint: disable=protected-access
+    self.word = _seed_word(seed)
     self.split = split
     self.image_size = image_size
 
@@ -240,14 +248,23 @@ def load_tfds(split: str, data_dir: Optional[str] = None):
   saying how to prepare it from the manual download.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow, optional)
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.get_absl_logger().addFilter(_quiet_tfds)
   where = data_dir or tfds.core.constants.DATA_DIR
   try:
-    source = tfds.data_source(TFDS_NAME, split=split, data_dir=data_dir, download=False)
+    return tfds.data_source(TFDS_NAME, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # pylint: disable=broad-except  (tfds raises many types here)
-    raise ValueError(f"TFDS dataset {TFDS_NAME!r} (split {split!r}) is not prepared in "
-                     f"ArrayRecord format under {where} "
-                     f"({input_pipeline._first_line(e)}): {_MANUAL_DOWNLOAD}") from None  # pylint: disable=protected-access
-  return source
+    cause = _first_line(e)
+  try:
+    prepared = tfds.builder(TFDS_NAME, data_dir=data_dir).is_prepared()
+  except Exception:  # pylint: disable=broad-except
+    prepared = False
+  if not prepared:
+    raise ValueError(f"TFDS dataset {TFDS_NAME!r} is not prepared under {where}: "
+                     f"{_MANUAL_DOWNLOAD.format(where=where)}")
+  raise ValueError(f"TFDS dataset {TFDS_NAME!r} (split {split!r}) under {where} cannot be read "
+                   f"in ArrayRecord format ({cause}): prepare it with `tfds build {TFDS_NAME} "
+                   f"--file_format=array_record --data_dir={where}`")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,12 +281,12 @@ def train_batches(source: ImageNetSource, *, global_batch: int, seed: int, epoch
   Each example's crop and flip come from its own generator seeded by (seed, epoch, position
   in the epoch). augment=False gives the evaluation transform instead.
   """
-  local = input_pipeline._check_sharding(global_batch, process_index, process_count)  # pylint: disable=protected-access
+  local = _check_sharding(global_batch, process_index, process_count)
   steps = input_pipeline.steps_per_epoch(len(source), global_batch)
   config_checks.check_int("epoch", epoch, minimum=0)
   if not config_checks.is_int(start_step) or not 0 <= start_step <= steps:
     raise ValueError(f"start_step={start_step!r} is out of range: an epoch has {steps} steps")
-  word = input_pipeline._seed_word(seed)  # pylint: disable=protected-access
+  word = _seed_word(seed)
   epoch_seed = np.random.SeedSequence([word, int(epoch), 0]).generate_state(1)[0]
   first_row = process_index * local
   size = source.image_size
@@ -297,7 +314,7 @@ def eval_batches(source: ImageNetSource, *, global_batch: int, process_index: in
                  process_count: int = 1, num_threads: Optional[int] = None,
                  prefetch: int = 4) -> Iterator[dict]:
   """Every example once, in order, as input_pipeline.eval_batches (padding rows: mask 0)."""
-  local = input_pipeline._check_sharding(global_batch, process_index, process_count)  # pylint: disable=protected-access
+  local = _check_sharding(global_batch, process_index, process_count)
   n = len(source)
   first_row = process_index * local
   size = source.image_size

@@ -59,6 +59,14 @@ def test_train_image_crops_resizes_and_flips():
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
     directions.add(int(np.sign(int(out[0, -1, 0]) - int(out[0, 0, 0]))))
   assert directions == {-1, 1}   # some flipped, some not
+  # torchvision's order of draws: the box, then the flip; crop, then bilinear resize.
+  photo = np.random.default_rng(2).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+  rng = np.random.default_rng(7)
+  top, left, h, w = inet.random_resized_crop_box(50, 70, rng)
+  want = np.asarray(Image.fromarray(photo).crop((left, top, left + w, top + h)).resize(
+      (24, 24), Image.BILINEAR))
+  want = want[:, ::-1] if rng.random() < 0.5 else want
+  np.testing.assert_array_equal(inet.train_image(photo, 24, np.random.default_rng(7)), want)
 
 
 def test_normalize_uses_imagenet_statistics():
@@ -100,7 +108,8 @@ def test_tfds_imagenet_under_mock_data():
 def test_imagenet_errors_are_one_line(tmp_path):
   with pytest.raises(ValueError, match=r"num_classes=10 but imagenet2012 has 1000") as e:
     ip.get_datasets(_config(dataset="imagenet2012"))
-  with pytest.raises(ValueError, match=r"not prepared .* ILSVRC2012_img_train.tar") as e:
+  with pytest.raises(ValueError, match=r"not prepared under .*: download "
+                                       r"ILSVRC2012_img_train.tar") as e:
     ip.get_datasets(_config(dataset="imagenet2012", num_classes=1000, data_dir=str(tmp_path)))
   assert "\n" not in str(e.value)
   with pytest.raises(ValueError, match=r"config.image_size=2 is invalid"):

@@ -110,6 +110,28 @@ def test_one_forward_is_the_gate_weighted_ensemble(one10):
   np.testing.assert_allclose(logits, out.branch_logits[2], rtol=1e-4, atol=1e-4)
 
 
+def test_voting_over_imagenet_batches(one10):
+  """Every subset of the branches scored on ImageNet-shaped batches (imagenet_input's eval
+  transform); all three branches under the gate are the ensemble."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from one_jax import input_pipeline, voting  # pylint: disable=g-import-not-at-top
+  spec, variables = one10
+  config = ml_collections.ConfigDict(dict(
+      dataset="synthetic_imagenet", num_classes=5, image_size=32, data_workers=0, seed=0,
+      npz_path="", synthetic_train_size=8, synthetic_test_size=13))
+  _, test, _ = input_pipeline.get_datasets(config)
+  batches = list(input_pipeline.eval_batches(test, global_batch=8))
+  rows = voting.vote_accuracies(spec.build(), variables, batches)
+  assert len(rows) == 7 and all(r["examples"] == 13 for r in rows)
+  correct = 0
+  for batch in batches:
+    out = spec.build().apply(variables, batch["image"], train=False)
+    hits = np.argmax(out.ensemble_logits, -1) == batch["label"]
+    correct += int(np.sum(hits * (batch["mask"] > 0)))
+  everything = next(r for r in rows if r["branches"] == (0, 1, 2))
+  assert everything["gate"] == pytest.approx(correct / 13)
+
+
 # ---------------------------------------------------------------------------------------------
 # Conversion.
 
