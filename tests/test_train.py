@@ -33,7 +33,9 @@ def test_one_device_and_four_devices_agree(tiny_config):
   config = tiny_config(batch_size=32)
   s1, m1 = _states_after_steps(config, jax.devices()[:1], 3)
   s4, m4 = _states_after_steps(config, jax.devices(), 3)
-  chex.assert_trees_all_close(s1["params"], s4["params"], atol=2e-5, rtol=2e-4)
+  # float32 sums in another order (one device against four), amplified over three steps by
+  # BatchNorm on 8 examples per device: up to ~8e-5 seen on a few of conv1's weights.
+  chex.assert_trees_all_close(s1["params"], s4["params"], atol=2e-4, rtol=2e-4)
   chex.assert_trees_all_close(s1["batch_stats"], s4["batch_stats"], atol=2e-5, rtol=2e-4)
   chex.assert_trees_all_close(m1, m4, atol=1e-4, rtol=1e-4)
 
