@@ -30,12 +30,12 @@ def test_gpu_bench_default_grid():
   """The default grid, read in its own process: the script defines absl flags at import, which
   would clash with another benchmark's flags imported into this test process."""
   code = ("import gpu_bench; rows = gpu_bench.jax_setups([1, 3, 5], [128, 512], 10, "
-          "full_grid=False); print(repr(rows))")
+          "full_grid=False); import json; print(json.dumps(rows))")
   path = os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])
   proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(REPO, "benchmarks"),
                         capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = eval(proc.stdout.strip().splitlines()[-1])  # pylint: disable=eval-used  (our own repr)
+  rows = [tuple(row) for row in json.loads(proc.stdout.strip().splitlines()[-1])]
   assert len(rows) == 8 + 5 * 2   # every combination at B = 3, batch 128; the two best elsewhere
   assert (3, 128, "bfloat16", "loop", 1) in rows and (5, 512, "bfloat16", "vmap", 10) in rows
