@@ -1,17 +1,18 @@
 """one_jax against PyTorch on one accelerator: train images/s of ONE-ResNet32 set-ups, one run.
 
     python benchmarks/gpu_bench.py [--branches=1,3,5] [--batches=128,512] [--steps=20]
-        [--depth=32] [--num_classes=100] [--budget_s=330] [--torch_modes=eager,amp_cl,compile]
+        [--depth=32] [--num_classes=100] [--budget_s=330] [--torch_modes=nchw,amp_cl,amp_compile]
 
 one_jax side: the real loop's dispatch step (`train.make_dispatch_step`) with the synthetic train
 set on the device (`data_on_device`: gathered, cropped, flipped and normalised in the step
 from the host pipeline's draws), for compute_dtype float32 / bfloat16, branch_impl loop / vmap
 and steps_per_dispatch 1 / 10. Every (B, batch) gets the two float32/bfloat16 vmap set-ups at
 k = 10; B = 3 at the first batch size gets every combination (--full_grid for all).
-PyTorch side (tests/torch_reference.py, SGD, on CUDA when there is one, else the CPU):
-'eager' float32, 'amp_cl' autocast bfloat16 with channels_last model and input, 'compile'
-torch.compile of that model (the fastest PyTorch set-ups), on a fixed batch already on the
-device (PyTorch gets no input pipeline cost).
+PyTorch side (benchmarks/torch_step.py: tests/torch_reference.py's model, loss and SGD, on CUDA
+when there is one, else the CPU): by default 'nchw' eager float32, 'amp_cl' autocast bfloat16
+with channels_last model and input, and 'amp_compile' torch.compile of that (the fastest
+PyTorch set-ups on accelerators), on a fixed batch already on the device (PyTorch gets no input
+pipeline cost).
 
 Rows are timed in order until --budget_s seconds have passed (compilation included); later
 rows are printed as skipped, so a run stays within its time (the defaults fit 6 minutes on one
@@ -28,12 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import step1  # noqa: E402
-from one_jax import device_data, input_pipeline, model_spec  # noqa: E402
-from one_jax import optimizer, parallel, train  # noqa: E402
+from one_jax import bench  # noqa: E402
+import torch_step  # noqa: E402  (benchmarks/, beside this script)
 
 _BRANCHES = flags.DEFINE_list("branches", ["1", "3", "5"], "Branch counts.")
 _BATCHES = flags.DEFINE_list("batches", ["128", "512"], "Global batch sizes.")
@@ -42,8 +42,8 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps per row (rounded u
 _DEPTH = flags.DEFINE_integer("depth", 32, "ResNet depth (6n + 2).")
 _CLASSES = flags.DEFINE_integer("num_classes", 100, "Classes.")
 _BUDGET = flags.DEFINE_float("budget_s", 330.0, "Stop starting rows after this many seconds.")
-_TORCH = flags.DEFINE_list("torch_modes", ["eager", "amp_cl", "compile"],
-                           "PyTorch set-ups ('' for none): eager, amp_cl, compile.")
+_TORCH = flags.DEFINE_list("torch_modes", ["nchw", "amp_cl", "amp_compile"],
+                           "PyTorch set-ups ('' for none), benchmarks/torch_step.py's MODES.")
 _FULL = flags.DEFINE_bool("full_grid", False, "Every one_jax combination for every (B, batch).")
 _DISPATCH = flags.DEFINE_integer("steps_per_dispatch", 10, "k of the multi-step set-ups.")
 _SETUPS = flags.DEFINE_list("jax_setups", [], "Instead of the grid: DTYPE:IMPL:K set-ups for "
@@ -87,61 +87,28 @@ def _config(b, batch, dtype, branch_impl, k):
 
 
 def time_jax(b, batch, dtype, branch_impl, k, steps):
-  """images/s of the dispatch step (median dispatch time / k steps), and the compile time."""
-  config = _config(b, batch, dtype, branch_impl, k)
-  mesh = parallel.make_mesh()
-  source, _, info = input_pipeline.get_datasets(config)
-  spec = model_spec.ModelSpec.from_config(config)
-  tx = optimizer.create_optimizer(config, 390, spec.abstract_variables(info.image_shape)["params"])
-  fresh = train.initial_state(spec, tx, info.image_shape, jax.random.key(0))
-  state = parallel.replicate(fresh, mesh)
-  sums = parallel.replicate(train.zero_sums(config, tx, mesh, fresh, info.image_shape), mesh)
-  data = device_data.put(source, mesh)
-  plans = list(input_pipeline.train_plans(len(source), global_batch=batch, seed=0, epoch=0))
-  stacks = [train._stack(plans[i:i + k], mesh) for i in (0, k)]
-  step = train.make_dispatch_step(config, tx, mesh, on_device=True)
-  t0 = time.perf_counter()
-  state, sums, _ = step(state, sums, stacks[0], jnp.float32(1), data)
-  jax.block_until_ready(sums)
-  compile_s = time.perf_counter() - t0
-  times = []
-  for i in range(max(1, -(-steps // k)) + 1):   # one untimed warm-up dispatch
-    t0 = time.perf_counter()
-    state, sums, _ = step(state, sums, stacks[i % 2], jnp.float32(1), data)
-    jax.block_until_ready(sums)
-    times.append(time.perf_counter() - t0)
-  loss = float(parallel.to_host(sums)["train/loss"])
+  """images/s of the loop's dispatch step (one_jax.bench.StepTimer: median dispatch time / k
+  steps), and the compile time."""
+  timer = bench.StepTimer(_config(b, batch, dtype, branch_impl, k), with_eval=False)
+  times = bench.time_calls(timer.train_once, max(1, -(-steps // k)) + 1)   # one warm-up call
+  loss = timer.mean_loss()
   if not np.isfinite(loss):
-    raise FloatingPointError(f"non-finite loss in {config.compute_dtype} B={b} batch={batch}")
-  return k * batch / statistics.median(times[1:]), compile_s
+    raise FloatingPointError(f"non-finite loss in {dtype} B={b} batch={batch}")
+  return k * batch / statistics.median(times[1:]), timer.compile_s
 
 
 def time_torch(b, batch, mode, steps):
-  """images/s of the reference PyTorch step in one set-up, and its first-step time."""
-  import torch  # pylint: disable=g-import-not-at-top  (optional: only this side needs it)
-  from tests import torch_reference  # pylint: disable=g-import-not-at-top
-  device = "cuda" if torch.cuda.is_available() else "cpu"
-  torch.manual_seed(0)
-  model = torch_reference.ONE_ResNet(_DEPTH.value, _CLASSES.value, b).to(device)
-  images = torch.randn(batch, 3, 32, 32, device=device)
-  labels = torch.randint(0, _CLASSES.value, (batch,), device=device)
-  if mode in ("amp_cl", "compile"):
-    model = model.to(memory_format=torch.channels_last)
-    images = images.contiguous(memory_format=torch.channels_last)
-  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-  if mode == "compile":
-    model = torch.compile(model)
-
-  def step():
-    if mode == "eager":
-      return torch_reference.train_step(model, opt, images, labels, epoch=1.0)
-    with torch.autocast(device_type=device, dtype=torch.bfloat16):
-      return torch_reference.train_step(model, opt, images, labels, epoch=1.0)
+  """images/s of the reference PyTorch step in one set-up (torch_step), and its first-step
+  time."""
+  rng = np.random.default_rng(0)
+  step = torch_step.TorchStep(
+      mode, depth=_DEPTH.value, num_classes=_CLASSES.value, num_branches=b,
+      images_nhwc=rng.standard_normal((batch, 32, 32, 3), dtype=np.float32),
+      labels=rng.integers(0, _CLASSES.value, batch))
 
   def timed():
     t0 = time.perf_counter()
-    loss = step()
-    float(loss)  # waits for the device
+    float(step.train_once())  # waits for the device
     return time.perf_counter() - t0
 
   first = timed()
@@ -179,8 +146,7 @@ def table(rows) -> str:
   """One markdown table: a line per set-up, a column per (B, batch)."""
   def name(r):
     if r["framework"] == "torch":
-      return {"eager": "PyTorch eager float32", "amp_cl": "PyTorch autocast bf16 channels_last",
-              "compile": "PyTorch torch.compile bf16 channels_last"}[r["mode"]]
+      return torch_step.NAMES[r["mode"]]
     return f"one_jax {r['compute_dtype']} {r['branch_impl']} k={r['steps_per_dispatch']}"
   cols = sorted({(r["num_branches"], r["batch"]) for r in rows})
   names = list(dict.fromkeys(name(r) for r in rows))
@@ -200,10 +166,10 @@ def table(rows) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  torch_modes = [m for m in _TORCH.value if m]
-  unknown = set(torch_modes) - {"eager", "amp_cl", "compile"}
-  if unknown:
-    raise app.UsageError(f"unknown --torch_modes {sorted(unknown)}: use eager, amp_cl, compile")
+  try:
+    torch_modes = torch_step.check_modes([m for m in _TORCH.value if m])
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   rows = run([int(b) for b in _BRANCHES.value], [int(n) for n in _BATCHES.value], torch_modes,
              _STEPS.value, _BUDGET.value, _DISPATCH.value, _FULL.value, _SETUPS.value)
   print(f"\nONE-ResNet{_DEPTH.value}, {_CLASSES.value} classes, {jax.devices()[0].device_kind} "

@@ -2,10 +2,13 @@
 
     python -m one_jax.bench --config=configs/step1.py:three_branch [--steps=N] [--batch=N]
 
-Times the real jitted steps of `one_jax.train` (`make_train_step`: forward, loss, backward,
-SGD update, BatchNorm statistics, metrics; `make_eval_step`, on a batch of the same size) on
-synthetic data already on the devices. Compilation and warm-up steps are excluded; times are
-medians over --steps. FLOPs come from XLA's cost analysis of the train step (`step_flops`).
+Times the training loop's own jitted step (`one_jax.train.make_dispatch_step`: forward, loss,
+backward, SGD update, BatchNorm statistics, metric sums; config.steps_per_dispatch steps per
+call; with the synthetic train set on the device and augmented in the step when
+config.data_on_device resolves to that) and `make_eval_step` on a batch of the same size.
+Compilation and warm-up calls are excluded; step times are medians over the calls of --steps
+steps, divided by the steps per call. FLOPs come from XLA's cost analysis of one train step
+(`step_flops`).
 
 Fields: images_per_sec, eval_images_per_sec, step_ms, eval_step_ms, compile_s, backend,
 device_kind, device_count, flops_per_image (train step), forward_flops_per_image (inference:
@@ -13,17 +16,21 @@ device_kind, device_count, flops_per_image (train step), forward_flops_per_image
 model fields (model, depth, its architecture options, num_branches, num_classes, num_params:
 every parameter of the timed model, batch, branch_impl, compute_dtype: 'float32' or
 'bfloat16', set with --config.compute_dtype), cpu_conv_library,
-conv_impl ('kernel': one_jax's compiled CPU convolutions, 'xla': XLA's), jax_version, loss,
+conv_impl ('kernel': one_jax's compiled CPU convolutions, 'xla': XLA's), steps_per_dispatch,
+data_placement ('device': the train set in device memory, augmented in the step; 'host': batches
+the host pipeline built beforehand, already on the devices, so its cost is not timed),
+jax_version, loss (the mean train loss of the timed steps),
 and (from the command line) reuse_host_memory (one_jax/cpu/host_memory.py). Where
 conv_impl='auto' fell back to XLA on a CPU, one line on stderr says that the kernels are off
 and why (kernels.off_warning).
 """
 import dataclasses
+import functools
 import json
 import statistics
 import sys
 import time
-from typing import Any, Dict
+from typing import Any, Dict, NamedTuple
 
 from absl import app
 from absl import flags
@@ -34,6 +41,9 @@ from ml_collections import config_flags
 
 from one_jax import checkpoints
 from one_jax import cli
+from one_jax import config_checks
+from one_jax import device_data
+from one_jax import input_pipeline
 from one_jax import model_spec
 from one_jax import models
 from one_jax import optimizer
@@ -42,15 +52,6 @@ from one_jax import train
 from one_jax.cpu import host_memory
 from one_jax.cpu import kernels
 from one_jax.cpu import xla_options
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/step1.py:three_branch", "Training config (ml_collections), e.g. "
-    "configs/step1.py:five_branch; --config.FIELD=VALUE overrides fields.", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-_BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: the config's).")
-_EVAL = flags.DEFINE_bool("eval", True, "Also time the eval (inference) step.")
-REUSE_HOST_MEMORY = flags.DEFINE_bool(host_memory.FLAG_NAME, True, host_memory.FLAG_HELP)
 
 IMAGE_SHAPE = (32, 32, 3)   # CIFAR's; a config with image_size (ImageNet: 224) sets its own
 
@@ -64,7 +65,7 @@ def image_shape(config) -> tuple:
 STEPS_PER_EPOCH = 390  # CIFAR: 50000 // 128; only the learning-rate schedule sees it
 
 
-def _time(fn, n):
+def time_calls(fn, n):
   """Seconds per call of fn (which returns something to block on), n calls."""
   times = []
   for _ in range(n):
@@ -109,10 +110,18 @@ def synthetic_batch(config, batch_size: int, seed: int = 0) -> Dict[str, np.ndar
 
 
 class StepTimer:
-  """The compiled train (and eval) step of a config, with its state and a synthetic batch.
+  """The training loop's compiled dispatch step for a config, with its state and inputs.
 
-  Used by the CLI and by benchmarks/torch_vs_jax.py, which interleaves its steps with
-  PyTorch's: `train_once()` runs one train step and returns something to block on.
+  Timed as the loop runs it (`train.make_dispatch_step`): config.steps_per_dispatch train steps
+  per call, and the train set on the device (augmented inside the step from the host's plans)
+  when config.data_on_device resolves to it for an in-memory set: `placement` is 'device' then,
+  else 'host' (batches built by the host pipeline beforehand and already on the devices, so
+  the host's augmentation and copy are not timed). The inputs are a synthetic train set of two
+  dispatches' worth of examples; calls alternate between the two.
+
+  Used by the CLI, benchmarks/torch_vs_jax.py (which interleaves its calls with PyTorch's
+  steps) and benchmarks/gpu_bench.py: `train_once()` runs one dispatch (`steps_per_call`
+  train steps) and returns the running loss sum to block on.
   """
 
   def __init__(self, config, batch_size=None, with_eval=True, compiler_options=None):
@@ -123,34 +132,67 @@ class StepTimer:
     self.mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, self.mesh)
     self.spec = model_spec.ModelSpec.from_config(config)
+    self.steps_per_call = config_checks.check_int(
+        "config.steps_per_dispatch", config.get("steps_per_dispatch", 1), minimum=1)
     shape = image_shape(config)
     tx = optimizer.create_optimizer(config, STEPS_PER_EPOCH,
                                     self.spec.abstract_variables(shape)["params"])
-    self.state = parallel.replicate(
-        train.initial_state(self.spec, tx, shape, jax.random.key(config.seed)), self.mesh)
-    host_batch = synthetic_batch(config, config.batch_size, config.seed)
-    self.batch = parallel.shard_batch({k: host_batch[k] for k in ("image", "label")}, self.mesh)
+    fresh = train.initial_state(self.spec, tx, shape, jax.random.key(config.seed))
+    self.state = parallel.replicate(fresh, self.mesh)
+    self.sums = parallel.replicate(train.zero_sums(config, tx, self.mesh, fresh, shape),
+                                   self.mesh)
+    self.inputs, data = self._inputs(shape)
+    self.placement = "host" if data is None else "device"
+    self._data = () if data is None else (data,)
     self.epoch = jnp.float32(1.0)
+    self.calls = 0
     options = compiler_options or {}  # XLA options, for experiments (benchmarks/NOTES.md)
 
     t0 = time.perf_counter()
-    self.train_compiled = train.make_train_step(config, tx, self.mesh).lower(
-        self.state, self.batch, self.epoch).compile(options)
+    step = train.make_dispatch_step(config, tx, self.mesh, on_device=data is not None)
+    self.train_compiled = step.lower(self.state, self.sums, self.inputs[0], self.epoch,
+                                     *self._data).compile(options)
     self.compile_s = time.perf_counter() - t0
-    self.flops = step_flops(config, tx, self.mesh, self.state, self.batch, self.epoch)
+    host_batch = synthetic_batch(config, config.batch_size, config.seed)
+    one_batch = parallel.shard_batch({k: host_batch[k] for k in ("image", "label")}, self.mesh)
+    self.flops = step_flops(config, tx, self.mesh, self.state, one_batch, self.epoch)
     self.eval_compiled = None
     if with_eval:
       self.eval_batch = parallel.shard_batch(host_batch, self.mesh)
       self.eval_compiled = train.make_eval_step(config, self.mesh).lower(
           self._variables(), self.eval_batch).compile(options)
-    self.metrics = None
+
+  def _inputs(self, shape):
+    """([two dispatches' stacked inputs], the train set on the devices or None)."""
+    config, k, n = self.config, self.steps_per_call, self.config.batch_size
+    if config.get("dataset") in input_pipeline.IMAGENET_DATASETS:
+      # Its loader streams and decodes (imagenet_input): the loop never keeps it on the device.
+      batch = synthetic_batch(config, n, config.seed)
+      steps = [{"image": batch["image"], "label": batch["label"]}] * (2 * k)
+      data = None
+    else:
+      source, _ = input_pipeline.synthetic_sources(2 * k * n, 1, config.num_classes, config.seed,
+                                                   shape)
+      where = dict(global_batch=n, seed=config.seed, epoch=0)
+      if device_data.use_device_data(config.get("data_on_device", "false"), source):
+        steps, data = list(input_pipeline.train_plans(len(source), **where)), \
+            device_data.put(source, self.mesh)
+      else:
+        steps, data = list(input_pipeline.train_batches(source, **where)), None
+    return [train.stack_steps(steps[i * k:(i + 1) * k], self.mesh) for i in (0, 1)], data
 
   def _variables(self):
     return checkpoints.variables_of(self.state)
 
   def train_once(self):
-    self.state, self.metrics = self.train_compiled(self.state, self.batch, self.epoch)
-    return self.metrics["train/loss"]
+    self.state, self.sums, _ = self.train_compiled(
+        self.state, self.sums, self.inputs[self.calls % 2], self.epoch, *self._data)
+    self.calls += 1
+    return self.sums["train/loss"]
+
+  def mean_loss(self) -> float:
+    """The mean train loss over every step run so far."""
+    return float(self.sums["train/loss"]) / (self.calls * self.steps_per_call)
 
   def eval_once(self):
     return self.eval_compiled(self._variables(), self.eval_batch)
@@ -166,17 +208,18 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
   timer = StepTimer(config, batch, with_eval=eval_too)
   batch_size = timer.config.batch_size
 
-  _time(timer.train_once, warmup)
-  step_s = statistics.median(_time(timer.train_once, steps))
-  loss = float(timer.metrics["train/loss"])
+  k = timer.steps_per_call
+  time_calls(timer.train_once, warmup)
+  step_s = statistics.median(time_calls(timer.train_once, -(-steps // k))) / k
+  loss = timer.mean_loss()
   if not np.isfinite(loss):
     raise FloatingPointError(f"non-finite loss {loss} in the benchmark's train step")
   result = dict(images_per_sec=batch_size / step_s, step_ms=1e3 * step_s,
                 compile_s=timer.compile_s, flops_per_image=timer.flops / batch_size,
                 gflops_per_sec=timer.flops / step_s / 1e9)
   if eval_too:
-    _time(timer.eval_once, max(warmup, 1))
-    eval_s = statistics.median(_time(timer.eval_once, steps))
+    time_calls(timer.eval_once, max(warmup, 1))
+    eval_s = statistics.median(time_calls(timer.eval_once, steps))
     result.update(eval_images_per_sec=batch_size / eval_s, eval_step_ms=1e3 * eval_s)
   else:
     result.update(eval_images_per_sec=None, eval_step_ms=None)
@@ -193,27 +236,53 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
       cpu_conv_library=xla_options.cpu_conv_library(c, jax.default_backend()),
       conv_impl=kernels.conv_impl_on(timer.spec.conv_impl, jax.default_backend(),
                                      timer.spec.compute_dtype),
-      steps=steps,
+      steps_per_dispatch=k, data_placement=timer.placement, steps=steps,
       jax_version=jax.__version__, loss=loss)
   return result
 
 
-def main(argv):
+class Flags(NamedTuple):
+  config: Any
+  steps: Any
+  warmup: Any
+  batch: Any
+  eval: Any
+  reuse_host_memory: Any
+
+
+def define_flags() -> Flags:
+  """The command line's flags. Defined by the entry points that parse them, not at import:
+  scripts that import this module for StepTimer (benchmarks/gpu_bench.py) have their own."""
+  return Flags(
+      config=config_flags.DEFINE_config_file(
+          "config", "configs/step1.py:three_branch", "Training config (ml_collections), e.g. "
+          "configs/step1.py:five_branch; --config.FIELD=VALUE overrides fields.",
+          lock_config=True),
+      steps=flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported)."),
+      warmup=flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation."),
+      batch=flags.DEFINE_integer("batch", None, "Global batch size (default: the config's)."),
+      eval=flags.DEFINE_bool("eval", True, "Also time the eval (inference) step."),
+      reuse_host_memory=flags.DEFINE_bool(host_memory.FLAG_NAME, True, host_memory.FLAG_HELP))
+
+
+def main(argv, cli_flags: Flags):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  reused = host_memory.apply_for_cpu(REUSE_HOST_MEMORY.value)   # before JAX starts its threads
-  warning = kernels.off_warning(_CONFIG.value.get("conv_impl", "auto"), jax.default_backend())
+  config = cli_flags.config.value
+  reused = host_memory.apply_for_cpu(cli_flags.reuse_host_memory.value)  # before JAX's threads
+  warning = kernels.off_warning(config.get("conv_impl", "auto"), jax.default_backend())
   if warning:
     print(warning, file=sys.stderr, flush=True)
-  result = run_benchmark(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
-                         batch=_BATCH.value, eval_too=_EVAL.value)
+  result = run_benchmark(config, steps=cli_flags.steps.value, warmup=cli_flags.warmup.value,
+                         batch=cli_flags.batch.value, eval_too=cli_flags.eval.value)
   result["reuse_host_memory"] = reused
   print(json.dumps(result), flush=True)
 
 
 def run():
   """Console entry (`one-jax-bench`): bad input ends in one `error: ...` line (one_jax.cli)."""
-  sys.exit(cli.exit_status(app.run, main))
+  cli_flags = define_flags()
+  sys.exit(cli.exit_status(app.run, functools.partial(main, cli_flags=cli_flags)))
 
 
 if __name__ == "__main__":

@@ -447,7 +447,7 @@ def _train_epoch(run: _Run, state, epoch: int, first: int, sums, stop,
   while n_steps < spe:
     n = min(k, spe - n_steps)
     hooks.before(epoch * spe + n_steps, n)
-    batches = _stack(list(itertools.islice(feed, n)), run.mesh)
+    batches = stack_steps(list(itertools.islice(feed, n)), run.mesh)
     args = (batches, jnp.float32(epoch)) + ((run.device_data,) if run.device_data else ())
     state, sums, guard = run.dispatch_step(state, sums, *args)
     if pending is not None:  # the dispatch before, checked while this one runs
@@ -485,7 +485,7 @@ def _feed(run: _Run, epoch: int, first: int):
   return input_pipeline.train_batches(run.train_source, **where)
 
 
-def _stack(items, mesh):
+def stack_steps(items, mesh):
   """[per-step pytrees of this process's rows] -> one [n, global rows, ...] pytree on the mesh."""
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *items)
   sharding = jax.sharding.NamedSharding(mesh, P(None, DATA))

@@ -15,14 +15,15 @@ FIELDS = ("images_per_sec", "eval_images_per_sec", "step_ms", "eval_step_ms", "c
           "backend", "device_kind", "device_count", "flops_per_image", "gflops_per_sec",
           "model", "depth", "num_branches", "num_classes", "batch", "branch_impl",
           "cpu_conv_library", "conv_impl", "compute_dtype", "loss", "num_params",
-          "forward_flops_per_image", "image_size")
+          "forward_flops_per_image", "image_size", "steps_per_dispatch", "data_placement")
 
 
 def test_bench_command_prints_json():
   """In bfloat16 (float32 is timed by the other benchmark tests): the CPU runs XLA's
   convolutions, the compiled kernels being float32 only."""
   cmd = [sys.executable, "-m", "one_jax.bench", "--config=configs/step1.py:three_branch,smoke",
-         "--steps=2", "--warmup=0", "--batch=8", "--config.compute_dtype=bfloat16"]
+         "--steps=4", "--warmup=0", "--batch=8", "--config.compute_dtype=bfloat16",
+         "--config.steps_per_dispatch=2"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,6 +45,17 @@ def test_bench_command_prints_json():
   # images/s and step time describe the same median step.
   assert result["images_per_sec"] == pytest.approx(8 / (result["step_ms"] / 1e3), rel=1e-6)
   assert math.isfinite(result["loss"])
+  # The loop's own step: 2 train steps per call, the synthetic set on the device ('auto').
+  assert (result["steps_per_dispatch"], result["data_placement"]) == (2, "device")
+
+
+def test_bench_times_host_batches_when_the_data_stays_on_the_host():
+  from configs import step1  # pylint: disable=g-import-not-at-top
+  config = step1.get_config("three_branch,smoke")
+  config.data_on_device = "false"
+  result = bench.run_benchmark(config, steps=1, warmup=0, batch=8, eval_too=False)
+  assert (result["data_placement"], result["steps_per_dispatch"]) == ("host", 1)
+  assert result["images_per_sec"] > 0 and math.isfinite(result["loss"])
 
 
 def test_image_size_follows_the_config():
@@ -78,5 +90,12 @@ def test_torch_vs_jax_script_runs_both_and_reports_ratios():
   for r in results:
     assert r["batch"] == 8 and r["depth"] == 8 and r["reuse_host_memory"] is True
     assert r["torch_step_ms"] > 0 and r["jax_step_ms"] > 0 and r["jax_compute_dtype"] == "float32"
+    # PyTorch at its best: both memory formats timed, the speedup against the faster one.
+    modes = {"nchw": r["torch_nchw_images_per_sec"],
+             "channels_last": r["torch_channels_last_images_per_sec"]}
+    assert r["torch_best_mode"] == max(modes, key=modes.get)
+    assert r["torch_images_per_sec"] == max(modes.values())
+    assert r["speedup"] == pytest.approx(min(r["speedup_vs_nchw"], r["speedup_vs_channels_last"]))
+    assert r["jax_data_placement"] == "device" and r["jax_steps_per_dispatch"] == 1
     assert abs(r["speedup"] - r["torch_step_ms"] / r["jax_step_ms"]) < 1e-9
   assert "| 2 |" in out and "time(B=2) / time(B=1)" in out

@@ -35,7 +35,7 @@ def _train(setup, k, on_device, feed=None):
   state, sums = parallel.replicate(fresh, mesh), parallel.replicate(sums, mesh)
   guards = []
   for start in range(0, len(items), k):
-    state, sums, guard = step(state, sums, train._stack(items[start:start + k], mesh),
+    state, sums, guard = step(state, sums, train.stack_steps(items[start:start + k], mesh),
                               jnp.float32(0), *extra)
     guards.append(parallel.to_host(guard))
   return parallel.to_host(state), parallel.to_host(sums), guards
@@ -86,7 +86,7 @@ def test_non_finite_step_inside_a_dispatch_keeps_no_later_state(tiny_config):
   config, mesh, _, tx, fresh, zero = setup
   step = train.make_dispatch_step(config, tx, mesh)
   after_one = step(parallel.replicate(fresh, mesh), parallel.replicate(zero, mesh),
-                   train._stack(batches[:1], mesh), jnp.float32(0))
+                   train.stack_steps(batches[:1], mesh), jnp.float32(0))
   _assert_identical(parallel.to_host(after_one[:2]), (state, sums))
 
 

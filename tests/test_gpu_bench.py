@@ -13,17 +13,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gpu_bench_runs_end_to_end_on_cpu():
   pytest.importorskip("torch")
   cmd = [sys.executable, "benchmarks/gpu_bench.py", "--branches=1", "--batches=8", "--depth=8",
-         "--num_classes=10", "--steps=2", "--steps_per_dispatch=2", "--torch_modes=eager,amp_cl",
+         "--num_classes=10", "--steps=2", "--steps_per_dispatch=2", "--torch_modes=nchw,amp_cl",
          "--jax_setups=bfloat16:vmap:2"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   assert [(r["framework"], r.get("compute_dtype"), r.get("mode")) for r in rows] == [
-      ("one_jax", "bfloat16", None), ("torch", None, "eager"), ("torch", None, "amp_cl")]
+      ("one_jax", "bfloat16", None), ("torch", None, "nchw"), ("torch", None, "amp_cl")]
   assert all(r["images_per_sec"] > 0 and r["backend"] == "cpu" for r in rows)
   assert "| one_jax bfloat16 vmap k=2 |" in proc.stdout
-  assert "| PyTorch autocast bf16 channels_last |" in proc.stdout
+  assert "| PyTorch eager autocast bf16 channels_last |" in proc.stdout
 
 
 def test_gpu_bench_default_grid():

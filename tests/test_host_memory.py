@@ -40,8 +40,9 @@ def test_freed_memory_is_reused_without_page_faults():
 
 def test_the_entry_points_flag_turns_it_off():
   script = ("from absl import flags; from one_jax import bench; "
-            "from one_jax.cpu import host_memory; flags.FLAGS(['x', '--noreuse_host_memory']); "
-            "print(host_memory.apply_for_cpu(bench.REUSE_HOST_MEMORY.value))")
+            "from one_jax.cpu import host_memory; cli = bench.define_flags(); "
+            "flags.FLAGS(['x', '--noreuse_host_memory']); "
+            "print(host_memory.apply_for_cpu(cli.reuse_host_memory.value))")
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True,
                        capture_output=True, text=True).stdout
   assert out.strip() == "False"

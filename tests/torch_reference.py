@@ -249,7 +249,7 @@ def train_step_terms(model, optimizer, images, targets, epoch, rampup=80.0) -> D
   'ce' and 'loss' for the baseline.
   """
   model.train()
-  if isinstance(model, ONE_ResNet):
+  if isinstance(getattr(model, "_orig_mod", model), ONE_ResNet):   # torch.compile'd too
     logits, _, ensemble = model(images)
     ces = [F.cross_entropy(z, targets) for z in logits]
     ce_ensemble = F.cross_entropy(ensemble, targets)

@@ -60,6 +60,9 @@ def parse_args(argv=None):
   p.add_argument("--rampup", type=float, default=10 * 80 / 300, help="KL ramp-up, in epochs")
   p.add_argument("--steps_per_epoch", type=int, default=-1, help="> 0: cap (smoke runs)")
   p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+  p.add_argument("--memory_format", choices=("channels_last", "nchw"), default="channels_last",
+                 help="model and batch layout: channels_last is PyTorch's fastest on a CPU "
+                      "(~1.45x NCHW, benchmarks/NOTES.md); the math is the same")
   return p.parse_args(argv)
 
 
@@ -77,6 +80,9 @@ def train(args) -> dict:
   torch.manual_seed(args.seed)
   model = (tr.ONE_ResNet(args.depth, args.num_classes, args.branches) if args.model == "one"
            else tr.ResNet(args.depth, args.num_classes))
+  layout = (torch.channels_last if args.memory_format == "channels_last"
+            else torch.contiguous_format)
+  model = model.to(memory_format=layout)
   optimizer = tr.sgd(model, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
   loader = torch.utils.data.DataLoader(_Images(train_source, True), batch_size=args.batch,
                                        shuffle=True)
@@ -86,10 +92,15 @@ def train(args) -> dict:
     for i, (images, labels) in enumerate(loader):
       if 0 < args.steps_per_epoch <= i:
         break
-      tr.train_step_terms(model, optimizer, images, labels, epoch, args.rampup)
+      tr.train_step_terms(model, optimizer, images.contiguous(memory_format=layout), labels,
+                          epoch, args.rampup)
       steps += 1
+    # One line per epoch, so a run of hours shows how far it is.
+    print(f"epoch {epoch + 1}/{args.epochs}: {steps} steps, {time.time() - start:.0f} s",
+          flush=True)
   train_time = time.time() - start
   return {"implementation": "pytorch", "model": args.model, "seed": args.seed,
+          "memory_format": args.memory_format,
           "top1": evaluate(model, test_source, args.test_batch), "steps": steps,
           "train_time_s": train_time}
 
