@@ -89,6 +89,13 @@ class Dense(nn.Module):
     return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
 
 
+def pooled_classifier(x, num_classes: int):
+  """Global average pool over H and W, then the linear 'classifier': the head of every branch
+  and baseline. Called inside a compact module, whose child the Dense becomes; checkpoints,
+  conversion and surgery key on its name."""
+  return Dense(num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over all axes but the last, with PyTorch's semantics.
 

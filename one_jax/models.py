@@ -163,8 +163,7 @@ class Branch(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = _stage(x, "layer3", self.depth, 64, 2, self.conv, self.norm)
-    x = jnp.mean(x, axis=(1, 2))
-    return layers.Dense(self.num_classes, name="classifier")(x)
+    return layers.pooled_classifier(x, self.num_classes)
 
 
 class Gate(nn.Module):

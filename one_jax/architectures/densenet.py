@@ -95,5 +95,4 @@ class Branch(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = _dense_block(x, 3, self.depth, self.growth_rate, self.bottleneck, self.conv, self.norm)
-    x = jnp.mean(nn.relu(self.norm(name="bn")(x)), axis=(1, 2))
-    return layers.Dense(self.num_classes, name="classifier")(x)
+    return layers.pooled_classifier(nn.relu(self.norm(name="bn")(x)), self.num_classes)

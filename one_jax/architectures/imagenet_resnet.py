@@ -15,7 +15,6 @@ copies of the last stage (76% of ResNet-18's parameters, 67% of ResNet-50's).
 from typing import Tuple
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from one_jax import config_checks, layers, models
 
@@ -92,8 +91,7 @@ class Branch(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = _stage(x, 4, self.depth, self.conv, self.norm)
-    x = jnp.mean(x, axis=(1, 2))
-    return layers.Dense(self.num_classes, name="classifier")(x)
+    return layers.pooled_classifier(x, self.num_classes)
 
 
 def torchvision_num_params(depth: int, num_classes: int = 1000) -> int:

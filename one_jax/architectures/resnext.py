@@ -11,7 +11,6 @@ shortcut where the shape changes. Bias-free convolutions; global pool and a line
 ONE split: trunk = stem + stages 1 and 2; branch = stage 3 + classifier.
 """
 import flax.linen as nn
-import jax.numpy as jnp
 
 from one_jax import config_checks, layers
 from one_jax.models import ModuleDef
@@ -107,4 +106,4 @@ class Branch(nn.Module):
   def __call__(self, x):
     x = _stage(x, 3, self.depth, self.width, self.cardinality, self.group_width, self.conv,
                self.norm)
-    return layers.Dense(self.num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
+    return layers.pooled_classifier(x, self.num_classes)

@@ -9,7 +9,6 @@ blocks 1-4; branch = block 5 (three 512-channel convolutions for VGG-16, and its
 classifier.
 """
 import flax.linen as nn
-import jax.numpy as jnp
 
 from one_jax import config_checks, layers
 from one_jax.models import ModuleDef
@@ -67,5 +66,5 @@ class Branch(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = jnp.mean(_block(x, 5, self.depth, self.width, self.conv, self.norm), axis=(1, 2))
-    return layers.Dense(self.num_classes, name="classifier")(x)
+    x = _block(x, 5, self.depth, self.width, self.conv, self.norm)
+    return layers.pooled_classifier(x, self.num_classes)

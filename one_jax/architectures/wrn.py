@@ -8,7 +8,6 @@ classifier at the end. No dropout (the paper's best CIFAR rows without it use no
 ONE split: trunk = stem + groups 1 and 2; branch = group 3 + final BN-ReLU + classifier.
 """
 import flax.linen as nn
-import jax.numpy as jnp
 
 from one_jax import config_checks, layers
 from one_jax.models import ModuleDef
@@ -86,5 +85,4 @@ class Branch(nn.Module):
   def __call__(self, x):
     x = _group(x, "group3", blocks_per_group(self.depth), 64 * self.width, 2, self.conv,
                self.norm)
-    x = jnp.mean(nn.relu(self.norm(name="bn")(x)), axis=(1, 2))
-    return layers.Dense(self.num_classes, name="classifier")(x)
+    return layers.pooled_classifier(nn.relu(self.norm(name="bn")(x)), self.num_classes)
