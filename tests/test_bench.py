@@ -99,3 +99,17 @@ def test_torch_vs_jax_script_runs_both_and_reports_ratios():
     assert r["jax_data_placement"] == "device" and r["jax_steps_per_dispatch"] == 1
     assert abs(r["speedup"] - r["torch_step_ms"] / r["jax_step_ms"]) < 1e-9
   assert "| 2 |" in out and "time(B=2) / time(B=1)" in out
+
+
+def test_host_overhead_script_compares_dispatch_sizes():
+  """benchmarks/host_overhead.py end to end: the real loop at k = 1 and 2, the compiled floor."""
+  out = subprocess.run(
+      [sys.executable, "benchmarks/host_overhead.py", "--steps=4", "--ks=1,2"],
+      cwd=REPO, check=True, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")).stdout
+  rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  assert [r["steps_per_dispatch"] for r in rows] == [1, 2]
+  for r in rows:
+    assert r["loop_step_ms"] > 0 and r["compute_step_ms"] > 0 and r["host_step_ms"] >= 0
+    assert r["host_step_ms"] == pytest.approx(max(r["loop_step_ms"] - r["compute_step_ms"], 0))
+  assert "| steps per dispatch |" in out

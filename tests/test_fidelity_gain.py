@@ -60,3 +60,29 @@ def test_measure_gain_rejects_bad_arguments_without_writing(tmp_path):
   proc = _measure(f"--npz={npz}", f"--out_dir={out}", "--implementations=tensorflow")
   assert proc.returncode == 1 and "one_jax" in proc.stderr
   assert not out.exists()
+
+
+def test_pytorch_trainer_resumes_identically(tmp_path):
+  """A run stopped after epoch 1 and continued from its checkpoint ends where a straight run
+  does: same weights, optimizer and RNG draws, hence the same test accuracies and step count."""
+  npz = _tiny_npz(tmp_path / "tiny.npz")
+  trainer = os.path.join(REPO, "benchmarks", "fidelity", "torch_train.py")
+  common = [f"--npz={npz}", "--model=one", "--depth=8", "--batch=16", "--steps_per_epoch=2",
+            "--milestones=1", "--threads=1", "--seed=3"]
+
+  def train(epochs, out, checkpoint=""):
+    args = common + [f"--epochs={epochs}", f"--out={out}"] + (
+        [f"--checkpoint={checkpoint}"] if checkpoint else [])
+    proc = subprocess.run([sys.executable, trainer, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads((tmp_path / out).read_text())
+
+  _, straight = train(2, tmp_path / "straight.json")
+  checkpoint = str(tmp_path / "resume.pt")
+  train(1, tmp_path / "first.json", checkpoint)           # stops after epoch 1
+  log, resumed = train(2, tmp_path / "resumed.json", checkpoint)
+  assert "resuming from" in log and "after epoch 1" in log
+  assert resumed["steps"] == straight["steps"] == 4
+  assert resumed["top1"] == straight["top1"]
+  assert resumed["weights_l1"] == straight["weights_l1"]

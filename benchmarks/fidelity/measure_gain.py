@@ -10,7 +10,9 @@ at epochs 5 and 7, KL ramp-up over 80/300 of the run, T = 3), each run in its ow
 then writes OUT_DIR/results.json (every run) and OUT_DIR/results.md: per implementation the
 mean and standard deviation over seeds of the baseline, the branch mean, the ensemble and the
 gains (branch mean - baseline, ensemble - baseline, paired by seed). A run whose result file
-exists is not repeated, so an interrupted measurement continues where it stopped.
+exists is not repeated, and a run that was stopped continues from its last finished epoch
+(torch_train.py --checkpoint; one_jax resumes its own workdir), so a measurement of many
+hours can be spread over several sittings.
 """
 import argparse
 import json
@@ -65,7 +67,7 @@ def _check(args):
 
 
 def _run(cmd, log_path):
-  with open(log_path, "w", encoding="utf-8") as log:
+  with open(log_path, "a", encoding="utf-8") as log:   # a resumed run adds to its log
     proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
   if proc.returncode:
     raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {proc.returncode}): see {log_path}")
@@ -79,7 +81,8 @@ def run_pytorch(args, model, seed, milestones, run_dir) -> dict:
          f"--epochs={args.epochs}", f"--batch={args.batch}",
          f"--milestones={','.join(map(str, milestones))}",
          f"--rampup={args.epochs * args.rampup_fraction}",
-         f"--steps_per_epoch={args.steps_per_epoch}", f"--threads={args.threads}"]
+         f"--steps_per_epoch={args.steps_per_epoch}", f"--threads={args.threads}",
+         f"--checkpoint={os.path.join(run_dir, 'resume.pt')}"]
   _run(cmd, os.path.join(run_dir, "log.txt"))
   with open(out, encoding="utf-8") as f:
     return json.load(f)["top1"]

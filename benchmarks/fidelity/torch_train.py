@@ -9,7 +9,8 @@ models: DataLoader(shuffle=True, drop_last=False) over the training set with Ran
 (momentum, coupled weight decay), lr x gamma at the start of each milestone epoch, the KL
 ramp-up weight of the 0-based epoch, T = 3. At the end the test set is evaluated once in eval
 mode; the result (top-1 in percent of each branch, their mean and the ensemble, or of the
-baseline) is written as JSON to --out.
+baseline) is written as JSON to --out. With --checkpoint the run is saved after every epoch
+and a rerun continues from there, identically (weights, optimizer, RNG).
 """
 import argparse
 import json
@@ -60,6 +61,8 @@ def parse_args(argv=None):
   p.add_argument("--rampup", type=float, default=10 * 80 / 300, help="KL ramp-up, in epochs")
   p.add_argument("--steps_per_epoch", type=int, default=-1, help="> 0: cap (smoke runs)")
   p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+  p.add_argument("--checkpoint", default="",
+                 help="save the run here after every epoch and resume from it if it exists")
   p.add_argument("--memory_format", choices=("channels_last", "nchw"), default="channels_last",
                  help="model and batch layout: channels_last is PyTorch's fastest on a CPU "
                       "(~1.45x NCHW, benchmarks/NOTES.md); the math is the same")
@@ -86,8 +89,12 @@ def train(args) -> dict:
   optimizer = tr.sgd(model, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
   loader = torch.utils.data.DataLoader(_Images(train_source, True), batch_size=args.batch,
                                        shuffle=True)
-  lr, steps, start = args.lr, 0, time.time()
-  for epoch in range(args.epochs):
+  lr, steps, first, elapsed = args.lr, 0, 0, 0.0
+  if args.checkpoint and os.path.exists(args.checkpoint):
+    first, lr, steps, elapsed = _resume(args.checkpoint, model, optimizer)
+    print(f"resuming from {args.checkpoint} after epoch {first}", flush=True)
+  start = time.time() - elapsed
+  for epoch in range(first, args.epochs):
     lr = tr.adjust_learning_rate(optimizer, lr, epoch, milestones, args.gamma)
     for i, (images, labels) in enumerate(loader):
       if 0 < args.steps_per_epoch <= i:
@@ -98,11 +105,37 @@ def train(args) -> dict:
     # One line per epoch, so a run of hours shows how far it is.
     print(f"epoch {epoch + 1}/{args.epochs}: {steps} steps, {time.time() - start:.0f} s",
           flush=True)
+    if args.checkpoint:
+      _save(args.checkpoint, model, optimizer, epoch + 1, lr, steps, time.time() - start)
   train_time = time.time() - start
   return {"implementation": "pytorch", "model": args.model, "seed": args.seed,
           "memory_format": args.memory_format,
           "top1": evaluate(model, test_source, args.test_batch), "steps": steps,
+          # A fingerprint of the final weights: equal runs (a resumed one and a straight one)
+          # have equal sums.
+          "weights_l1": float(sum(p.detach().double().abs().sum() for p in model.parameters())),
           "train_time_s": train_time}
+
+
+def _save(path, model, optimizer, epochs_done, lr, steps, elapsed):
+  """Everything the next epoch depends on, the global RNG included (the DataLoader's shuffle
+  and the augmentation draw from it), written atomically: a stopped run loses one epoch."""
+  state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+           "epochs_done": epochs_done, "lr": lr, "steps": steps, "elapsed_s": elapsed,
+           "rng": torch.get_rng_state()}
+  tmp = path + ".tmp"
+  torch.save(state, tmp)
+  os.replace(tmp, path)
+
+
+def _resume(path, model, optimizer):
+  """(epochs done, lr, steps, seconds) of a _save'd run, its weights and RNG restored.
+  weights_only: loading never runs code from the file."""
+  state = torch.load(path, weights_only=True)
+  model.load_state_dict(state["model"])
+  optimizer.load_state_dict(state["optimizer"])
+  torch.set_rng_state(state["rng"])
+  return state["epochs_done"], state["lr"], state["steps"], state["elapsed_s"]
 
 
 @torch.no_grad()
