@@ -19,7 +19,7 @@ every parameter of the timed model, batch, branch_impl, compute_dtype: 'float32'
 conv_impl ('kernel': one_jax's compiled CPU convolutions, 'xla': XLA's), steps_per_dispatch,
 data_placement ('device': the train set in device memory, augmented in the step; 'host': batches
 the host pipeline built beforehand, already on the devices, so its cost is not timed),
-jax_version, loss (the mean train loss of the timed steps),
+jax_version, loss (the mean train loss of every step run, warm-up included),
 and (from the command line) reuse_host_memory (one_jax/cpu/host_memory.py). Where
 conv_impl='auto' fell back to XLA on a CPU, one line on stderr says that the kernels are off
 and why (kernels.off_warning).
