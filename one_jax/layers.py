@@ -33,8 +33,9 @@ class Conv(nn.Module):
 
   The parameters are nn.Conv's: 'kernel', [k, k, in / groups, out] (HWIO), same initialiser,
   same name, and 'bias' (PyTorch's default init) with use_bias, so checkpoints and conversion
-  see the layout of flax.linen.Conv. Grouped convolutions (groups > 1, ResNeXt) are XLA's own
-  (lax.conv_general_dilated's feature_group_count, differentiated by XLA). Parameters stay
+  see the layout of flax.linen.Conv. Grouped convolutions (groups > 1, ResNeXt) are
+  lax.conv_general_dilated's feature_group_count (on the CPU, one convolution per group: see
+  cpu.convolution.conv2d). Parameters stay
   float32; the convolution computes in the dtype of x (bfloat16 under mixed precision).
   """
   features: int
@@ -51,15 +52,9 @@ class Conv(nn.Module):
     kernel = self.param("kernel", conv_kernel_init,
                         (k, k, x.shape[-1] // self.groups, self.features))
     pad = k // 2
-    if self.groups == 1:
-      y = conv2d(x, kernel.astype(x.dtype), self.stride, ((pad, pad), (pad, pad)),
-                 WEIGHT_GRAD_CHUNK, self.copy_input,
-                 kernels.resolve_conv_impl(self.impl))
-    else:
-      y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (self.stride, self.stride),
-                                       ((pad, pad), (pad, pad)),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                       feature_group_count=self.groups)
+    y = conv2d(x, kernel.astype(x.dtype), self.stride, ((pad, pad), (pad, pad)),
+               WEIGHT_GRAD_CHUNK, self.copy_input, kernels.resolve_conv_impl(self.impl),
+               self.groups)
     if self.use_bias:
       bound = 1.0 / jnp.sqrt(k * k * x.shape[-1] // self.groups)
       bias = self.param("bias", lambda key, s: jax.random.uniform(key, s, jnp.float32, -bound,

@@ -116,3 +116,58 @@ def test_model_gradients_match_flax_conv(monkeypatch):
   chex.assert_trees_all_close(loss, loss_ref, rtol=1e-6)
   chex.assert_trees_all_close(stats, stats_ref, atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(grads, grads_ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape_class", ["stage1_3x3", "down_3x3_s2", "down_1x1_s2"])
+def test_gradient_convolutions_keep_the_library_layout_inside_a_loop(shape_class):
+  """Inside a lax.scan body (the train loop's steps per dispatch) XLA:CPU does not transpose a
+  convolution into its library's NHWC / HWIO layout; jax.grad's own gradient convolutions
+  (images as features, or the kernel's axes swapped) then compile as plain loop nests 10-30x
+  slower (jax-ml/jax#12868). Every convolution of the compiled step, forward and both
+  gradients, must already be NHWC / HWIO / NHWC."""
+  h, w, cin, cout, k, stride = SHAPE_CLASSES[shape_class]
+  x = jnp.ones((16, h, w, cin))
+  kernel = jnp.ones((k, k, cin, cout))
+  pad = ((k // 2, k // 2),) * 2
+
+  def steps(x, kernel):
+    def body(kernel, _):
+      loss = lambda x, k_: jnp.sum(jnp.sin(convolution.conv2d(x, k_, stride, pad, 16, True,
+                                                               "xla")))
+      gx, gk = jax.grad(loss, argnums=(0, 1))(x, kernel)
+      return kernel - 0.1 * gk, jnp.sum(gx)
+    return jax.lax.scan(body, kernel, None, length=2)
+
+  text = jax.jit(steps).lower(x, kernel).compile().as_text()
+  labels = [line.split("dim_labels=")[1].split(",")[0] for line in text.splitlines()
+            if " convolution(" in line]
+  assert len(labels) >= 3, text   # forward, input gradient, weight gradient (+ the copy)
+  assert set(labels) == {"b01f_01io->b01f"}, labels
+
+
+@pytest.mark.parametrize("impl", ["xla", "kernel"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_grouped_convolution_matches_lax(impl, stride):
+  """groups > 1 (ResNeXt): on the CPU one convolution per group, the value and gradients of
+  lax.conv_general_dilated's feature_group_count."""
+  groups, cin, cout = 4, 64, 64
+  kx, kk, kc = jax.random.split(jax.random.key(5), 3)
+  x = jax.random.normal(kx, (16, 8, 8, cin))
+  kernel = jax.random.normal(kk, (3, 3, cin // groups, cout)) * 0.1
+  pad = ((1, 1), (1, 1))
+
+  def reference(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad, dimension_numbers=DN,
+                                        feature_group_count=groups)
+
+  probe = jax.random.normal(kc, reference(x, kernel).shape)
+  ours = lambda x, k: convolution.conv2d(x, k, stride, pad, 16, False, impl, groups)
+  chex.assert_trees_all_close(jax.jit(ours)(x, kernel), reference(x, kernel), atol=1e-5,
+                              rtol=1e-5)
+  got = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * probe), argnums=(0, 1)))(x, kernel)
+  want = jax.jit(jax.grad(lambda x, k: jnp.sum(reference(x, k) * probe), argnums=(0, 1)))(
+      x, kernel)
+  for g, r in zip(got, want):
+    chex.assert_trees_all_close(g, r, atol=1e-4 * float(jnp.max(jnp.abs(r))), rtol=1e-5)
+  text = jax.jit(ours).lower(x, kernel).compile().as_text()
+  assert "feature_group_count" not in text

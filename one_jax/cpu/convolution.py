@@ -21,9 +21,10 @@ from one_jax.cpu import kernels
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
-def _conv2d_forward(x, kernel, stride, padding):
+def _conv2d_forward(x, kernel, stride, padding, groups: int = 1):
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
-                                      dimension_numbers=_DIMENSION_NUMBERS)
+                                      dimension_numbers=_DIMENSION_NUMBERS,
+                                      feature_group_count=groups)
 
 
 def _opaque_copy(x):
@@ -54,30 +55,62 @@ def _chunks(batch: int, chunk: Optional[int]) -> int:
   return batch // chunk
 
 
+def _weight_grad_conv(x, dy, kernel_shape, stride: int, padding):
+  """d(conv(x, kernel))/d(kernel) applied to dy: the convolution jax.grad emits for it (the
+  images contracted, dy the kernel, dilated by the stride), written in the NHWC / HWIO / NHWC
+  layout with explicit transposes.
+
+  Same numbers as jax.vjp's form. XLA:CPU runs a convolution on its library only in that
+  layout. jax.vjp's form labels images as features and channels as the batch; XLA transposes
+  that into the library's layout at the top level of a program but not inside a loop body (the
+  lax.scan of several train steps per dispatch), where it compiles a plain loop nest 10-30x
+  slower (jax-ml/jax#12868; benchmarks/NOTES.md entry 14).
+  """
+  kh, kw = kernel_shape[:2]
+  (pt, _), (pl, _) = padding
+  (h, w), (ho, wo) = x.shape[1:3], dy.shape[1:3]
+  # As jax's _conv_general_vjp_rhs_padding: the forward's low padding, and the high padding
+  # that makes the output kh x kw.
+  pb = (ho - 1) * stride + kh - h - pt
+  pr = (wo - 1) * stride + kw - w - pl
+  grad = jax.lax.conv_general_dilated(
+      jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), (1, 1),
+      ((pt, pb), (pl, pr)), rhs_dilation=(stride, stride), dimension_numbers=_DIMENSION_NUMBERS)
+  return jnp.transpose(grad, (1, 2, 0, 3))   # [Cin, kh, kw, Cout] -> HWIO
+
+
 def weight_grad(x, dy, kernel_shape, stride: int, padding, chunk: Optional[int] = None):
   """d(conv(x, kernel))/d(kernel) applied to dy, summed over `chunk`-image slices of the batch.
 
-  Each slice is XLA's own weight-gradient convolution (the transpose of
-  lax.conv_general_dilated), so chunk=None is exactly what jax.grad computes.
+  Each slice is XLA's own weight-gradient convolution (`_weight_grad_conv`), so chunk=None
+  computes what jax.grad computes.
   """
-  zeros = jnp.zeros(kernel_shape, x.dtype)
   parts = _chunks(x.shape[0], chunk)
   xs = x.reshape((parts, -1) + x.shape[1:])
   dys = dy.reshape((parts, -1) + dy.shape[1:])
   total = None
   for i in range(parts):
-    _, vjp = jax.vjp(lambda k, xi=xs[i]: _conv2d_forward(xi, k, stride, padding), zeros)
-    grad = vjp(dys[i])[0]
+    grad = _weight_grad_conv(xs[i], dys[i], kernel_shape, stride, padding)
     total = grad if total is None else total + grad
   return total
 
 
 def _xla_input_grad(dy, kernel, x_shape, stride, padding):
-  """XLA's input gradient: the transpose of the forward convolution (a convolution of dy
-  with the flipped kernel, lhs-dilated for strides > 1)."""
-  _, vjp = jax.vjp(lambda x_: _conv2d_forward(x_, kernel, stride, padding),
-                   jnp.zeros(x_shape, dy.dtype))
-  return vjp(dy)[0]
+  """XLA's input gradient: the transpose of the forward convolution, a convolution of dy
+  (dilated by the stride) with the flipped kernel, in/out swapped. Written in the NHWC / HWIO /
+  NHWC layout: jax.vjp's form swaps the kernel's axes in the dimension numbers instead, which
+  XLA:CPU compiles as a plain loop nest inside a loop body (see `_weight_grad_conv`)."""
+  kh, kw = kernel.shape[:2]
+  (pt, _), (pl, _) = padding
+  (h, w), (ho, wo) = x_shape[1:3], dy.shape[1:3]
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  # As jax's _conv_general_vjp_lhs_padding.
+  lo_h, lo_w = kh - 1 - pt, kw - 1 - pl
+  hi_h = h + kh - 1 - ((ho - 1) * stride + 1) - lo_h
+  hi_w = w + kw - 1 - ((wo - 1) * stride + 1) - lo_w
+  return jax.lax.conv_general_dilated(dy, flipped, (1, 1), ((lo_h, hi_h), (lo_w, hi_w)),
+                                      lhs_dilation=(stride, stride),
+                                      dimension_numbers=_DIMENSION_NUMBERS)
 
 
 def _kernel_input_grad(dy, kernel, padding):
@@ -102,20 +135,30 @@ def _either(use_kernel: bool, kernel_fn, xla_fn, *args):
 
 
 def conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_CHUNK,
-           copy_input: bool = True, impl: str = "xla"):
+           copy_input: bool = True, impl: str = "xla", groups: int = 1):
   """NHWC x HWIO convolution: lax.conv_general_dilated's value and gradients.
 
   The platform the computation is lowered for chooses (lax.platform_dependent, so a step
   exported for 'cuda' or 'tpu' from a CPU host gets the accelerator form): on GPU and TPU, and
-  for data other than float32 everywhere, exactly lax.conv_general_dilated differentiated by
-  JAX; in float32 on the CPU, `cpu_conv2d`'s faster forms of the same numbers.
+  for data other than float32 everywhere, exactly lax.conv_general_dilated (with
+  feature_group_count=groups) differentiated by JAX; in float32 on the CPU, `cpu_conv2d`'s
+  faster forms of the same numbers, one per group: XLA:CPU's convolution library has no
+  grouped convolution and compiles one as a plain loop nest, about 50x slower than the same
+  work as `groups` ordinary convolutions (benchmarks/NOTES.md entry 14).
   """
   if x.dtype != jnp.float32:
-    return _conv2d_forward(x, kernel, stride, padding)
+    return _conv2d_forward(x, kernel, stride, padding, groups)
+
+  def on_cpu(x, k):
+    if groups == 1:
+      return cpu_conv2d(x, k, stride, padding, chunk, copy_input, impl)
+    parts = zip(jnp.split(x, groups, axis=-1), jnp.split(k, groups, axis=-1))
+    return jnp.concatenate([cpu_conv2d(xg, kg, stride, padding, chunk, copy_input, impl)
+                            for xg, kg in parts], axis=-1)
+
   return jax.lax.platform_dependent(
-      x, kernel,
-      cpu=lambda x, k: cpu_conv2d(x, k, stride, padding, chunk, copy_input, impl),
-      default=lambda x, k: _conv2d_forward(x, k, stride, padding))
+      x, kernel, cpu=on_cpu,
+      default=lambda x, k: _conv2d_forward(x, k, stride, padding, groups))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
