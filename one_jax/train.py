@@ -144,7 +144,10 @@ def dispatch_fn(config, spec, model, tx, state, sums, batches, epoch, data=None)
 
   flags = {k: jnp.float32(1.0) for k in _finite_keys(sums)}
   guard = dict(flags, first_bad=jnp.int32(n))
-  (state, sums, guard, _), _ = jax.lax.scan(body, (state, sums, guard, jnp.int32(0)), batches)
+  # One step: no loop at all (a one-trip while loop still costs its carried copies, and XLA
+  # optimises a loop body less than straight-line code: benchmarks/NOTES.md entries 2 and 14).
+  (state, sums, guard, _), _ = jax.lax.scan(body, (state, sums, guard, jnp.int32(0)), batches,
+                                            unroll=n == 1)
   return state, sums, guard
 
 
