@@ -95,6 +95,12 @@ def weight_grad(x, dy, kernel_shape, stride: int, padding, chunk: Optional[int] 
   return total
 
 
+def _flipped_kernel(kernel):
+  """The kernel of an input gradient: spatially flipped, input and output channels swapped
+  (HWIO kept, so both the kernels and XLA's library take it)."""
+  return jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+
+
 def _xla_input_grad(dy, kernel, x_shape, stride, padding):
   """XLA's input gradient: the transpose of the forward convolution, a convolution of dy
   (dilated by the stride) with the flipped kernel, in/out swapped. Written in the NHWC / HWIO /
@@ -103,7 +109,7 @@ def _xla_input_grad(dy, kernel, x_shape, stride, padding):
   kh, kw = kernel.shape[:2]
   (pt, _), (pl, _) = padding
   (h, w), (ho, wo) = x_shape[1:3], dy.shape[1:3]
-  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  flipped = _flipped_kernel(kernel)
   # As jax's _conv_general_vjp_lhs_padding.
   lo_h, lo_w = kh - 1 - pt, kw - 1 - pl
   hi_h = h + kh - 1 - ((ho - 1) * stride + 1) - lo_h
@@ -118,7 +124,7 @@ def _kernel_input_grad(dy, kernel, padding):
   convolution of dy with the flipped, in/out-swapped kernel (the kernels' scope)."""
   kh, kw = kernel.shape[:2]
   (pt, _), (pl, _) = padding
-  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  flipped = _flipped_kernel(kernel)
   q_h, q_w = kh - 1 - pt, kw - 1 - pl
   return kernels.conv_forward(dy, flipped, 1, ((q_h, q_h), (q_w, q_w)))
 
