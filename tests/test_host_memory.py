@@ -6,15 +6,16 @@ import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A worker thread allocates, frees and re-allocates 40 MB, as XLA:CPU's threads do with each
-# step's buffers, and counts the minor page faults of the second round.
+# A worker thread allocates, frees and re-allocates `size` bytes in two blocks, as XLA:CPU's
+# threads do with each step's buffers, and counts the minor page faults of the second round.
 _PROBE = textwrap.dedent("""
     import resource, sys, threading
     from one_jax.cpu import host_memory
     applied = host_memory.reuse_freed_memory() if sys.argv[1] == "reuse" else False
     import numpy as np
+    half = int(sys.argv[2]) // 2
     def round_trip():
-      a = np.ones(20_000_000, np.uint8); b = np.ones(20_000_000, np.uint8); del a, b
+      a = np.ones(half, np.uint8); b = np.ones(half, np.uint8); del a, b
     faults = []
     def worker():
       round_trip()
@@ -26,16 +27,24 @@ _PROBE = textwrap.dedent("""
 """)
 
 
-def _probe(mode):
-  out = subprocess.run([sys.executable, "-c", _PROBE, mode], cwd=ROOT, check=True,
+def _probe(mode, size):
+  out = subprocess.run([sys.executable, "-c", _PROBE, mode, str(size)], cwd=ROOT, check=True,
                        capture_output=True, text=True).stdout.split()
   return out[0] == "True", int(out[1])
 
 
 def test_freed_memory_is_reused_without_page_faults():
-  applied, faults = _probe("reuse")
+  applied, faults = _probe("reuse", 40_000_000)
   assert applied                       # glibc (Linux): the setting took
   assert faults < 100, faults          # 40 MB re-touched: ~10k pages if they had been unmapped
+
+
+def test_freed_memory_beyond_2_gib_is_kept_too():
+  """A DenseNet step at batch 128 frees ~8 GB at once: a finite trim threshold (it was 2 GiB)
+  gave it back to the kernel every step, and the step spent most of its time faulting it in."""
+  applied, faults = _probe("reuse", 2_600_000_000)
+  assert applied
+  assert faults < 100, faults          # 2.6 GB re-touched: ~635k pages if they had been trimmed
 
 
 def test_the_entry_points_flag_turns_it_off():

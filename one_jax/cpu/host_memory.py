@@ -30,7 +30,8 @@ FLAG_HELP = ("Keep freed host memory mapped for reuse where JAX computes on the 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_NO_TRIM = 2**31 - 1   # mallopt takes an int: trim only beyond 2 GiB of free heap top
+_NO_TRIM = -1   # mallopt(3): -1 disables trimming completely (any finite value is below
+                # the gigabytes a DenseNet step frees at once)
 
 
 def _glibc():
