@@ -86,3 +86,22 @@ def test_pytorch_trainer_resumes_identically(tmp_path):
   assert resumed["steps"] == straight["steps"] == 4
   assert resumed["top1"] == straight["top1"]
   assert resumed["weights_l1"] == straight["weights_l1"]
+
+
+def test_pytorch_trainer_drop_last_skips_the_partial_batch(tmp_path):
+  """64 examples in batches of 48: the reference trains on the last 16 too (2 steps an epoch);
+  --drop_last skips them as one_jax does (1 step)."""
+  npz = _tiny_npz(tmp_path / "tiny.npz")
+  trainer = os.path.join(REPO, "benchmarks", "fidelity", "torch_train.py")
+  steps = {}
+  for flag in ([], ["--drop_last"]):
+    out = tmp_path / f"result{len(flag)}.json"
+    proc = subprocess.run([sys.executable, trainer, f"--npz={npz}", "--model=baseline",
+                           "--depth=8", "--batch=48", "--epochs=1", "--milestones=1",
+                           "--threads=1", f"--out={out}", *flag],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["drop_last"] == bool(flag)
+    steps[bool(flag)] = result["steps"]
+  assert steps == {False: 2, True: 1}

@@ -4,8 +4,9 @@
         --out=result.json [--depth=20 --epochs=10 --milestones=5,7 --rampup=2.6667 ...]
 
 As the authors' cifar_one.py / cifar_baseline.py do it, with tests/torch_reference.py's
-models: DataLoader(shuffle=True, drop_last=False) over the training set with RandomCrop(32, 4)
-+ RandomHorizontalFlip + Normalize (torchvision's semantics in torch ops), torch.optim.SGD
+models: DataLoader(shuffle=True, drop_last=False) over the training set (--drop_last skips the
+last partial batch, as one_jax does) with RandomCrop(32, 4) + RandomHorizontalFlip + Normalize
+(torchvision's semantics in torch ops), torch.optim.SGD
 (momentum, coupled weight decay), lr x gamma at the start of each milestone epoch, the KL
 ramp-up weight of the 0-based epoch, T = 3. At the end the test set is evaluated once in eval
 mode; the result (top-1 in percent of each branch, their mean and the ensemble, or of the
@@ -59,6 +60,9 @@ def parse_args(argv=None):
   p.add_argument("--milestones", default="5,7", help="epochs (0-based) where lr *= gamma")
   p.add_argument("--gamma", type=float, default=0.1)
   p.add_argument("--rampup", type=float, default=10 * 80 / 300, help="KL ramp-up, in epochs")
+  p.add_argument("--drop_last", action="store_true",
+                 help="skip each epoch's last partial batch, as one_jax does (the reference "
+                      "trains on it)")
   p.add_argument("--steps_per_epoch", type=int, default=-1, help="> 0: cap (smoke runs)")
   p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
   p.add_argument("--checkpoint", default="",
@@ -88,7 +92,7 @@ def train(args) -> dict:
   model = model.to(memory_format=layout)
   optimizer = tr.sgd(model, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
   loader = torch.utils.data.DataLoader(_Images(train_source, True), batch_size=args.batch,
-                                       shuffle=True)
+                                       shuffle=True, drop_last=args.drop_last)
   lr, steps, first, elapsed = args.lr, 0, 0, 0.0
   if args.checkpoint and os.path.exists(args.checkpoint):
     first, lr, steps, elapsed = _resume(args.checkpoint, model, optimizer)
@@ -109,7 +113,7 @@ def train(args) -> dict:
       _save(args.checkpoint, model, optimizer, epoch + 1, lr, steps, time.time() - start)
   train_time = time.time() - start
   return {"implementation": "pytorch", "model": args.model, "seed": args.seed,
-          "memory_format": args.memory_format,
+          "memory_format": args.memory_format, "drop_last": args.drop_last,
           "top1": evaluate(model, test_source, args.test_batch), "steps": steps,
           # A fingerprint of the final weights: equal runs (a resumed one and a straight one)
           # have equal sums.
