@@ -12,6 +12,7 @@ from one_jax import input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "fidelity", "measure_gain.py")
+TRAINER = os.path.join(REPO, "benchmarks", "fidelity", "torch_train.py")
 
 
 def _tiny_npz(path):
@@ -19,6 +20,14 @@ def _tiny_npz(path):
   np.savez(path, x_train=train.images, y_train=train.labels, x_test=test.images,
            y_test=test.labels)
   return str(path)
+
+
+def _torch_train(*args):
+  """Runs the PyTorch trainer; returns its stdout after checking that it succeeded."""
+  proc = subprocess.run([sys.executable, TRAINER, *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
 
 
 def _measure(*args):
@@ -66,17 +75,13 @@ def test_pytorch_trainer_resumes_identically(tmp_path):
   """A run stopped after epoch 1 and continued from its checkpoint ends where a straight run
   does: same weights, optimizer and RNG draws, hence the same test accuracies and step count."""
   npz = _tiny_npz(tmp_path / "tiny.npz")
-  trainer = os.path.join(REPO, "benchmarks", "fidelity", "torch_train.py")
   common = [f"--npz={npz}", "--model=one", "--depth=8", "--batch=16", "--steps_per_epoch=2",
             "--milestones=1", "--threads=1", "--seed=3"]
 
   def train(epochs, out, checkpoint=""):
     args = common + [f"--epochs={epochs}", f"--out={out}"] + (
         [f"--checkpoint={checkpoint}"] if checkpoint else [])
-    proc = subprocess.run([sys.executable, trainer, *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout, json.loads((tmp_path / out).read_text())
+    return _torch_train(*args), json.loads((tmp_path / out).read_text())
 
   _, straight = train(2, tmp_path / "straight.json")
   checkpoint = str(tmp_path / "resume.pt")
@@ -92,15 +97,11 @@ def test_pytorch_trainer_drop_last_skips_the_partial_batch(tmp_path):
   """64 examples in batches of 48: the reference trains on the last 16 too (2 steps an epoch);
   --drop_last skips them as one_jax does (1 step)."""
   npz = _tiny_npz(tmp_path / "tiny.npz")
-  trainer = os.path.join(REPO, "benchmarks", "fidelity", "torch_train.py")
   steps = {}
   for flag in ([], ["--drop_last"]):
     out = tmp_path / f"result{len(flag)}.json"
-    proc = subprocess.run([sys.executable, trainer, f"--npz={npz}", "--model=baseline",
-                           "--depth=8", "--batch=48", "--epochs=1", "--milestones=1",
-                           "--threads=1", f"--out={out}", *flag],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torch_train(f"--npz={npz}", "--model=baseline", "--depth=8", "--batch=48", "--epochs=1",
+                 "--milestones=1", "--threads=1", f"--out={out}", *flag)
     result = json.loads(out.read_text())
     assert result["drop_last"] == bool(flag)
     steps[bool(flag)] = result["steps"]

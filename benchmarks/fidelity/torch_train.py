@@ -6,11 +6,10 @@
 As the authors' cifar_one.py / cifar_baseline.py do it, with tests/torch_reference.py's
 models: DataLoader(shuffle=True, drop_last=False) over the training set (--drop_last skips the
 last partial batch, as one_jax does) with RandomCrop(32, 4) + RandomHorizontalFlip + Normalize
-(torchvision's semantics in torch ops), torch.optim.SGD
-(momentum, coupled weight decay), lr x gamma at the start of each milestone epoch, the KL
-ramp-up weight of the 0-based epoch, T = 3. At the end the test set is evaluated once in eval
-mode; the result (top-1 in percent of each branch, their mean and the ensemble, or of the
-baseline) is written as JSON to --out. With --checkpoint the run is saved after every epoch
+(torchvision's semantics in torch ops), torch.optim.SGD (momentum, coupled weight decay), lr x
+gamma at the start of each milestone epoch, the KL ramp-up weight of the 0-based epoch, T = 3.
+At the end the test set is evaluated once in eval mode; the result (top-1 in percent of each
+branch, their mean and the ensemble, or of the baseline) is written as JSON to --out. With --checkpoint the run is saved after every epoch
 and a rerun continues from there, identically (weights, optimizer, RNG).
 """
 import argparse
