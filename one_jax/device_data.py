@@ -25,7 +25,10 @@ MAX_AUTO_BYTES = 2 * 1024**3   # CIFAR-10/100 train: 150 MB; SVHN train + extra 
 
 
 def use_device_data(mode: str, source, device=None) -> bool:
-  """Whether to keep the train set on the device, for config.data_on_device = mode."""
+  """Whether to keep the train set on the device, for config.data_on_device = mode.
+
+  device: the device whose memory is asked (default: this process's first; only addressable
+  devices report memory, so never a device of another process)."""
   if mode not in MODES:
     raise ValueError(f"data_on_device={mode!r} is unknown: use one of {', '.join(MODES)}")
   in_memory = isinstance(source, input_pipeline.ArraySource)
@@ -38,7 +41,7 @@ def use_device_data(mode: str, source, device=None) -> bool:
     return False
   size = source.images.nbytes + source.labels.nbytes
   limit = MAX_AUTO_BYTES
-  stats = (device or jax.devices()[0]).memory_stats() or {}
+  stats = (device or jax.local_devices()[0]).memory_stats() or {}
   if stats.get("bytes_limit"):
     limit = min(limit, stats["bytes_limit"] // 4)
   return size <= limit

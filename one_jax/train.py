@@ -357,8 +357,10 @@ def _prepare(config, workdir: str) -> Tuple[_Run, Dict[str, Any]]:
   tx = optimizer.create_optimizer(config, steps_per_epoch,
                                   spec.abstract_variables(info.image_shape)["params"])
   fresh = initial_state(spec, tx, info.image_shape, jax.random.key(config.seed))
-  on_device = device_data.use_device_data(config.get("data_on_device", "false"), train_source,
-                                          mesh.devices.flat[0])
+  on_device = device_data.use_device_data(config.get("data_on_device", "false"), train_source)
+  if process_count > 1:  # one program for all: process 0's answer (its devices' memory)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    on_device = bool(multihost_utils.broadcast_one_to_all(np.int32(on_device)))
   run = _Run(config, workdir, spec, mesh, train_source, test_source, steps_per_epoch,
              make_dispatch_step(config, tx, mesh, on_device), make_eval_step(config, mesh),
              process_index, process_count,

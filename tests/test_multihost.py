@@ -37,11 +37,14 @@ def _config(**changes):
   return config
 
 
-def _start_local(num_processes, workdir, devices_per_process, log_dir, **changes):
-  """Starts bash launch/local.sh N ARGS... (python -m one_jax.main with the test's config)."""
+def _start_local(num_processes, workdir, devices_per_process, log_dir, overrides=None,
+                 **changes):
+  """Starts bash launch/local.sh N ARGS... (python -m one_jax.main with the test's config;
+  overrides={}: the smoke variant's own settings, every other field at its default)."""
   args = [f"--config={os.path.join(ROOT, 'configs', 'step1.py')}:three_branch,smoke",
           f"--workdir={workdir}"]
-  args += [f"--config.{k}={v}" for k, v in dict(OVERRIDES, **changes).items()]
+  overrides = OVERRIDES if overrides is None else overrides
+  args += [f"--config.{k}={v}" for k, v in dict(overrides, **changes).items()]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(PYTHON=sys.executable, ONE_JAX_LOCAL_DEVICES=str(devices_per_process),
              ONE_JAX_LOG_DIR=str(log_dir), JAX_PLATFORMS="cpu")
@@ -117,6 +120,25 @@ def test_two_processes_match_one_process_and_resume_with_one(tmp_path):
   assert meta_a["step"] == meta_b["step"] == 2 * STEPS_PER_EPOCH
   _assert_states_close(a, b, "resumed vs uninterrupted")
   assert len(_csv_rows(multi / "metrics.csv")) == 2
+
+
+def test_the_readme_launch_with_every_default_matches_one_process(tmp_path):
+  # bash launch/local.sh 2 --config=configs/step1.py:three_branch,smoke --workdir=W as the
+  # README gives it: data_on_device='auto' (which asks this process's device for its memory),
+  # one step per dispatch, the progress bar. 2 processes x 2 devices against 1 x 4.
+  multi = tmp_path / "multi"
+  started = _start_local(2, multi, 2, tmp_path / "logs", overrides={})
+  single = tmp_path / "single"
+  config = step1.get_config("three_branch,smoke")
+  assert (config.data_on_device, config.steps_per_dispatch) == ("auto", 1)
+  train.train_and_evaluate(config, str(single))
+  logs = _finish_local(started)
+  assert "epoch 2/2:" in logs["process_0.log"]
+  a, meta_a = checkpoints.restore_raw(str(multi))
+  b, meta_b = checkpoints.restore_raw(str(single))
+  assert meta_a["step"] == meta_b["step"] == 2 * config.steps_per_epoch
+  _assert_states_close(a, b, "2 processes x 2 devices vs 1 x 4, defaults")
+  assert [r["test/count"] for r in _csv_rows(multi / "metrics.csv")] == ["250.0", "250.0"]
 
 
 # ----------------------------------------------------------------------------- start-up
