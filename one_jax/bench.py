@@ -267,7 +267,8 @@ def define_flags() -> Flags:
 
 def main(argv, cli_flags: Flags):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise ValueError(f"unexpected arguments {argv[1:]}: options are --config, "
+                     "--config.FIELD=VALUE, --steps, --warmup, --batch and --[no]eval")
   config = cli_flags.config.value
   reused = host_memory.apply_for_cpu(cli_flags.reuse_host_memory.value)  # before JAX's threads
   warning = kernels.off_warning(config.get("conv_impl", "auto"), jax.default_backend())
@@ -282,7 +283,8 @@ def main(argv, cli_flags: Flags):
 def run():
   """Console entry (`one-jax-bench`): bad input ends in one `error: ...` line (one_jax.cli)."""
   cli_flags = define_flags()
-  sys.exit(cli.exit_status(app.run, functools.partial(main, cli_flags=cli_flags)))
+  sys.exit(cli.exit_status(app.run, functools.partial(main, cli_flags=cli_flags),
+                           flags_parser=cli.parse_flags))
 
 
 if __name__ == "__main__":

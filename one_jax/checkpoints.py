@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from absl import logging
 import flax.serialization
+import flax.traverse_util
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -25,6 +26,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from one_jax import model_spec
+from one_jax import staging
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_METRIC = "test/top1/ensemble"
@@ -275,35 +277,49 @@ def set_aside(directory: str, step: int) -> str:
 def save_standalone(path: str, state: Dict[str, Any], meta: Dict[str, Any]) -> str:
   """Writes a one-step checkpoint directory at PATH (refusing to overwrite anything).
 
-  Used by surgery and conversion. The directory appears only when complete: it is written
-  under a temporary name beside PATH and renamed at the end.
+  Used by surgery, conversion and step-2 preparation. The directory appears only when
+  complete (one_jax.staging: written in a staging folder beside PATH, removed on any failure
+  or signal, renamed onto PATH without ever replacing anything). Symlinks in PATH are resolved.
   """
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path):
-    raise CheckpointError(f"destination {path} already exists: choose a new --dst (nothing "
-                          "was written)")
-  parent = os.path.dirname(path)
-  if not os.path.isdir(parent):
-    raise CheckpointError(f"the parent directory of {path} does not exist: create it first")
+  path = staging.check_free(path)
   # In a multi-process run every process saves the same state together (Orbax writes it from
-  # process 0 and commits once all are done) into one temporary directory, named by process
-  # 0's pid; process 0 renames it and the others wait for that.
-  pid = os.getpid()
-  if jax.process_count() > 1:
-    pid = int(multihost_utils.broadcast_one_to_all(np.int32(pid)))
-  tmp = f"{path}.tmp-{pid}"
-  step = int(np.asarray(state.get("step", 0)))
-  mngr = manager(tmp, async_save=False)
-  try:
-    save(mngr, step, state, meta)
-    mngr.wait_until_finished()
-  finally:
-    mngr.close()
-  if jax.process_index() == 0:
-    os.rename(tmp, path)
-  if jax.process_count() > 1:
+  # process 0 and commits once all are done) into one staging folder, named by process 0;
+  # process 0 owns it and renames the checkpoint, and the others wait for that.
+  multi = jax.process_count() > 1
+  stage_name = None
+  if multi:
+    pid, token = (int(x) for x in multihost_utils.broadcast_one_to_all(
+        np.asarray([os.getpid(), np.random.randint(0, 2**31 - 1)], np.int32)))
+    stage_name = f"{os.path.basename(path)}.tmp-{pid}-{token % 16**8:08x}"
+  with staging.staged(path, stage_name=stage_name, commit=jax.process_index() == 0) as tmp:
+    if multi:
+      multihost_utils.sync_global_devices(f"one_jax save_standalone {path} staged")
+    step = int(np.asarray(state.get("step", 0)))
+    mngr = manager(tmp, async_save=False)
+    try:
+      save(mngr, step, state, meta)
+      mngr.wait_until_finished()
+    finally:
+      mngr.close()
+    if multi:
+      multihost_utils.sync_global_devices(f"one_jax save_standalone {path} written")
+  if multi:
     multihost_utils.sync_global_devices(f"one_jax save_standalone {path}")
   return path
+
+
+def check_finite(tree, source: str, consequence: str) -> None:
+  """Refuses (CheckpointError) variables with a NaN or infinity: no trained model has them
+  (training never saves a non-finite step), and they would make every number computed from
+  them meaningless."""
+  flat = flax.traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) else {}
+  bad = [name for name, x in flat.items()
+         if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.all(np.isfinite(x))]
+  if bad:
+    raise CheckpointError(
+        f"{source} holds non-finite values (NaN or infinity) in {len(bad)} of its {len(flat)} "
+        f"arrays, e.g. {bad[0]}: {consequence}; use a checkpoint of a healthy run (nothing was "
+        "written)")
 
 
 def load(path: str, step: Optional[int] = None, **runtime):

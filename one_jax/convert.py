@@ -26,7 +26,6 @@ Command line:
   python -m one_jax.convert --to_torch CKPT OUT.pth.tar   # -> {'state_dict': ..., 'epoch': ...}
   python -m one_jax.convert --to_torch --branch 0 CKPT OUT.pth  # a ONE ImageNet ResNet's branch 0
 """
-import argparse
 import collections
 import dataclasses
 import logging
@@ -40,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from one_jax import checkpoints, cli, model_spec, models, workdirs
+from one_jax import checkpoints, cli, model_spec, models, staging, workdirs
 
 SPELLINGS = ("classfier", "classifier")  # the reference's spelling, and later forks'
 NBT = "num_batches_tracked"
@@ -419,7 +418,8 @@ def export_torch_state_dict(spec: model_spec.ModelSpec, variables, *, module_pre
   offsets = jax.tree.leaves(variables.get("gate_offset", {}))
   if not ignore_gate_offset and any(np.any(np.asarray(o) != 0) for o in offsets):
     raise ValueError("the gate has a non-zero log-weight offset (from surgery), which the "
-                     "reference ONE model cannot express: pass ignore_gate_offset=True to drop it")
+                     "reference ONE model cannot express: add --ignore_gate_offset to drop it "
+                     "(ignore_gate_offset=True in the library)")
   table = name_table(spec, spelling)
   flat = flax.traverse_util.flatten_dict(
       {c: variables[c] for c in ("params", "batch_stats") if c in variables})
@@ -443,11 +443,12 @@ def export_torch_state_dict(spec: model_spec.ModelSpec, variables, *, module_pre
 def convert_to_one_jax(in_path: str, out_dir: str, *, allow_pickle: bool = False) -> str:
   """Writes the one_jax checkpoint of a torch file at OUT_DIR (never overwriting, never inside
   a run or checkpoint directory)."""
+  out_dir = staging.resolve(out_dir)
   workdirs.check_destination(out_dir, [in_path], flag="OUT_DIR")
-  if os.path.exists(out_dir):
-    raise ConversionError(f"{os.path.abspath(out_dir)} already exists: choose a new output "
-                          "directory (nothing was written)")
+  staging.check_free(out_dir, "OUT_DIR")
   result = read_torch_checkpoint(in_path, allow_pickle=allow_pickle)
+  checkpoints.check_finite(result.variables, in_path, "the converted model would compute "
+                           "nothing but NaN")
   state = {k: jax.tree.map(np.asarray, v) for k, v in result.variables.items()}
   state["step"] = 0
   meta = {"model": result.spec.to_dict(), "epoch": result.epoch,
@@ -465,14 +466,12 @@ def convert_to_torch(ckpt: str, out_path: str, *, module_prefix: Optional[bool] 
   for an ImageNet ResNet torchvision's (no prefix; `branch` of a ONE model).
   """
   import torch  # pylint: disable=g-import-not-at-top
-  out_path = workdirs.check_destination(out_path, [ckpt], flag="OUT.pth.tar")
-  if os.path.exists(out_path):
-    raise ConversionError(f"{out_path} already exists: choose a new output file (nothing was "
-                          "written)")
-  if not os.path.isdir(os.path.dirname(out_path)):
-    raise ConversionError(f"the parent directory of {out_path} does not exist: create it first")
+  out_path = workdirs.check_destination(staging.resolve(out_path), [ckpt], flag="OUT.pth.tar")
+  staging.check_free(out_path, "OUT.pth.tar")
   state, meta = checkpoints.restore_raw(ckpt)
   spec = checkpoints.spec_of(meta, ckpt)
+  checkpoints.check_finite(checkpoints.variables_of(state), ckpt,
+                           "the exported model would compute nothing but NaN")
   from one_jax import convert_torchvision  # pylint: disable=g-import-not-at-top  (imports this)
   torchvision = spec.kind in convert_torchvision.KINDS
   recorded = meta.get("torch") or {}
@@ -484,14 +483,13 @@ def convert_to_torch(ckpt: str, out_path: str, *, module_prefix: Optional[bool] 
                      else module_prefix),
       spelling=spelling or recorded.get("spelling", "classfier"),
       num_batches_tracked=nbt, ignore_gate_offset=ignore_gate_offset, branch=branch)
-  tmp = f"{out_path}.tmp-{os.getpid()}"
-  torch.save({"state_dict": state_dict, "epoch": int(meta.get("epoch", 0))}, tmp)
-  os.replace(tmp, out_path)
+  with staging.staged(out_path, flag="OUT.pth.tar") as tmp:
+    torch.save({"state_dict": state_dict, "epoch": int(meta.get("epoch", 0))}, tmp)
   return out_path
 
 
 def _parser():
-  p = argparse.ArgumentParser(
+  p = cli.ArgumentParser(
       prog="python -m one_jax.convert",
       description="Convert reference PyTorch ONE/ResNet checkpoints to one_jax checkpoints, "
                   "or back with --to_torch.")
@@ -514,12 +512,12 @@ def _parser():
 
 
 def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
   checkpoints.quiet_orbax_noise()
-  return cli.exit_status(_run, args)
+  return cli.exit_status(_run, argv)
 
 
-def _run(args) -> None:
+def _run(argv) -> None:
+  args = _parser().parse_args(argv)
   if args.to_torch:
     prefix = None if args.module_prefix is None else args.module_prefix == "yes"
     out = convert_to_torch(args.src, args.dst, module_prefix=prefix, spelling=args.spelling,

@@ -4,10 +4,7 @@ Deliberately short (flax examples style): flags, workdir, one log line about the
 devices, then one call into train.py.
 """
 import datetime
-import difflib
-import importlib.util
 import os
-import re
 import shlex
 import sys
 import time
@@ -162,74 +159,17 @@ def resume_command(workdir: str) -> str:
                                            f"--workdir={workdir}"])
 
 
-def _parse_flags(argv):
-  """absl flag parsing whose errors are one-line ValueErrors (bad flag, config file, field)."""
-  try:
-    rest = FLAGS(argv)
-    if FLAGS.config is not None:
-      FLAGS.config.keys()  # a config file that failed to load raises here
-    return rest
-  except flags.Error as e:
-    text = str(e)
-    if "Traceback (most recent call last)" in text:  # the config file's get_config raised
-      last = [line for line in text.splitlines() if line.strip()][-1]
-      text = f"--config={argv_config(argv)}: {last.split(': ', 1)[-1]}"
-    raise ValueError(cli.one_line(text)) from None
-  except OSError as e:  # the config file could not be loaded
-    path = argv_config(argv).split(":", 1)[0]
-    if path and not os.path.exists(path):
-      raise ValueError(f"config file {path} does not exist: use --config=configs/step1.py:VARIANT "
-                       "or --config=configs/step2.py:VARIANT") from None
-    raise ValueError(f"cannot load --config={argv_config(argv)}: {cli.one_line(e)}") from None
-  except (AttributeError, KeyError) as e:  # --config.FIELD of a field the config lacks
-    known = _config_fields(argv)
-    given = [a.split("=", 1)[0].split(".", 1)[1] for a in argv[1:]
-             if a.lstrip("-").startswith("config.")]
-    text = str(e).replace("\\", "")
-    name = ([n for n in given if n not in known] or re.findall(r"'([\w.]+)'", text)
-            or [cli.one_line(text)])[0]
-    hint = difflib.get_close_matches(name, known, n=1)
-    raise ValueError(
-        f"unknown config field --config.{name}: "
-        + (f"did you mean --config.{hint[0]}? " if hint else "")
-        + "the fields are those of configs/common.py (and the variant's config file)") from None
-
-
-def _config_fields(argv):
-  """The field names of the --config file's config (best effort, for suggestions)."""
-  path, _, arg = argv_config(argv).partition(":")
-  try:
-    spec = importlib.util.spec_from_file_location("_one_jax_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return list((module.get_config(arg) if arg else module.get_config()).keys())
-  except Exception:  # pylint: disable=broad-except  (only a suggestion is lost)
-    return []
-
-
-def argv_config(argv) -> str:
-  for i, arg in enumerate(argv):
-    if arg.startswith(("--config=", "-config=")):
-      return arg.split("=", 1)[1]
-    if arg in ("--config", "-config") and i + 1 < len(argv):
-      return argv[i + 1]
-  return ""
-
-
 def run():
   """Console entry: bad input ends with a one-line `error: ...` and exit status 1, not a
   traceback; a run stopped by SIGTERM/SIGINT says how to resume and exits with 75."""
   try:
-    sys.exit(cli.exit_status(app.run, main, flags_parser=_parse_flags))
+    sys.exit(cli.exit_status(app.run, main, flags_parser=cli.parse_flags, interrupted_note=(
+        "before training started; nothing to resume from was written")))
   except _Stopped as e:
     print(f"interrupted: {e}", file=sys.stderr)
     sys.exit(preemption.EXIT_INTERRUPTED)
   except _StoppedAtOnce as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(130)
-  except KeyboardInterrupt:
-    print("error: interrupted before training started; nothing to resume from was written",
-          file=sys.stderr)
     sys.exit(130)
 
 

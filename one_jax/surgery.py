@@ -49,6 +49,7 @@ from one_jax import checkpoints
 from one_jax import cli
 from one_jax import config_checks
 from one_jax import model_spec
+from one_jax import staging
 from one_jax import workdirs
 
 
@@ -636,15 +637,12 @@ def describe_checkpoint(path: str) -> str:
 
 def _check_dst(dst: str, sources: Sequence[str] = (), into_run: bool = False) -> str:
   """into_run: the destination may lie in a run directory (only two_stage, which writes the
-  WORKDIR/init of the run it prepares)."""
-  dst = os.path.abspath(os.fspath(dst))
+  WORKDIR/init of the run it prepares). A symlink is resolved first: the checks are of the
+  path that would be written."""
+  dst = staging.resolve(dst)
   if not into_run:
     workdirs.check_destination(dst, sources)
-  if os.path.exists(dst):
-    raise SurgeryError(f"destination {dst} already exists: choose a new --dst (nothing was written)")
-  if not os.path.isdir(os.path.dirname(dst)):
-    raise SurgeryError(f"the parent directory of --dst {dst} does not exist: create it first")
-  return dst
+  return staging.check_free(dst)
 
 
 def _restore(path: str):
@@ -652,7 +650,9 @@ def _restore(path: str):
   return state, meta
 
 
-def _save(dst, state, info, trunk_meta, surgery: Dict[str, Any]) -> str:
+def _save(dst, state, info, trunk_meta, surgery: Dict[str, Any], check=None) -> str:
+  if check is not None:  # the caller's last word before anything is written
+    check(state, info)
   meta = {"model": info, "step": int(np.asarray(state["step"])), "surgery": surgery}
   if trunk_meta.get("epoch") is not None:
     meta["epoch"] = trunk_meta["epoch"]
@@ -680,8 +680,9 @@ def run_expand(src: str, dst: str, num_branches: int, *, mode: str = "copy",
 
 def run_merge(srcs: Sequence[str], dst: str, *, slots: Optional[Sequence[int]] = None,
               trunk_from: Union[int, str] = 0, fresh_gate: str = "zero", seed: int = 0,
-              reset_optimizer: bool = False, into_run: bool = False) -> str:
-  """into_run: see _check_dst."""
+              reset_optimizer: bool = False, into_run: bool = False, check=None) -> str:
+  """into_run: see _check_dst. check(state, info): raises to refuse the merged model before
+  anything is written."""
   dst = _check_dst(dst, srcs, into_run=into_run)
   restored = [_restore(s) for s in srcs]
   new_state, info = merge([s for s, _ in restored], [m["model"] for _, m in restored],
@@ -693,7 +694,7 @@ def run_merge(srcs: Sequence[str], dst: str, *, slots: Optional[Sequence[int]] =
       "slots": None if slots is None else [int(s) for s in slots], "fresh_gate": fresh_gate,
       "seed": int(seed),
       "reset_optimizer": bool(reset_optimizer),
-      "sources": [_source(p, m) for p, (_, m) in zip(srcs, restored)]})
+      "sources": [_source(p, m) for p, (_, m) in zip(srcs, restored)]}, check=check)
 
 
 def run_transplant(src: str, branch: int, into: str, slot: int, dst: str, *,
@@ -722,15 +723,6 @@ def run_extract(src: str, branch: int, dst: str, *, reset_optimizer: bool = Fals
 # Command line.
 
 
-class _UsageError(ValueError):
-  """A bad command line (argparse's message)."""
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    raise _UsageError(message)
-
-
 def _int_list(text: str) -> List[int]:
   try:
     return [int(x) for x in text.split(",") if x.strip()]
@@ -748,7 +740,7 @@ def _trunk_from(text: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog="python -m one_jax.surgery",
+  parser = cli.ArgumentParser(prog="python -m one_jax.surgery",
                    description="Grow, merge, transplant and extract branches of one_jax checkpoints.")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   p = sub.add_parser("expand", help="m -> N branches (copies keep the ensemble output unchanged)")
