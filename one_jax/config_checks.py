@@ -140,9 +140,15 @@ class Epochs:
       return True  # only the multistep schedule uses them
     return all(1 <= m <= config.get("num_epochs", m) for m in value)
 
-  def describe(self) -> str:
-    return ("integer epochs inside the run, each in [1, num_epochs], e.g. "
-            "--config.milestones='(150, 225)' (or change --config.num_epochs)")
+  def describe(self, config=None) -> str:
+    """The rule, with an example that is valid for this config's num_epochs (half and three
+    quarters of the run, the reference's 150 and 225 of 300)."""
+    n = config.get("num_epochs", 300) if config is not None else 300
+    example = (sorted({max(1, n // 2), max(1, 3 * n // 4)}) if is_int(n) and n >= 1
+               else [150, 225])
+    example = f"({example[0]},)" if len(example) == 1 else f"({', '.join(map(str, example))})"
+    return (f"integer epochs inside the run, each in [1, num_epochs={n}], e.g. "
+            f"--config.milestones='{example}' (or change --config.num_epochs)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,4 +331,8 @@ def check(config) -> None:
     if isinstance(kind, OneOf):
       raise ValueError(f"{rule.field}={value!r} is unknown: use {kind.describe()}")
     raise ValueError(f"{rule.field}={value!r} is invalid: " + (
-        rule.why or f"it must be {kind.describe()}"))
+        rule.why or f"it must be {_describe(kind, config)}"))
+
+
+def _describe(kind, config) -> str:
+  return kind.describe(config) if isinstance(kind, Epochs) else kind.describe()

@@ -286,6 +286,9 @@ def _first_line(e: Exception) -> str:
 
 def load_npz(path: str, num_classes: int) -> Tuple[ArraySource, ArraySource]:
   """Train and test sources from an .npz of arrays or of packed JPEGs, validated."""
+  if os.path.isdir(path):
+    raise ValueError(f"npz_path={path!r} is a directory, not a file: pass the .npz file itself "
+                     f"(with {_NPZ_LAYOUT})")
   if not os.path.isfile(path):
     raise ValueError(f"npz_path={path!r} does not exist: pass an .npz file with {_NPZ_LAYOUT}")
   try:

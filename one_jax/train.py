@@ -47,9 +47,16 @@ def initial_state(spec: model_spec.ModelSpec, tx, image_shape, rng) -> Dict[str,
 
 
 def _topk_correct(logits, labels, k):
-  """1.0 where the label is among the k largest logits (ties count as correct)."""
-  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-  return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)
+  """1.0 where the label is among the k largest logits (ties count as correct). Never invents
+  accuracy: an example with a non-finite logit, or whose label is not one of the model's
+  classes, counts as wrong (a NaN label logit would otherwise beat no logit and count as
+  right)."""
+  num_classes = logits.shape[-1]
+  known = (labels >= 0) & (labels < num_classes)
+  label_logit = jnp.take_along_axis(logits, jnp.clip(labels, 0, num_classes - 1)[:, None],
+                                    axis=-1)
+  right = (jnp.sum(logits > label_logit, axis=-1) < k) & known
+  return (right & jnp.all(jnp.isfinite(logits), axis=-1)).astype(jnp.float32)
 
 
 def _head_logits(spec, output) -> Dict[str, jax.Array]:
@@ -743,8 +750,15 @@ def run_eval_only(config, workdir: str) -> Dict[str, float]:
   """
   from one_jax import voting  # pylint: disable=g-import-not-at-top
   path = config.init_from or workdir
-  _, test_source, _ = input_pipeline.get_datasets(config)
+  _, test_source, info = input_pipeline.get_datasets(config)
   spec, variables = checkpoints.load(path)
+  if spec.num_classes != info.num_classes:
+    raise ValueError(
+        f"{path} holds a model of {spec.num_classes} classes but the test set has "
+        f"{info.num_classes} (--config.num_classes={config.num_classes}, dataset "
+        f"{info.name}): evaluate it on data of its own {spec.num_classes} classes "
+        "(nothing was written)")
+  checkpoints.check_finite(variables, path, "it cannot be evaluated")
   if config.vote and not spec.branched:
     raise ValueError(f"{path} holds a {spec.describe()}: voting needs a ONE model with branches")
   metrics = evaluate_checkpoint(config, spec, variables, test_source)
@@ -766,7 +780,15 @@ def run_eval_only(config, workdir: str) -> Dict[str, float]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """What `python -m one_jax.main` runs: a step-2 variant's surgery into WORKDIR/init first
   (two_stage.prepare), then evaluation only (config.eval_only) or training."""
-  config = two_stage.prepare(config, workdir)
-  if config.eval_only:
-    return run_eval_only(config, workdir)
-  return train_and_evaluate(config, workdir)
+  if not config.get("surgery", ""):
+    config = two_stage.prepare(config, workdir)
+    return run_eval_only(config, workdir) if config.eval_only else train_and_evaluate(
+        config, workdir)
+  created = not os.path.exists(workdir)
+  try:
+    config = two_stage.prepare(config, workdir)
+    return run_eval_only(config, workdir) if config.eval_only else train_and_evaluate(
+        config, workdir)
+  except BaseException:  # a start that failed before its first checkpoint leaves no init
+    two_stage.discard_unused_init(workdir, remove_workdir=created)
+    raise

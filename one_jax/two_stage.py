@@ -1,9 +1,11 @@
 """Two-stage cooperative networks: prepare stage 2's starting checkpoint from stage-1 runs.
 
 A configs/step2.py variant names its sources (config.source / config.sources) and a surgery
-(config.surgery). Before training, `prepare(config, workdir)` performs that surgery once into
-WORKDIR/init and points config.init_from at it; a restarted run finds its own checkpoints and
-resumes instead. Everything else is the ordinary training loop.
+(config.surgery). Before training, `prepare(config, workdir)` checks that the surgery's output
+is the variant's model, performs the surgery into WORKDIR/init and points config.init_from at
+it; a restarted run finds its own checkpoints and resumes instead. A start that fails before
+its first checkpoint removes WORKDIR/init again (`discard_unused_init`), and one that finds an
+init but no checkpoint does the surgery anew. Everything else is the ordinary training loop.
 """
 import os
 import shutil
@@ -13,7 +15,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from one_jax import checkpoints, surgery
+from jax.experimental import multihost_utils
+
+from one_jax import checkpoints, model_spec, surgery
 
 SURGERIES = ("", "expand", "merge")
 INIT_SUBDIR = "init"
@@ -86,6 +90,25 @@ def _replace_path(tree, path, fn):
   return dict(tree, **{path[0]: _replace_path(tree[path[0]], path[1:], fn)})
 
 
+def fits_config(config):
+  """check(state, info) for the surgery's output: refuses (ValueError) a model whose variables
+  are not those of the config's model, before anything is written."""
+  spec = model_spec.ModelSpec.from_config(config)
+  want = {k: jax.tree.map(np.shape, v) for k, v in spec.abstract_variables().items()}
+
+  def check(state, info):
+    got = {k: jax.tree.map(np.shape, v) for k, v in checkpoints.variables_of(state).items()}
+    if got != want:
+      made = checkpoints.spec_of({"model": info}, "the surgery's output")
+      raise ValueError(
+          f"the {config.surgery} of {', '.join(source_paths(config))} gives a {made.describe()}, "
+          f"but variant {config.get('variant', '')!r} trains a {spec.describe()}: use stage-1 "
+          "checkpoints of that depth and class count (`python -m one_jax.surgery inspect` "
+          "shows theirs), or set --config.depth / num_classes / num_branches to match "
+          "(nothing was written)")
+  return check
+
+
 def _expand(config, src: str, dst: str) -> str:
   state, meta = checkpoints.restore_raw(src)
   old_branches = checkpoints.spec_of(meta, src).num_branches
@@ -96,6 +119,7 @@ def _expand(config, src: str, dst: str) -> str:
   if config.symmetry_noise > 0:
     new_state = perturb_branches(new_state, old_branches, config.symmetry_noise, config.seed,
                                  config.symmetry_break)
+  fits_config(config)(new_state, new_info)
   return checkpoints.save_standalone(dst, new_state, {
       "model": new_info, "epoch": 0, "surgery": {
           "operation": "expand", "mode": config.expand_mode, "source": os.path.abspath(src),
@@ -113,26 +137,42 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
     return config
   ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR)
   init_dir = os.path.join(workdir, INIT_SUBDIR)
-  resuming = os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)
-  if not resuming and not os.path.exists(init_dir):
-    paths = source_paths(config)
-    created = not os.path.exists(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    try:
-      if op == "expand":
-        _expand(config, paths[0], init_dir)
-      else:
-        trunk_from = config.trunk_from if config.trunk_from == "mean" else int(config.trunk_from)
-        # Sources without a gate (baselines) get freshly initialised gate columns: all-zero
-        # columns would give the gate no gradient at all.
-        surgery.run_merge(paths, init_dir, trunk_from=trunk_from, fresh_gate="init",
-                          seed=config.seed, reset_optimizer=config.reset_optimizer,
-                          into_run=True)
-    except BaseException:
-      if created:  # bad sources leave nothing behind (the surgery itself writes atomically)
-        shutil.rmtree(workdir, ignore_errors=True)
-      raise
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    return _unlocked(config, init_from=init_dir)  # resuming: the run's own checkpoints
+  # No checkpoint yet: the surgery is (re)done. An init left by a start that failed before its
+  # first checkpoint (with other sources, say) is replaced, never trained from.
+  paths = source_paths(config)
+  if jax.process_index() == 0 and os.path.lexists(init_dir):
+    shutil.rmtree(init_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("one_jax two_stage init cleared")
+  os.makedirs(workdir, exist_ok=True)
+  if op == "expand":
+    _expand(config, paths[0], init_dir)
+  else:
+    trunk_from = config.trunk_from if config.trunk_from == "mean" else int(config.trunk_from)
+    # Sources without a gate (baselines) get freshly initialised gate columns: all-zero
+    # columns would give the gate no gradient at all.
+    surgery.run_merge(paths, init_dir, trunk_from=trunk_from, fresh_gate="init",
+                      seed=config.seed, reset_optimizer=config.reset_optimizer,
+                      into_run=True, check=fits_config(config))
   return _unlocked(config, init_from=init_dir)
+
+
+def discard_unused_init(workdir: str, remove_workdir: bool = False) -> None:
+  """Removes WORKDIR/init when the run that prepared it failed before its first checkpoint
+  (so that nothing a refused start wrote stays behind), and then WORKDIR itself when
+  remove_workdir and it is empty."""
+  ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR)
+  if os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)):
+    return
+  if jax.process_index() == 0:
+    shutil.rmtree(os.path.join(workdir, INIT_SUBDIR), ignore_errors=True)
+    if remove_workdir:
+      try:
+        os.rmdir(workdir)  # only when empty
+      except OSError:
+        pass
 
 
 def _unlocked(config, **updates):

@@ -8,14 +8,20 @@ A workdir holds one run: WORKDIR/config.json (the config it was started with) an
 checkpoints. Starting again in the same directory resumes that run, and is refused when the
 config differs in anything but the fields that are safe to change on resume (SAFE_TO_CHANGE).
 `--config.new_run=True` starts a fresh run in the first free WORKDIR-2, WORKDIR-3, ... instead.
+
+A run never overwrites what it did not write: a workdir with results (metrics, summary) but no
+checkpoint to continue from, a run's or anybody's, is refused (`check_results_have_checkpoint`).
+Paths in the stored config are absolute (PATH_FIELDS), and the .npz a run trains on is recorded
+(size and SHA-256, DATA_RECORD_NAME) so that a resume on another file is refused.
 """
+import hashlib
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.traverse_util
 
-from one_jax import run_lock
+from one_jax import metric_writers, run_lock
 
 CONFIG_NAME = "config.json"
 CHECKPOINT_SUBDIR = "checkpoints"  # == checkpoints.CHECKPOINT_SUBDIR (no JAX import here)
@@ -28,15 +34,36 @@ SAFE_TO_CHANGE = ("num_epochs", "progress_bar", "keep_checkpoints", "eval_batch_
                   "resume_fallback", "new_run", "data_dir", "adopt_checkpoints", "download",
                   "data_on_device", "steps_per_dispatch", "log_every_steps", "profile_steps")
 _MAX_LISTED = 6
+# Config fields that name files or directories: stored absolute, compared as absolute paths
+# (a relative one in an older run's config.json is read from the current directory).
+PATH_FIELDS = ("npz_path", "data_dir", "init_from", "source", "sources")
+DATA_RECORD_NAME = "data_record.json"
+# What a run writes at the end of its epochs: a workdir holding any of these but no
+# checkpoint would have them overwritten by a fresh start.
+RESULT_NAMES = (metric_writers.CSV_NAME, metric_writers.JSONL_NAME,
+                metric_writers.SUMMARY_NAME, metric_writers.PLOT_NAME)
 
 
 def _flat(tree: Dict[str, Any]) -> Dict[str, Any]:
   return flax.traverse_util.flatten_dict(tree, sep=".") if tree else {}
 
 
+def _absolute(field: str, value):
+  if not isinstance(value, str) or not value:
+    return value
+  if field == "sources":
+    return ",".join(os.path.abspath(p.strip()) for p in value.split(",") if p.strip())
+  return os.path.abspath(value)
+
+
 def as_json(config) -> Dict[str, Any]:
-  """The config as written to config.json (tuples become lists, as they do on reading)."""
-  return json.loads(config.to_json_best_effort())
+  """The config as written to config.json (tuples become lists, as they do on reading; the
+  PATH_FIELDS absolute)."""
+  stored = json.loads(config.to_json_best_effort())
+  for field in PATH_FIELDS:
+    if field in stored:
+      stored[field] = _absolute(field, stored[field])
+  return stored
 
 
 def stored_config(workdir: str) -> Optional[Dict[str, Any]]:
@@ -62,6 +89,10 @@ def differences(stored: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
   A step-2 surgery variant derives init_from (WORKDIR/init) itself; its sources are compared.
   """
   stored, current = _flat(stored), _flat(current)
+  for field in PATH_FIELDS:
+    for tree in (stored, current):
+      if field in tree:
+        tree[field] = _absolute(field, tree[field])
   ignore = set(SAFE_TO_CHANGE)
   if current.get("surgery") or stored.get("surgery"):
     ignore.add("init_from")
@@ -77,12 +108,37 @@ def differences(stored: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
 
 
 def holds_run(workdir: str) -> bool:
-  """True when WORKDIR has a config.json, a run's lock (a run is starting there) or a
-  checkpoint directory with anything in it."""
+  """True when WORKDIR has a config.json, a run's lock (a run is starting there), a
+  checkpoint directory with anything in it, or results a run writes (RESULT_NAMES)."""
   ckpt = os.path.join(workdir, CHECKPOINT_SUBDIR)
   return (os.path.exists(os.path.join(workdir, CONFIG_NAME))
           or os.path.exists(os.path.join(workdir, run_lock.LOCK_NAME))
-          or (os.path.isdir(ckpt) and bool(os.listdir(ckpt))))
+          or (os.path.isdir(ckpt) and bool(os.listdir(ckpt)))
+          or bool(_results(workdir)))
+
+
+def _results(workdir: str) -> List[str]:
+  return [n for n in RESULT_NAMES if os.path.lexists(os.path.join(workdir, n))]
+
+
+def check_results_have_checkpoint(workdir: str) -> None:
+  """Refuses a workdir holding results (metrics, summary, curves) but no checkpoint: a fresh
+  start would overwrite them. (A run stopped before its first checkpoint has none of these
+  and starts again.)"""
+  results = _results(workdir)
+  if not results or _holds_checkpoints(workdir):
+    return
+  listed = ", ".join(results)
+  fresh = (f"or start a new run beside it with --config.new_run=True (it would use "
+           f"{new_run_dir(workdir)}) or a new --workdir; nothing was changed")
+  if os.path.exists(os.path.join(workdir, CONFIG_NAME)):
+    raise ValueError(
+        f"{workdir} holds an earlier run ({CONFIG_NAME}, {listed}) but no checkpoint to resume "
+        f"from, so training would start again and overwrite its results: to resume, put its "
+        f"checkpoints back into {os.path.join(workdir, CHECKPOINT_SUBDIR)}; {fresh}")
+  raise ValueError(
+      f"{workdir} is not a one_jax run but holds {listed}, which a run writes there: "
+      f"{fresh}")
 
 
 def new_run_dir(workdir: str) -> str:
@@ -140,6 +196,12 @@ def check_config(config, workdir: str) -> None:
   unless config.adopt_checkpoints (the user vouches that they belong to this config).
   """
   check_usable(workdir)
+  check_results_have_checkpoint(workdir)
+  _check_stored_config(config, workdir)
+  check_data_record(config, workdir)
+
+
+def _check_stored_config(config, workdir: str) -> None:
   try:
     stored, source = stored_config(workdir), CONFIG_NAME
   except ValueError as unreadable:
@@ -179,15 +241,53 @@ def check_config(config, workdir: str) -> None:
       "changed")
 
 
-def write_config(config, workdir: str) -> None:
-  """WORKDIR/config.json, atomically (a crash leaves the old file or the new one)."""
-  path = os.path.join(workdir, CONFIG_NAME)
+def _write_json(path: str, value) -> None:
+  """Atomically (a crash leaves the old file or the new one)."""
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+    json.dump(value, f, indent=2)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def write_config(config, workdir: str) -> None:
+  """WORKDIR/config.json (paths absolute) and, for an .npz run, its data record."""
+  _write_json(os.path.join(workdir, CONFIG_NAME), as_json(config))
+  npz = config.get("npz_path", "")
+  record_path = os.path.join(workdir, DATA_RECORD_NAME)
+  if npz and not os.path.exists(record_path):   # the file the run started on
+    _write_json(record_path, file_record(npz))
+
+
+def file_record(path: str) -> Dict[str, Any]:
+  """{'path' (absolute), 'size', 'sha256'} of a file."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
+  return {"path": os.path.abspath(path), "size": os.path.getsize(path),
+          "sha256": digest.hexdigest()}
+
+
+def check_data_record(config, workdir: str) -> None:
+  """Refuses to resume on an .npz other than the one the run trained on (its record)."""
+  npz = config.get("npz_path", "")
+  record_path = os.path.join(workdir, DATA_RECORD_NAME)
+  if not npz or not os.path.isfile(npz) or not os.path.exists(record_path):
+    return
+  try:
+    with open(record_path, encoding="utf-8") as f:
+      recorded = json.load(f)
+    size, sha = recorded["size"], recorded["sha256"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{record_path} is unreadable ({type(e).__name__}): restore it, or start a "
+                     "new run with --config.new_run=True (nothing was changed)") from None
+  if os.path.getsize(npz) != size or file_record(npz)["sha256"] != sha:
+    raise ValueError(
+        f"--config.npz_path={npz} ({os.path.abspath(npz)}) is not the file this run trained on "
+        f"({recorded.get('path', '?')}, {size} bytes, SHA-256 {sha[:12]}...): pass that file, "
+        "or start a new run with --config.new_run=True (nothing was changed)")
 
 
 # ----------------------------------------------------------------------------- destinations

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from one_jax import checkpoints, config_checks, preemption, run_lock, train, workdirs
+from one_jax import surgery as surgery_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULT_SCRIPT = os.path.join(ROOT, "tests", "fault_injection.py")
@@ -402,6 +403,20 @@ BAD_INPUT_CASES = (
     'convert: a directory',
     'convert: not torch',
     'convert --to_torch: not a checkpoint',
+    'npz path is a directory',
+    'milestones past a 1-epoch run',
+    'eval: checkpoint classes differ from the data',
+    'eval: non-finite weights',
+    'finished run whose checkpoints were deleted',
+    'workdir of the user with metrics files',
+    'step-2 source of another depth',
+    'convert: no output argument',
+    'convert --to_torch: gate offset',
+    'convert --to_torch: non-finite weights',
+    'bench: unknown field',
+    'bench: unknown variant',
+    'bench: unknown flag',
+    'bench: bad value',
 )
 
 
@@ -425,11 +440,25 @@ def bad_input_outcomes(reference_run, tmp_path_factory):
       "labels_out_of_range": {"y_train": np.full(64, 12)},
       "no_pixels": {"x_train": np.zeros((64, 0, 0, 3), np.uint8),
                     "x_test": np.zeros((16, 0, 0, 3), np.uint8)}}.items()}
+  # A checkpoint with NaN weights, one whose gate has a surgery's offsets, a finished run
+  # whose checkpoints were deleted, and a directory of the user's own metrics files.
+  raw, meta = checkpoints.restore_raw(existing)
+  raw["params"] = jax.tree.map(lambda x: np.full_like(x, np.nan), raw["params"])
+  nan_ckpt = checkpoints.save_standalone(str(tmp_path / "nan_ckpt"), raw, meta)
+  offset_ckpt = surgery_ops.run_expand(existing, str(tmp_path / "offset_ckpt"), 2)
+  orphan = _copy(reference_run, tmp_path, "orphan")
+  shutil.rmtree(os.path.join(orphan, "checkpoints"))
+  user_dir = tmp_path / "user_dir"
+  user_dir.mkdir()
+  (user_dir / "metrics.csv").write_text("epoch,acc\n1,0.93\n")
+  (user_dir / "summary.txt").write_text("my own results\n")
   new = str(tmp_path / "new_dir")  # must still not exist afterwards
   out = str(tmp_path / "out")
   main = [sys.executable, "-m", "one_jax.main"]
   surgery = [sys.executable, "-m", "one_jax.surgery"]
   convert = [sys.executable, "-m", "one_jax.convert"]
+  bench = [sys.executable, "-m", "one_jax.bench", f"--config={STEP1}:baseline,smoke", "--steps=1"]
+  step2 = os.path.join(ROOT, "configs", "step2.py")
   smoke_new = SMOKE + [f"--workdir={new}"]
   # (name, command, expected text of the one-line error, paths that must not change, devices)
   cases = [
@@ -514,6 +543,41 @@ def bad_input_outcomes(reference_run, tmp_path_factory):
       ("convert --to_torch: not a checkpoint", convert + ["--to_torch", npz["missing_key"],
                                                           f"{out}.pth"],
        "is not a one_jax checkpoint", [f"{out}.pth"], 1),
+      ("npz path is a directory", main + smoke_new + [f"--config.npz_path={empty_cwd}"],
+       "is a directory, not a file: pass the .npz file itself", [new], 1),
+      ("milestones past a 1-epoch run", main + smoke_new + ["--config.num_epochs=1",
+                                                           "--config.milestones=(1,2)"],
+       "each in [1, num_epochs=1], e.g. --config.milestones='(1,)'", [new], 1),
+      ("eval: checkpoint classes differ from the data",
+       main + smoke_new + ["--config.eval_only=True", f"--config.init_from={existing}",
+                           "--config.num_classes=20"],
+       "holds a model of 10 classes but the test set has 20", [new, existing], 1),
+      ("eval: non-finite weights", main + smoke_new + ["--config.eval_only=True",
+                                                       f"--config.init_from={nan_ckpt}"],
+       "holds non-finite values (NaN or infinity) in", [new, nan_ckpt], 1),
+      ("finished run whose checkpoints were deleted", main + SMOKE + [f"--workdir={orphan}"],
+       "holds an earlier run (config.json, metrics.csv, metrics.jsonl, summary.txt, curves.png) "
+       "but no checkpoint to resume from", [orphan], 1),
+      ("workdir of the user with metrics files", main + SMOKE + [f"--workdir={user_dir}"],
+       "is not a one_jax run but holds metrics.csv, summary.txt", [str(user_dir)], 1),
+      ("step-2 source of another depth",
+       main + [f"--config={step2}:three_into_five,smoke", f"--workdir={new}",
+               f"--config.source={existing}", "--config.depth=14",
+               "--config.progress_bar=False"],
+       "but variant 'three_into_five' trains a", [new, existing], 1),
+      ("convert: no output argument", convert + [existing],
+       "the following arguments are required: dst", [existing], 1),
+      ("convert --to_torch: gate offset", convert + ["--to_torch", offset_ckpt, f"{out}.pth"],
+       "add --ignore_gate_offset to drop it", [f"{out}.pth", offset_ckpt], 1),
+      ("convert --to_torch: non-finite weights", convert + ["--to_torch", nan_ckpt,
+                                                            f"{out}.pth"],
+       "holds non-finite values", [f"{out}.pth", nan_ckpt], 1),
+      ("bench: unknown field", bench + ["--config.lrr=1"],
+       "unknown config field --config.lrr: did you mean --config.lr?", [], 1),
+      ("bench: unknown variant", bench[:3] + [f"--config={STEP1}:nine_branch"],
+       "unknown config variant 'nine_branch'", [], 1),
+      ("bench: unknown flag", bench + ["--stepz=1"], "Unknown command line flag 'stepz'", [], 1),
+      ("bench: bad value", bench + ["--steps=ten"], "flag --steps=ten: invalid literal", [], 1),
   ]
   assert [c[0] for c in cases] == list(BAD_INPUT_CASES)  # one test id per row, in order
   # The cases run 4 at a time: each gets its own new workdir (a run's lock is per workdir).
@@ -573,9 +637,10 @@ def test_two_simultaneous_starts_give_one_run_and_one_refusal(tmp_path):
   (winner, _, _), = [r for r in results if r[0].returncode == 0]
   (_, _, refusal), = [r for r in results if r[0].returncode == 1]
   lines = refusal.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith(f"error: {workdir} is in use by a live run "
-                                                 f"(host {socket.gethostname()}, pid "
-                                                 f"{winner.pid}"), refusal
+  # Which words depends on whether the winner had finished writing its lock file.
+  assert len(lines) == 1 and lines[0].startswith((
+      f"error: {workdir} is in use by a live run (host {socket.gethostname()}, pid {winner.pid}",
+      f"error: {workdir} is being started by another process")), refusal
   lr = 0.05 if winner is procs[0] else 0.04
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["lr"] == lr
@@ -872,3 +937,27 @@ def test_random_invalid_values_of_every_field_are_refused(tmp_path):
   results = _run_cases(cases, tmp_path)
   for (field, value, workdir), result in zip(meta, results):
     _check_refusal(result, workdir, field, f"{value} (draw seed {seed})")
+
+
+def test_stored_paths_are_absolute_and_a_resume_on_another_npz_is_refused(tmp_path,
+                                                                          monkeypatch):
+  from configs import step1  # pylint: disable=g-import-not-at-top
+  here, there, workdir = tmp_path / "here", tmp_path / "there", str(tmp_path / "run")
+  for d in (here, there, workdir):
+    os.makedirs(d)
+  _bad_npz(here / "data.npz")
+  _bad_npz(there / "data.npz", y_train=np.zeros(64, np.int64))
+  config = step1.get_config("baseline,smoke")
+  config.npz_path = "data.npz"
+  monkeypatch.chdir(here)
+  workdirs.write_config(config, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["npz_path"] == str(here / "data.npz")
+  workdirs.check_config(config, workdir)   # the same file: resumes
+  monkeypatch.chdir(there)                 # the same name elsewhere: another file
+  with pytest.raises(ValueError, match=f"npz_path: '{here}/data.npz' -> '{there}/data.npz'"):
+    workdirs.check_config(config, workdir)
+  monkeypatch.chdir(here)                  # the same path, other bytes
+  _bad_npz(here / "data.npz", y_train=np.ones(64, np.int64))
+  with pytest.raises(ValueError, match="is not the file this run trained on"):
+    workdirs.check_config(config, workdir)

@@ -99,3 +99,34 @@ def test_missing_source_is_a_clear_error(tmp_path, tiny_config):
   with pytest.raises(ValueError, match="does not exist"):
     _run(config, tmp_path / "run")
   assert not os.path.exists(tmp_path / "run" / two_stage.INIT_SUBDIR)
+
+
+def test_a_failed_start_leaves_no_init_and_a_leftover_init_is_replaced(sources, tmp_path,
+                                                                       tiny_config):
+  workdir = tmp_path / "run"
+  # Refused after the surgery (the batch does not split over the 4 devices): no init stays,
+  # nor the workdir the start created.
+  config = tiny_config("step2:three_into_five", source=sources["three"][0], batch_size=66,
+                       **SHORT)
+  with pytest.raises(ValueError, match="batch_size=66"):
+    _run(config, workdir)
+  assert not workdir.exists()
+  # An init left behind by an older version's failed start (from another source) is never
+  # trained from: without a checkpoint the surgery is done again from this run's source.
+  stale = workdir / two_stage.INIT_SUBDIR
+  stale.mkdir(parents=True)
+  (stale / "left_over").write_text("")
+  config = tiny_config("step2:three_into_five", source=sources["three"][0], **SHORT)
+  _run(config, workdir)
+  _, meta = checkpoints.restore_raw(str(stale))
+  assert meta["surgery"]["source"] == os.path.abspath(sources["three"][0])
+  assert not (stale / "left_over").exists()
+
+
+def test_a_source_that_does_not_fit_the_variant_is_refused_before_writing(sources, tmp_path,
+                                                                         tiny_config):
+  config = tiny_config("step2:merge_baselines", sources=",".join(sources["base"]), depth=14,
+                       **SHORT)
+  with pytest.raises(ValueError, match="but variant 'merge_baselines' trains a"):
+    _run(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()

@@ -162,3 +162,15 @@ def test_config_variants():
   assert step1.get_config("three_branch,deterministic").deterministic
   with pytest.raises(ValueError, match="unknown config variant 'seven_branch'"):
     step1.get_config("seven_branch")
+
+
+def test_top_k_never_counts_a_non_finite_logit_or_an_unknown_label_as_right():
+  logits = jnp.asarray([[1.0, 2.0, 0.0],          # label 1: right at top-1
+                        [jnp.nan, 0.0, 1.0],      # a NaN logit: wrong
+                        [0.0, jnp.nan, 1.0],      # the label's own logit is NaN: wrong
+                        [jnp.inf, 0.0, 1.0],      # an infinite logit: wrong
+                        [1.0, 2.0, 0.0],          # label 5 of a 3-class model: wrong
+                        [1.0, 2.0, 0.0]])         # label 0: right at top-2 only
+  labels = jnp.asarray([1, 2, 1, 0, 5, 0])
+  np.testing.assert_array_equal(train._topk_correct(logits, labels, 1), [1, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(train._topk_correct(logits, labels, 2), [1, 0, 0, 0, 0, 1])
