@@ -41,9 +41,7 @@ from ml_collections import config_flags
 
 from one_jax import checkpoints
 from one_jax import cli
-from one_jax import config_checks
-from one_jax import device_data
-from one_jax import input_pipeline
+from one_jax import validate
 from one_jax import model_spec
 from one_jax import models
 from one_jax import optimizer
@@ -52,6 +50,7 @@ from one_jax import train
 from one_jax.cpu import host_memory
 from one_jax.cpu import kernels
 from one_jax.cpu import xla_options
+from one_jax.data import device_data, in_memory, sources
 
 IMAGE_SHAPE = (32, 32, 3)   # CIFAR's; a config with image_size (ImageNet: 224) sets its own
 
@@ -132,7 +131,7 @@ class StepTimer:
     self.mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, self.mesh)
     self.spec = model_spec.ModelSpec.from_config(config)
-    self.steps_per_call = config_checks.check_int(
+    self.steps_per_call = validate.check_int(
         "config.steps_per_dispatch", config.get("steps_per_dispatch", 1), minimum=1)
     shape = image_shape(config)
     tx = optimizer.create_optimizer(config, STEPS_PER_EPOCH,
@@ -165,20 +164,20 @@ class StepTimer:
   def _inputs(self, shape):
     """([two dispatches' stacked inputs], the train set on the devices or None)."""
     config, k, n = self.config, self.steps_per_call, self.config.batch_size
-    if config.get("dataset") in input_pipeline.IMAGENET_DATASETS:
-      # Its loader streams and decodes (imagenet_input): the loop never keeps it on the device.
+    if config.get("dataset") in sources.IMAGENET_DATASETS:
+      # Its loader streams and decodes (one_jax.data.imagenet): the loop never keeps it on the device.
       batch = synthetic_batch(config, n, config.seed)
       steps = [{"image": batch["image"], "label": batch["label"]}] * (2 * k)
       data = None
     else:
-      source, _ = input_pipeline.synthetic_sources(2 * k * n, 1, config.num_classes, config.seed,
+      source, _ = in_memory.synthetic_sources(2 * k * n, 1, config.num_classes, config.seed,
                                                    shape)
       where = dict(global_batch=n, seed=config.seed, epoch=0)
       if device_data.use_device_data(config.get("data_on_device", "false"), source):
-        steps, data = list(input_pipeline.train_plans(len(source), **where)), \
+        steps, data = list(in_memory.train_plans(len(source), **where)), \
             device_data.put(source, self.mesh)
       else:
-        steps, data = list(input_pipeline.train_batches(source, **where)), None
+        steps, data = list(in_memory.train_batches(source, **where)), None
     return [train.stack_steps(steps[i * k:(i + 1) * k], self.mesh) for i in (0, 1)], data
 
   def _variables(self):

@@ -5,8 +5,8 @@ and imagenet.py) and raises a one-line ValueError naming the first bad field, th
 it must be. Checks that need more than the config (batch size vs devices, num_classes vs the
 dataset, the data itself, checkpoints) stay where those are read.
 
-The module also holds the one validation helper the library uses everywhere for integer
-arguments: `is_int` / `check_int` (an int or numpy integer, never a bool).
+The integer helpers every layer uses (`is_int`, `check_int`) live in the leaf module
+one_jax.validate.
 """
 import dataclasses
 import math
@@ -14,39 +14,12 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-# The CIFAR ResNets halve the image twice (stride-2 stages): 4 x 4 pixels leave one pixel for
-# the global average pooling. Smaller images (0 x 0 included) are refused with the data.
-MIN_IMAGE_SIZE = 4
+from one_jax import model_spec, models, optimizer, two_stage
+from one_jax import validate
+from one_jax.cpu import kernels, xla_options
+from one_jax.data import device_data, sources
 
 Bound = Union[None, int, float, str]  # a number, or the name of another field
-
-
-# ----------------------------------------------------------------------------- the helper
-
-
-def is_int(value) -> bool:
-  """An integer (Python or numpy), not a bool (True is an int to Python, never to a user)."""
-  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def check_int(name: str, value, minimum: Optional[int] = None,
-              maximum: Optional[int] = None, why: str = "") -> int:
-  """Returns int(value), or raises `name=value is invalid: it must be ...` (one line)."""
-  if not is_int(value) or (minimum is not None and value < minimum) or (
-      maximum is not None and value > maximum):
-    raise ValueError(f"{name}={value!r} is invalid: " + (why or "it must be " + _int_range(
-        minimum, maximum)))
-  return int(value)
-
-
-def _int_range(minimum, maximum) -> str:
-  if minimum == 1 and maximum is None:
-    return "a positive integer"
-  if minimum == 0 and maximum is None:
-    return "an integer >= 0"
-  if maximum is None:
-    return f"an integer >= {minimum}"
-  return f"an integer in [{minimum}, {maximum}]"
 
 
 # ----------------------------------------------------------------------------- kinds of rule
@@ -69,9 +42,9 @@ class Number:
     return value(self.low), value(self.high)
 
   def valid(self, value, config) -> bool:
-    if value in self.also and (is_int(value) or not self.integer):
+    if value in self.also and (validate.is_int(value) or not self.integer):
       return True
-    if self.integer and not is_int(value):
+    if self.integer and not validate.is_int(value):
       return False
     if not self.integer and (isinstance(value, (bool, np.bool_)) or not isinstance(
         value, (int, float, np.integer, np.floating)) or not math.isfinite(value)):
@@ -134,7 +107,7 @@ class Epochs:
   """A tuple of integer epochs, each in [1, num_epochs] (milestones inside the run)."""
 
   def valid(self, value, config) -> bool:
-    if not isinstance(value, (tuple, list)) or not all(is_int(m) for m in value):
+    if not isinstance(value, (tuple, list)) or not all(validate.is_int(m) for m in value):
       return False
     if config.get("schedule", "multistep") != "multistep":
       return True  # only the multistep schedule uses them
@@ -144,7 +117,7 @@ class Epochs:
     """The rule, with an example that is valid for this config's num_epochs (half and three
     quarters of the run, the reference's 150 and 225 of 300)."""
     n = config.get("num_epochs", 300) if config is not None else 300
-    example = (sorted({max(1, n // 2), max(1, 3 * n // 4)}) if is_int(n) and n >= 1
+    example = (sorted({max(1, n // 2), max(1, 3 * n // 4)}) if validate.is_int(n) and n >= 1
                else [150, 225])
     example = f"({example[0]},)" if len(example) == 1 else f"({', '.join(map(str, example))})"
     return (f"integer epochs inside the run, each in [1, num_epochs={n}], e.g. "
@@ -165,17 +138,14 @@ class Rule:
 def _depth(value, config) -> None:
   """A depth of the model's family (6n+2 for the CIFAR ResNet, 6n+4 for WRN, ...); the family's
   options (width, growth_rate, ...) are checked with it, as they shape the same network."""
-  from one_jax import model_spec  # pylint: disable=g-import-not-at-top
   model_spec.check_architecture(config.get("model", "one_resnet"), value, config)
 
 
 def _active_branches(value, config) -> None:
-  from one_jax import model_spec  # pylint: disable=g-import-not-at-top
   model_spec.parse_active_branches(value, config.num_branches)
 
 
 def _compute_dtype(value, config) -> None:
-  from one_jax import models  # pylint: disable=g-import-not-at-top
   if value in models.COMPUTE_DTYPES:   # an unknown name gets the table's message
     models.resolve_compute_dtype(value, config.get("conv_impl", "auto"))
 
@@ -195,19 +165,21 @@ def _trunk_from(value, config) -> None:  # pylint: disable=unused-argument
                      "trunk is kept (e.g. 0) or 'mean'")
 
 
+def parse_profile_steps(value: str) -> Optional[Tuple[int, int]]:
+  """'START,END' -> (START, END), the global steps (1-based) to trace; '' -> None."""
+  if not value:
+    return None
+  parts = [p.strip() for p in value.split(",")]
+  if len(parts) != 2 or not all(p.isdigit() for p in parts) or not (
+      1 <= int(parts[0]) <= int(parts[1])):
+    raise ValueError(f"profile_steps={value!r} is invalid: give the first and last global "
+                     "step to trace, 1 <= START <= END, e.g. --config.profile_steps=20,30")
+  return int(parts[0]), int(parts[1])
+
+
 def _profile_steps(value, config) -> None:  # pylint: disable=unused-argument
-  from one_jax import train  # pylint: disable=g-import-not-at-top
-  train.parse_profile_steps(value)
+  parse_profile_steps(value)
 
-
-def _enum(module: str, name: str) -> Callable[[], Tuple[str, ...]]:
-  def choices():
-    import importlib  # pylint: disable=g-import-not-at-top
-    return tuple(getattr(importlib.import_module(f"one_jax.{module}"), name))
-  return choices
-
-
-# ----------------------------------------------------------------------------- the table
 
 _POSITIVE_INT = Number(integer=True, low=1)
 _COUNT = Number(integer=True, low=0)
@@ -215,7 +187,7 @@ _RATIO = Number(integer=False, low=0, high=1, high_open=True)
 
 RULES: Sequence[Rule] = (
     # Model.
-    Rule("model", _enum("model_spec", "ARCHITECTURES")),
+    Rule("model", OneOf(tuple(model_spec.ARCHITECTURES))),
     Rule("depth", Number(integer=True, low=8), extra=_depth),  # the family's: 6n+2, 6n+4, ...
     # Architecture options (model_spec.OPTIONS; 0 = the family's default): refused for a
     # family that does not take them (by the depth row's check, which reads them).
@@ -228,13 +200,13 @@ RULES: Sequence[Rule] = (
     Rule("bottleneck", Flag()),  # DenseNet: True = DenseNet-BC, False = the original DenseNet
     Rule("num_branches", _POSITIVE_INT,
          why="a model has at least one branch (--config.num_branches=1 or more)"),
-    Rule("branch_impl", _enum("models", "BRANCH_IMPLS")),
-    Rule("cpu_conv_library", _enum("cpu.xla_options", "CPU_CONV_LIBRARIES")),
-    Rule("conv_impl", _enum("cpu.kernels", "CONV_IMPLS")),
-    Rule("compute_dtype", _enum("models", "COMPUTE_DTYPES"), extra=_compute_dtype),
+    Rule("branch_impl", OneOf(tuple(models.BRANCH_IMPLS))),
+    Rule("cpu_conv_library", OneOf(tuple(xla_options.CPU_CONV_LIBRARIES))),
+    Rule("conv_impl", OneOf(tuple(kernels.CONV_IMPLS))),
+    Rule("compute_dtype", OneOf(tuple(models.COMPUTE_DTYPES)), extra=_compute_dtype),
     Rule("active_branches", Text(_active_branches)),
     # Data.
-    Rule("dataset", _enum("input_pipeline", "DATASETS")),
+    Rule("dataset", OneOf(tuple(sources.DATASETS))),
     Rule("num_classes", Number(integer=True, low=2),
          why="a classifier needs at least two classes"),
     Rule("npz_path", Text()),
@@ -242,11 +214,12 @@ RULES: Sequence[Rule] = (
     Rule("download", Flag()),
     Rule("synthetic_train_size", _POSITIVE_INT),
     Rule("synthetic_test_size", _POSITIVE_INT),
-    Rule("image_size", Number(integer=True, low=MIN_IMAGE_SIZE),
-         why=f"it must be the model's input side in pixels, >= {MIN_IMAGE_SIZE} (ImageNet: 224)"),
+    Rule("image_size", Number(integer=True, low=validate.MIN_IMAGE_SIZE),
+         why=f"it must be the model's input side in pixels, >= {validate.MIN_IMAGE_SIZE} "
+             "(ImageNet: 224)"),
     Rule("data_workers", _COUNT,
          why="it must be 0 (threads of this process) or the number of worker processes"),
-    Rule("data_on_device", _enum("device_data", "MODES")),
+    Rule("data_on_device", OneOf(tuple(device_data.MODES))),
     # Optimisation.
     Rule("batch_size", _POSITIVE_INT),
     Rule("eval_batch_size", _POSITIVE_INT),
@@ -255,7 +228,7 @@ RULES: Sequence[Rule] = (
     Rule("momentum", _RATIO),
     Rule("weight_decay", Number(integer=False, low=0)),
     Rule("nesterov", Flag()),
-    Rule("schedule", _enum("optimizer", "SCHEDULES")),
+    Rule("schedule", OneOf(tuple(optimizer.SCHEDULES))),
     Rule("milestones", Epochs()),
     Rule("gamma", Number(integer=False, low=0, low_open=True)),
     Rule("warmup_epochs", Number(integer=True, low=0, high="num_epochs", high_open=True)),
@@ -293,20 +266,19 @@ RULES: Sequence[Rule] = (
     # Step 2 (configs/step2.py).
     Rule("source", Text()),
     Rule("sources", Text()),
-    Rule("surgery", _enum("two_stage", "SURGERIES")),
+    Rule("surgery", OneOf(tuple(two_stage.SURGERIES))),
     Rule("expand_mode", OneOf(("copy", "fresh"))),
     Rule("expand_from", Text(_int_list("expand_from"))),
     Rule("trunk_from", Text(_trunk_from)),
     Rule("symmetry_noise", Number(integer=False, low=0)),
-    Rule("symmetry_break", _enum("two_stage", "SYMMETRY_BREAKS")),
+    Rule("symmetry_break", OneOf(tuple(two_stage.SYMMETRY_BREAKS))),
     Rule("reset_optimizer", Flag()),
 )
 FIELDS = tuple(r.field for r in RULES)
 
 
 def _kind(rule: Rule):
-  return OneOf(rule.kind()) if callable(rule.kind) and not dataclasses.is_dataclass(
-      rule.kind) else rule.kind
+  return rule.kind
 
 
 def kind_of(field: str):

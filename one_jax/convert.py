@@ -27,7 +27,6 @@ Command line:
   python -m one_jax.convert --to_torch --branch 0 CKPT OUT.pth  # a ONE ImageNet ResNet's branch 0
 """
 import collections
-import dataclasses
 import logging
 import os
 import re
@@ -39,51 +38,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from one_jax import checkpoints, cli, model_spec, models, staging, workdirs
+from one_jax import checkpoints, cli, convert_torchvision, model_spec, models, staging
+from one_jax import workdirs
+from one_jax.interop import torch_common
 
 SPELLINGS = ("classfier", "classifier")  # the reference's spelling, and later forks'
-NBT = "num_batches_tracked"
-_MAX_LISTED = 20
-
-_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias",
-                  "mean": "running_mean", "var": "running_var"}
-_MODULE_TO_TORCH = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
 _GATE_TO_TORCH = {"dense": "control_v1", "bn": "bn_v1"}
 
 
-class ConversionError(ValueError):
-  """A torch checkpoint cannot be converted (the message names the file and the cause)."""
-
-
-@dataclasses.dataclass
-class TorchImport:
-  """Everything read from a torch checkpoint: the model, its variables, and what export needs."""
-  spec: model_spec.ModelSpec
-  variables: Dict[str, Any]
-  num_batches_tracked: Optional[Dict[str, int]]  # None: the file had none (PyTorch < 0.4.1)
-  spelling: str
-  module_prefix: bool
-  epoch: int = 0
-  extras: Dict[str, Any] = dataclasses.field(default_factory=dict)
-
-  @property
-  def model(self):
-    """The Flax module of `spec`."""
-    return self.spec.build()
-
-  def torch_meta(self) -> Dict[str, Any]:
-    """The JSON-able part that export_torch_state_dict needs to reproduce the file."""
-    return {"num_batches_tracked": self.num_batches_tracked, "spelling": self.spelling,
-            "module_prefix": self.module_prefix, "extras": self.extras}
-
-
 # ----------------------------------------------------------------------------- the name table
-
-
-def _list(keys):
-  keys = sorted(keys)
-  more = f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
-  return "[" + ", ".join(keys[:_MAX_LISTED]) + more + "]"
 
 
 def _module_name(top: str, module: str, branch: Optional[int], spelling: str) -> str:
@@ -97,7 +60,7 @@ def _module_name(top: str, module: str, branch: Optional[int], spelling: str) ->
     return f"{spelling}3_{branch + 1}" if top == "branches" else "fc"
   if top == "gate":
     return _GATE_TO_TORCH[module]
-  return _MODULE_TO_TORCH.get(module, module)
+  return torch_common.MODULE_TO_TORCH.get(module, module)
 
 
 def torch_key(path, branch: Optional[int] = None, spelling: str = "classfier") -> str:
@@ -105,23 +68,7 @@ def torch_key(path, branch: Optional[int] = None, spelling: str = "classfier") -
   ('trunk', 'layer1_0', 'conv1', 'kernel'); `branch` picks the slot of a 'branches' leaf."""
   top, *modules, leaf = path
   names = [_module_name(top, m, branch, spelling) for m in modules]
-  return ".".join(names + [_LEAF_TO_TORCH[leaf]])
-
-
-_TORCH_ORDER = {name: i for i, name in enumerate(
-    ["conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample", "layer1", "layer2", "layer3",
-     "layer4",
-     "control_v1", "bn_v1", "classfier3", "classifier3", "fc", "weight", "bias", "running_mean",
-     "running_var", NBT])}
-
-
-def _torch_order(key: str):
-  """Sort key giving the reference modules' registration order (that of their state_dict())."""
-  ranks = []
-  for part in key.split("."):
-    base, _, branch = part.rpartition("_") if re.fullmatch(r"\w+3_\d+", part) else (part, "", "")
-    ranks.append((int(part), 0) if part.isdigit() else (_TORCH_ORDER[base], int(branch or 0)))
-  return ranks
+  return ".".join(names + [torch_common.LEAF_TO_TORCH[leaf]])
 
 
 def name_table(spec: model_spec.ModelSpec, spelling: str = "classfier"):
@@ -129,7 +76,7 @@ def name_table(spec: model_spec.ModelSpec, spelling: str = "classfier"):
   if spelling not in SPELLINGS:
     raise ValueError(f"spelling={spelling!r} is unknown: use one of {', '.join(SPELLINGS)}")
   if model_spec.architecture(spec.kind).family != "cifar_resnet":
-    raise ConversionError(f"a {spec.describe()} has no PyTorch counterpart here: conversion "
+    raise torch_common.ConversionError(f"a {spec.describe()} has no PyTorch counterpart here: conversion "
                           "covers the reference's CIFAR ResNet (one_resnet, cifar_resnet) and "
                           "torchvision's ImageNet ResNets (imagenet_resnet, one_imagenet_resnet)")
   shapes = spec.abstract_variables()
@@ -139,24 +86,12 @@ def name_table(spec: model_spec.ModelSpec, spelling: str = "classfier"):
       slots = range(leaf.shape[0]) if path[0] == "branches" else [None]
       for b in slots:
         table.append((torch_key(path, b, spelling), (col,) + path, b, leaf.shape))
-  return sorted(table, key=lambda row: _torch_order(row[0]))
+  return sorted(table, key=lambda row: torch_common.torch_order(row[0]))
 
 
 def _bn_modules(table):
   """Torch names of the BatchNorm modules (those with a running_mean)."""
   return [k[:-len(".running_mean")] for k, *_ in table if k.endswith(".running_mean")]
-
-
-def _to_torch_layout(x: np.ndarray, leaf: str) -> np.ndarray:
-  if leaf == "kernel":
-    return np.transpose(x, (3, 2, 0, 1)) if x.ndim == 4 else x.T  # HWIO -> OIHW; [in,out] -> [out,in]
-  return x
-
-
-def _from_torch_layout(x: np.ndarray, leaf: str) -> np.ndarray:
-  if leaf == "kernel":
-    return np.transpose(x, (2, 3, 1, 0)) if x.ndim == 4 else x.T
-  return x
 
 
 # ----------------------------------------------------------------------------- torch -> one_jax
@@ -210,15 +145,15 @@ def _read_file(path: str, allow_pickle: bool):
   import pickle  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
-    raise ConversionError(f"{path} does not exist: pass a PyTorch .pth.tar or state-dict file")
+    raise torch_common.ConversionError(f"{path} does not exist: pass a PyTorch .pth.tar or state-dict file")
   if os.path.isdir(path):
-    raise ConversionError(f"{path} is a directory: pass a PyTorch .pth.tar or state-dict file "
+    raise torch_common.ConversionError(f"{path} is a directory: pass a PyTorch .pth.tar or state-dict file "
                           "(one_jax checkpoints go to torch with --to_torch)")
   if allow_pickle:
     try:
       return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # pylint: disable=broad-except
-      raise ConversionError(f"cannot read {path}: not a PyTorch checkpoint "
+      raise torch_common.ConversionError(f"cannot read {path}: not a PyTorch checkpoint "
                             f"({_first_line(e)})") from e
   try:
     with torch.serialization.safe_globals(safe_globals()):
@@ -227,15 +162,15 @@ def _read_file(path: str, allow_pickle: bool):
     unsafe = _unsafe_types(path)
     if unsafe or "GLOBAL" in str(e):
       named = ", ".join(unsafe) or _first_line(e).split("GLOBAL ")[-1].split(" ")[0]
-      raise ConversionError(
+      raise torch_common.ConversionError(
           f"{path} holds objects of type {named}, which is not on the safe list (tensors, "
           "containers, argparse.Namespace, numpy scalars and arrays): loading it would run code "
           "from the file; if you trust the file, pass --allow_pickle (library: "
           "allow_pickle=True)") from None
-    raise ConversionError(f"cannot read {path}: not a PyTorch checkpoint "
+    raise torch_common.ConversionError(f"cannot read {path}: not a PyTorch checkpoint "
                           f"({_first_line(e)})") from None
   except Exception as e:  # pylint: disable=broad-except
-    raise ConversionError(f"cannot read {path}: not a PyTorch checkpoint "
+    raise torch_common.ConversionError(f"cannot read {path}: not a PyTorch checkpoint "
                           f"({_first_line(e)})") from None
 
 
@@ -250,9 +185,9 @@ def _state_dict_of(obj, source: str):
         return obj[name]
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
       return obj
-  kind = f"a dict with keys {_list(map(str, obj))}" if isinstance(obj, Mapping) else (
+  kind = f"a dict with keys {torch_common.list_keys(map(str, obj))}" if isinstance(obj, Mapping) else (
       f"a {type(obj).__name__}")
-  raise ConversionError(f"{source} holds {kind}, not a model checkpoint: expected a dict with "
+  raise torch_common.ConversionError(f"{source} holds {kind}, not a model checkpoint: expected a dict with "
                         "'state_dict' or a state dict of tensors")
 
 
@@ -269,14 +204,14 @@ def _infer_model(state_dict, source: str):
   keys = list(state_dict)
   blocks = {int(m[1]) for k in keys for m in [re.match(r"layer1\.(\d+)\.", k)] if m}
   if not blocks:
-    raise ConversionError(f"{source}: no 'layer1.<i>.' keys, so this is not a CIFAR ResNet or "
-                          f"ONE ResNet checkpoint (keys: {_list(keys)})")
+    raise torch_common.ConversionError(f"{source}: no 'layer1.<i>.' keys, so this is not a CIFAR ResNet or "
+                          f"ONE ResNet checkpoint (keys: {torch_common.list_keys(keys)})")
   n = max(blocks) + 1
   depth = 6 * n + 2
   bottleneck = any(re.fullmatch(r"layer1\.\d+\.conv3\.weight", k) for k in keys)
   if bottleneck != (models.block_type(depth) == "bottleneck"):
     have, want = ("Bottleneck", "BasicBlock") if bottleneck else ("BasicBlock", "Bottleneck")
-    raise ConversionError(f"{source}: {n} blocks per stage (depth {depth}) built from {have} "
+    raise torch_common.ConversionError(f"{source}: {n} blocks per stage (depth {depth}) built from {have} "
                           f"blocks, but the reference uses {want} at depth {depth} "
                           "(Bottleneck from depth 44 on)")
   branches = {int(m[1]) for k in keys
@@ -287,7 +222,7 @@ def _infer_model(state_dict, source: str):
   classifier = f"{spelling}3_1.weight" if is_one else "fc.weight"
   weight = state_dict.get(classifier)
   if weight is None or weight.ndim != 2:
-    raise ConversionError(f"{source}: missing keys [{classifier}] (the class count is read "
+    raise torch_common.ConversionError(f"{source}: missing keys [{classifier}] (the class count is read "
                           "from it)")
   num_classes = int(weight.shape[0])
   if not is_one:
@@ -295,13 +230,8 @@ def _infer_model(state_dict, source: str):
   return model_spec.ModelSpec("one_resnet", depth, num_classes, max(branches)), spelling
 
 
-def _as_numpy(tensor):
-  import torch  # pylint: disable=g-import-not-at-top
-  return tensor.detach().cpu().to(torch.float32).numpy()
-
-
-def import_state_dict(state_dict, source: str = "state dict") -> TorchImport:
-  """A reference state dict (with or without 'module.') -> TorchImport; strict on names/shapes.
+def import_state_dict(state_dict, source: str = "state dict") -> torch_common.TorchImport:
+  """A reference state dict (with or without 'module.') -> torch_common.TorchImport; strict on names/shapes.
 
   Floating-point tensors become float32 (the one_jax parameter dtype).
   """
@@ -309,32 +239,31 @@ def import_state_dict(state_dict, source: str = "state dict") -> TorchImport:
   sd, prefixed = _strip_prefix(state_dict)
   not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
   if not_tensors:
-    raise ConversionError(f"{source}: entries that are not tensors: {_list(not_tensors)}")
-  from one_jax import convert_torchvision  # pylint: disable=g-import-not-at-top  (imports this)
+    raise torch_common.ConversionError(f"{source}: entries that are not tensors: {torch_common.list_keys(not_tensors)}")
   if convert_torchvision.is_torchvision(sd):
     return convert_torchvision.import_state_dict(sd, source, prefixed)
   spec, spelling = _infer_model(sd, source)
   table = name_table(spec, spelling)
-  nbt_keys = {f"{m}.{NBT}" for m in _bn_modules(table)}
+  nbt_keys = {f"{m}.{torch_common.NBT}" for m in _bn_modules(table)}
   expected = {k for k, *_ in table}
   missing = expected - set(sd)
   unknown = set(sd) - expected - nbt_keys
   if missing or unknown:
-    parts = ([f"missing keys {_list(missing)}"] if missing else []) + (
-        [f"unknown keys {_list(unknown)}"] if unknown else [])
-    raise ConversionError(f"{source}: does not match the {spec.describe()} its keys imply: "
+    parts = ([f"missing keys {torch_common.list_keys(missing)}"] if missing else []) + (
+        [f"unknown keys {torch_common.list_keys(unknown)}"] if unknown else [])
+    raise torch_common.ConversionError(f"{source}: does not match the {spec.describe()} its keys imply: "
                           + "; ".join(parts))
   flat, bad_shapes = {}, []
   for key, path, b, shape in table:
-    x = _from_torch_layout(_as_numpy(sd[key]), path[-1])
+    x = torch_common.from_torch_layout(torch_common.as_numpy(sd[key]), path[-1])
     want = shape[1:] if b is not None else shape
     if x.shape != tuple(want):
       bad_shapes.append(f"{key} {tuple(sd[key].shape)}")
       continue
     flat.setdefault(path, []).append(x)
   if bad_shapes:
-    raise ConversionError(f"{source}: tensors with shapes that do not fit the {spec.describe()}: "
-                          f"{_list(bad_shapes)}")
+    raise torch_common.ConversionError(f"{source}: tensors with shapes that do not fit the {spec.describe()}: "
+                          f"{torch_common.list_keys(bad_shapes)}")
   flat = {p: (np.stack(xs) if p[1] == "branches" else xs[0]) for p, xs in flat.items()}
   variables = flax.traverse_util.unflatten_dict(flat)
   shapes = spec.abstract_variables()
@@ -344,7 +273,7 @@ def import_state_dict(state_dict, source: str = "state dict") -> TorchImport:
   present = sorted(k for k in nbt_keys if k in sd)
   nbt = {k: int(sd[k].item()) for k in present} if present else None
   variables = jax.tree.map(jnp.asarray, variables)
-  return TorchImport(spec, variables, nbt, spelling, prefixed)
+  return torch_common.TorchImport(spec, variables, nbt, spelling, prefixed)
 
 
 def _jsonable_extras(obj) -> Dict[str, Any]:
@@ -363,11 +292,11 @@ def _jsonable_extras(obj) -> Dict[str, Any]:
   return extras
 
 
-def read_torch_checkpoint(path: str, *, allow_pickle: bool = False) -> TorchImport:
+def read_torch_checkpoint(path: str, *, allow_pickle: bool = False) -> torch_common.TorchImport:
   """Reads a reference .pth.tar or state-dict file, never running code from it by default.
 
   Tensors, containers and the types of `safe_globals()` are read with torch's weights_only
-  loader; anything else is refused (ConversionError naming the type). allow_pickle=True
+  loader; anything else is refused (torch_common.ConversionError naming the type). allow_pickle=True
   reads such a file with a full unpickle, which runs whatever code it holds: only for files
   you trust.
   """
@@ -407,7 +336,6 @@ def export_torch_state_dict(spec: model_spec.ModelSpec, variables, *, module_pre
   outputs, so it is an error unless ignore_gate_offset.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  from one_jax import convert_torchvision  # pylint: disable=g-import-not-at-top  (imports this)
   if spec.kind in convert_torchvision.KINDS:
     return convert_torchvision.export_state_dict(spec, variables, branch=branch,
                                                  module_prefix=module_prefix,
@@ -427,10 +355,10 @@ def export_torch_state_dict(spec: model_spec.ModelSpec, variables, *, module_pre
   out = collections.OrderedDict()
   for key, path, b, _ in table:
     x = np.asarray(flat[path])
-    x = _to_torch_layout(x[b] if b is not None else x, path[-1])
+    x = torch_common.to_torch_layout(x[b] if b is not None else x, path[-1])
     out[prefix + key] = torch.from_numpy(np.array(x))  # a writable copy
     if key.endswith(".running_var") and num_batches_tracked is not None:
-      nbt_key = key[:-len("running_var")] + NBT
+      nbt_key = key[:-len("running_var")] + torch_common.NBT
       count = (num_batches_tracked.get(nbt_key, 0) if isinstance(num_batches_tracked, Mapping)
                else num_batches_tracked)
       out[prefix + nbt_key] = torch.tensor(int(count), dtype=torch.long)
@@ -472,7 +400,6 @@ def convert_to_torch(ckpt: str, out_path: str, *, module_prefix: Optional[bool] 
   spec = checkpoints.spec_of(meta, ckpt)
   checkpoints.check_finite(checkpoints.variables_of(state), ckpt,
                            "the exported model would compute nothing but NaN")
-  from one_jax import convert_torchvision  # pylint: disable=g-import-not-at-top  (imports this)
   torchvision = spec.kind in convert_torchvision.KINDS
   recorded = meta.get("torch") or {}
   nbt = recorded["num_batches_tracked"] if "num_batches_tracked" in recorded else int(

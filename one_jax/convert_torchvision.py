@@ -7,11 +7,11 @@ The names are torchvision's (`torchvision.models.resnet18().state_dict()`):
   layer4.{i}.*, fc                     <-> branch/layer4_{i}/*, branch/classifier
   {..}.downsample.0 / .downsample.1    <-> {..}/downsample_conv / {..}/downsample_bn
 
-with convert.py's leaf layouts (OIHW <-> HWIO, [out, in] <-> [in, out], BatchNorm weight <->
+with torch_common's leaf layouts (OIHW <-> HWIO, [out, in] <-> [in, out], BatchNorm weight <->
 scale, running_mean / running_var <-> batch_stats). A torchvision model is a baseline: import
 gives an `imagenet_resnet` checkpoint; a ONE model exports one chosen branch (with the shared
 trunk) as a torchvision ResNet, the gate left out, since torchvision has no multi-branch model.
-convert.py's reading, checks and command line serve both layouts.
+one_jax.convert's reading, checks and command line serve both layouts.
 """
 import collections
 import re
@@ -22,15 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from one_jax import convert, model_spec
+from one_jax import model_spec
 from one_jax.architectures import imagenet_resnet
-
-# convert.py's leaf names and layouts, shared: one table of them for both sets of names.
-# pylint: disable=protected-access
-_LEAF_TO_TORCH, _MODULE_TO_TORCH = convert._LEAF_TO_TORCH, convert._MODULE_TO_TORCH
-_list, _torch_order, _as_numpy = convert._list, convert._torch_order, convert._as_numpy
-_to_torch_layout, _from_torch_layout = convert._to_torch_layout, convert._from_torch_layout
-# pylint: enable=protected-access
+from one_jax.interop import torch_common
 
 BASELINE_KIND = "imagenet_resnet"
 KINDS = (BASELINE_KIND, "one_imagenet_resnet")   # the model kinds with torchvision names
@@ -50,11 +44,11 @@ def torch_key(path) -> str:
   for module in modules:
     if module == "classifier":
       names.append("fc")
-    elif module in _MODULE_TO_TORCH:
-      names.append(_MODULE_TO_TORCH[module])
+    elif module in torch_common.MODULE_TO_TORCH:
+      names.append(torch_common.MODULE_TO_TORCH[module])
     else:
       names.append(re.sub(r"^(layer\d)_(\d+)$", r"\1.\2", module))
-  return ".".join(names + [_LEAF_TO_TORCH[leaf]])
+  return ".".join(names + [torch_common.LEAF_TO_TORCH[leaf]])
 
 
 def name_table(spec: model_spec.ModelSpec):
@@ -64,7 +58,7 @@ def name_table(spec: model_spec.ModelSpec):
   table = [(torch_key(path), (col,) + path, leaf.shape)
            for col in ("params", "batch_stats")
            for path, leaf in flax.traverse_util.flatten_dict(shapes.get(col, {})).items()]
-  return sorted(table, key=lambda row: _torch_order(row[0]))
+  return sorted(table, key=lambda row: torch_common.torch_order(row[0]))
 
 
 def infer_spec(state_dict, source: str) -> model_spec.ModelSpec:
@@ -80,44 +74,44 @@ def infer_spec(state_dict, source: str) -> model_spec.ModelSpec:
   depths = [d for d, stages in imagenet_resnet.STAGES.items() if stages == (kind, blocks)]
   if not depths:
     known = ", ".join(f"{d} {b} {s}" for d, (b, s) in imagenet_resnet.STAGES.items())
-    raise convert.ConversionError(
+    raise torch_common.ConversionError(
         f"{source}: a torchvision ResNet with {kind} blocks {list(blocks)} per stage is not "
         f"one of the known depths ({known})")
   weight = state_dict["fc.weight"]
   if weight.ndim != 2:
-    raise convert.ConversionError(f"{source}: fc.weight has shape {tuple(weight.shape)}, not "
+    raise torch_common.ConversionError(f"{source}: fc.weight has shape {tuple(weight.shape)}, not "
                                   "[classes, features]")
   return model_spec.ModelSpec(BASELINE_KIND, depths[0], int(weight.shape[0]))
 
 
-def import_state_dict(state_dict, source: str, prefixed: bool) -> convert.TorchImport:
+def import_state_dict(state_dict, source: str, prefixed: bool) -> torch_common.TorchImport:
   """A torchvision ResNet state dict ('module.' already stripped) -> TorchImport of an
   imagenet_resnet baseline; strict on names and shapes."""
   spec = infer_spec(state_dict, source)
   table = name_table(spec)
-  nbt_keys = {k[:-len("running_mean")] + convert.NBT for k, *_ in table
+  nbt_keys = {k[:-len("running_mean")] + torch_common.NBT for k, *_ in table
               if k.endswith(".running_mean")}
   expected = {k for k, *_ in table}
   missing = expected - set(state_dict)
   unknown = set(state_dict) - expected - nbt_keys
   if missing or unknown:
-    parts = ([f"missing keys {_list(missing)}"] if missing else []) + (
-        [f"unknown keys {_list(unknown)}"] if unknown else [])
-    raise convert.ConversionError(f"{source}: does not match the {spec.describe()} its keys "
+    parts = ([f"missing keys {torch_common.list_keys(missing)}"] if missing else []) + (
+        [f"unknown keys {torch_common.list_keys(unknown)}"] if unknown else [])
+    raise torch_common.ConversionError(f"{source}: does not match the {spec.describe()} its keys "
                                   "imply: " + "; ".join(parts))
   flat, bad = {}, []
   for key, path, shape in table:
-    x = _from_torch_layout(_as_numpy(state_dict[key]), path[-1])
+    x = torch_common.from_torch_layout(torch_common.as_numpy(state_dict[key]), path[-1])
     if x.shape != tuple(shape):
       bad.append(f"{key} {tuple(state_dict[key].shape)}")
     flat[path] = x
   if bad:
-    raise convert.ConversionError(f"{source}: tensors with shapes that do not fit the "
-                                  f"{spec.describe()}: {_list(bad)}")
+    raise torch_common.ConversionError(f"{source}: tensors with shapes that do not fit the "
+                                  f"{spec.describe()}: {torch_common.list_keys(bad)}")
   variables = jax.tree.map(jnp.asarray, flax.traverse_util.unflatten_dict(flat))
   present = sorted(k for k in nbt_keys if k in state_dict)
   nbt = {k: int(state_dict[k].item()) for k in present} if present else None
-  return convert.TorchImport(spec, variables, nbt, "classifier", prefixed)
+  return torch_common.TorchImport(spec, variables, nbt, "classifier", prefixed)
 
 
 def branch_variables(spec: model_spec.ModelSpec, variables, branch: Optional[int]):
@@ -150,10 +144,10 @@ def export_state_dict(spec: model_spec.ModelSpec, variables, *, branch: Optional
   prefix = "module." if module_prefix else ""
   out = collections.OrderedDict()
   for key, path, _ in name_table(spec):
-    x = _to_torch_layout(np.asarray(flat[path]), path[-1])
+    x = torch_common.to_torch_layout(np.asarray(flat[path]), path[-1])
     out[prefix + key] = torch.from_numpy(np.array(x))
     if key.endswith(".running_var") and num_batches_tracked is not None:
-      nbt_key = key[:-len("running_var")] + convert.NBT
+      nbt_key = key[:-len("running_var")] + torch_common.NBT
       count = (num_batches_tracked.get(nbt_key, 0) if isinstance(num_batches_tracked, Mapping)
                else num_batches_tracked)
       out[prefix + nbt_key] = torch.tensor(int(count), dtype=torch.long)

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from one_jax import config_checks
+from one_jax import validate
 
 CSV_NAME = "metrics.csv"
 JSONL_NAME = "metrics.jsonl"
@@ -138,8 +138,8 @@ class MetricWriter:
     self._resume_step = resume_step
     if not self.enabled:
       return
-    resume_epoch = config_checks.check_int("resume_epoch", resume_epoch, minimum=0)
-    resume_step = config_checks.check_int("resume_step", resume_step, minimum=0)
+    resume_epoch = validate.check_int("resume_epoch", resume_epoch, minimum=0)
+    resume_step = validate.check_int("resume_step", resume_step, minimum=0)
     self._steps_path = os.path.join(workdir, STEPS_JSONL_NAME)
     if os.path.exists(self._steps_path):  # drop log points after the checkpoint resumed from
       kept = [r for r in _read_jsonl(self._steps_path, "step") if r["step"] <= resume_step]
@@ -180,7 +180,7 @@ class MetricWriter:
     """Logs the metrics of completed epoch `epoch` (1-based)."""
     if not self.enabled:
       return
-    epoch = config_checks.check_int("epoch", epoch, minimum=1,
+    epoch = validate.check_int("epoch", epoch, minimum=1,
                                     why="it must be an integer >= 1 (completed epochs)")
     row = {"epoch": epoch}
     for name, value in metrics.items():

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from one_jax import config_checks
+from one_jax import validate
 from one_jax import models
 from one_jax.architectures import densenet, imagenet_resnet, resnext, vgg, wrn
 from one_jax.cpu import kernels
@@ -82,8 +82,8 @@ class ModelSpec:
         raise ValueError(f"{name}={value!r} is not an option of {self.kind} (its options: "
                          f"{', '.join(defaults) or 'none'}): leave it unset")
     arch.check(self)
-    config_checks.check_int("num_classes", self.num_classes, minimum=1)
-    config_checks.check_int("num_branches", self.num_branches, minimum=1)
+    validate.check_int("num_classes", self.num_classes, minimum=1)
+    validate.check_int("num_branches", self.num_branches, minimum=1)
     if not arch.branched and self.num_branches != 1:
       raise ValueError(f"num_branches={self.num_branches} is invalid for {self.kind}, which "
                        "has one branch: use a branched kind (e.g. one_resnet)")
@@ -105,7 +105,7 @@ class ModelSpec:
     arch = architecture(config.model)
     branches = config.num_branches if arch.branched else 1
     if arch.branched:
-      config_checks.check_int("num_branches", branches, minimum=1,
+      validate.check_int("num_branches", branches, minimum=1,
                               why="a model has at least one branch (--config.num_branches=1 "
                               "or more)")
     return cls(kind=config.model, depth=config.depth, num_classes=config.num_classes,

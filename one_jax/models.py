@@ -21,7 +21,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from one_jax import config_checks
+from one_jax import validate
 from one_jax.cpu import kernels
 from one_jax import layers
 
@@ -31,7 +31,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 def check_depth(depth) -> int:
   """Returns n (blocks per stage) for a valid CIFAR ResNet depth 6n+2, else raises."""
-  if not config_checks.is_int(depth) or depth < 8 or (depth - 2) % 6:
+  if not validate.is_int(depth) or depth < 8 or (depth - 2) % 6:
     raise ValueError(f"depth={depth!r} is not a CIFAR ResNet depth: use 6n+2 with n >= 1 "
                      "(8, 14, 20, 32, 44, 56, 110, ...)")
   return (depth - 2) // 6
@@ -242,7 +242,7 @@ class CifarResNet(nn.Module):
 
   def __post_init__(self):
     check_depth(self.depth)
-    config_checks.check_int("num_classes", self.num_classes, minimum=1)
+    validate.check_int("num_classes", self.num_classes, minimum=1)
     kernels.resolve_conv_impl(self.conv_impl)
     resolve_compute_dtype(self.compute_dtype, self.conv_impl)
     super().__post_init__()
@@ -266,7 +266,7 @@ class OneResNet(nn.Module):
 
   def __post_init__(self):
     check_depth(self.depth)
-    config_checks.check_int("num_classes", self.num_classes, minimum=1)
+    validate.check_int("num_classes", self.num_classes, minimum=1)
     _check_one_fields(self)
     super().__post_init__()
 
@@ -310,7 +310,7 @@ def baseline_forward(module, images, train: bool, trunk: ModuleDef, branch: Modu
 
 
 def _check_one_fields(module) -> None:
-  config_checks.check_int("num_branches", module.num_branches, minimum=1)
+  validate.check_int("num_branches", module.num_branches, minimum=1)
   resolve_branch_impl(module.branch_impl)
   kernels.resolve_conv_impl(module.conv_impl)
   resolve_compute_dtype(module.compute_dtype, module.conv_impl)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from one_jax import config_checks
+from one_jax import validate
 
 SCHEDULES = ("multistep", "cosine")
 BRANCHES = "branches"
@@ -40,14 +40,14 @@ def _get(config, name, default):
 
 
 def _check_schedule_config(config, steps_per_epoch):
-  if not config_checks.is_int(steps_per_epoch) or steps_per_epoch < 1:
+  if not validate.is_int(steps_per_epoch) or steps_per_epoch < 1:
     raise ValueError(f"steps_per_epoch={steps_per_epoch!r} is invalid: "
                      "it must be a positive integer")
   if not config.lr > 0:
     raise ValueError(f"lr={config.lr!r} is invalid: it must be positive")
   if config.schedule not in SCHEDULES:
     raise ValueError(f"schedule={config.schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
-  if not (config_checks.is_int(config.num_epochs) and config.num_epochs >= 1):
+  if not (validate.is_int(config.num_epochs) and config.num_epochs >= 1):
     raise ValueError(f"num_epochs={config.num_epochs!r} is invalid: it must be a positive integer")
   warmup = _get(config, "warmup_epochs", 0)
   if not 0 <= warmup < config.num_epochs:
@@ -237,7 +237,7 @@ def gradient_ratio_lr(every_k: int, clip: Tuple[float, float] = (0.1, 20.0), ema
   parameters, each leaf the factor broadcastable to that leaf's rows: shape [] outside
   'branches', [B] under it.
   """
-  config_checks.check_int("geo_lr", every_k, minimum=1,
+  validate.check_int("geo_lr", every_k, minimum=1,
                           why="the factors update every k-th step, k >= 1")
   lo, hi = (float(c) for c in clip)
   if not 0 < lo <= hi:

@@ -47,7 +47,7 @@ import numpy as np
 
 from one_jax import checkpoints
 from one_jax import cli
-from one_jax import config_checks
+from one_jax import validate
 from one_jax import model_spec
 from one_jax import staging
 from one_jax import workdirs
@@ -268,7 +268,7 @@ Slot = Tuple[Optional[_Model], int]  # (source model, its branch index); None: a
 
 
 def _check_index(op, name, index, size, what):
-  if not config_checks.is_int(index) or not 0 <= index < size:
+  if not validate.is_int(index) or not 0 <= index < size:
     raise SurgeryError(f"{op}: {name}={index!r} is out of range: {what} has {size} branch"
                        f"{'es' if size != 1 else ''} (0-based: 0..{size - 1})")
 
@@ -447,7 +447,7 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
   """
   model = _view(state, info, "the model")
   m = model.num_branches
-  if not config_checks.is_int(num_branches):
+  if not validate.is_int(num_branches):
     raise SurgeryError(f"expand: --branches={num_branches!r} is not an integer")
   n = int(num_branches)
   if n < m:
@@ -509,7 +509,7 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
   branches = [(v, b) for v in views for b in range(v.num_branches)]
   total = len(branches)
   order = list(range(total)) if slots is None else list(slots)
-  if (not all(config_checks.is_int(s) for s in order)
+  if (not all(validate.is_int(s) for s in order)
       or sorted(order) != list(range(total))):
     raise SurgeryError(f"merge: --slots={','.join(map(str, order))} is not an ordering of the "
                        f"{total} source branches: give each of 0..{total - 1} once")
@@ -541,7 +541,7 @@ def _fresh_column(fresh: Optional[_Model], fresh_gate: str, k: int) -> Slot:
 
 
 def _check_trunk_from(trunk_from, k):
-  if not config_checks.is_int(trunk_from) or not 0 <= trunk_from < k:
+  if not validate.is_int(trunk_from) or not 0 <= trunk_from < k:
     raise SurgeryError(f"merge: --trunk_from={trunk_from!r} is invalid: use a source index "
                        f"0..{k - 1} or 'mean'")
 

@@ -25,10 +25,11 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from one_jax import checkpoints, config_checks, device_data, input_pipeline, losses
+from one_jax import checkpoints, config_checks, losses
 from one_jax import metric_writers
 from one_jax import model_spec, optimizer, parallel, preemption, two_stage, workdirs
 from one_jax.cpu import xla_options
+from one_jax.data import common, device_data, in_memory, sources
 
 DATA = parallel.DATA_AXIS
 
@@ -227,7 +228,7 @@ def evaluate(config, eval_step, mesh, variables, test_source, *, process_index=0
              process_count=1) -> Dict[str, float]:
   """Test loss and top-1/top-5 of every head over every test example exactly once."""
   totals = None
-  for batch in input_pipeline.eval_batches(test_source, global_batch=config.eval_batch_size,
+  for batch in in_memory.eval_batches(test_source, global_batch=config.eval_batch_size,
                                            process_index=process_index,
                                            process_count=process_count):
     sums = eval_step(variables, parallel.shard_batch(batch, mesh))
@@ -356,8 +357,8 @@ def _prepare(config, workdir: str) -> Tuple[_Run, Dict[str, Any]]:
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  train_source, test_source, info = input_pipeline.get_datasets(config)
-  steps_per_epoch = input_pipeline.steps_per_epoch(info.num_train, config.batch_size)
+  train_source, test_source, info = sources.get_datasets(config)
+  steps_per_epoch = common.steps_per_epoch(info.num_train, config.batch_size)
   if config.get("steps_per_epoch", -1) > 0:
     steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
   spec = model_spec.ModelSpec.from_config(config)
@@ -493,8 +494,8 @@ def _feed(run: _Run, epoch: int, first: int):
   where = dict(global_batch=config.batch_size, seed=config.seed, epoch=epoch, start_step=first,
                process_index=run.process_index, process_count=run.process_count)
   if run.device_data is not None:
-    return input_pipeline.train_plans(len(run.train_source), **where)
-  return input_pipeline.train_batches(run.train_source, **where)
+    return in_memory.train_plans(len(run.train_source), **where)
+  return in_memory.train_batches(run.train_source, **where)
 
 
 def stack_steps(items, mesh):
@@ -511,7 +512,7 @@ class _StepHooks:
   def __init__(self, run: _Run, writer):
     self.run, self.writer = run, writer
     self.every = run.config.get("log_every_steps", 0)
-    self.profile = parse_profile_steps(run.config.get("profile_steps", ""))
+    self.profile = config_checks.parse_profile_steps(run.config.get("profile_steps", ""))
     self.tracing = False
     self._last = None  # (step in epoch, host sums) of the last log line in this epoch
 
@@ -556,18 +557,6 @@ class _StepHooks:
 
 
 PROFILE_DIR = "profile"
-
-
-def parse_profile_steps(value: str) -> Optional[Tuple[int, int]]:
-  """'START,END' -> (START, END), the global steps (1-based) to trace; '' -> None."""
-  if not value:
-    return None
-  parts = [p.strip() for p in value.split(",")]
-  if len(parts) != 2 or not all(p.isdigit() for p in parts) or not (
-      1 <= int(parts[0]) <= int(parts[1])):
-    raise ValueError(f"profile_steps={value!r} is invalid: give the first and last global "
-                     "step to trace, 1 <= START <= END, e.g. --config.profile_steps=20,30")
-  return int(parts[0]), int(parts[1])
 
 
 def _evaluate_and_log(run: _Run, writer, epoch: int, done: _Epoch) -> Dict[str, float]:
@@ -750,7 +739,7 @@ def run_eval_only(config, workdir: str) -> Dict[str, float]:
   """
   from one_jax import voting  # pylint: disable=g-import-not-at-top
   path = config.init_from or workdir
-  _, test_source, info = input_pipeline.get_datasets(config)
+  _, test_source, info = sources.get_datasets(config)
   spec, variables = checkpoints.load(path)
   if spec.num_classes != info.num_classes:
     raise ValueError(
@@ -769,7 +758,7 @@ def run_eval_only(config, workdir: str) -> Dict[str, float]:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(metrics, f, indent=2)
   if config.vote:
-    vote_rows = voting.vote_accuracies(spec.build(), variables, input_pipeline.eval_batches(
+    vote_rows = voting.vote_accuracies(spec.build(), variables, in_memory.eval_batches(
         test_source, global_batch=config.eval_batch_size))
     if jax.process_index() == 0:
       print(voting.format_vote_table(vote_rows))

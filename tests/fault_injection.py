@@ -25,14 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _wrap_train_batches(on_batch, names=("train_batches", "train_plans")):
-  from one_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from one_jax.data import in_memory  # pylint: disable=g-import-not-at-top
   taken = [0]
   for name in names:
-    _wrap(input_pipeline, name, on_batch, taken)
+    _wrap(in_memory, name, on_batch, taken)
 
 
-def _wrap(input_pipeline, name, on_batch, taken):
-  original = getattr(input_pipeline, name)
+def _wrap(module, name, on_batch, taken):
+  original = getattr(module, name)
 
   class Batches:
     def __init__(self, inner):
@@ -53,7 +53,7 @@ def _wrap(input_pipeline, name, on_batch, taken):
   def train_batches(*args, **kwargs):
     return Batches(iter(original(*args, **kwargs)))
 
-  setattr(input_pipeline, name, train_batches)
+  setattr(module, name, train_batches)
 
 
 def _signal_at_step(spec):

@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from one_jax.interop import torch_common
 from one_jax import checkpoints, convert, model_spec, models, surgery, train, voting
 
 S = model_spec.ModelSpec
@@ -264,7 +265,7 @@ def test_options_round_trip_through_meta_and_config(tiny):
 
 def test_conversion_is_for_the_cifar_resnet_only(tiny):
   spec = tiny[0]
-  with pytest.raises(convert.ConversionError, match="conversion covers the reference's CIFAR "
+  with pytest.raises(torch_common.ConversionError, match="conversion covers the reference's CIFAR "
                      "ResNet"):
     convert.name_table(spec)
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from one_jax.interop import torch_common
 from one_jax import checkpoints, convert, losses, models
 from tests import torch_reference as tr
 
@@ -456,7 +457,7 @@ def test_malicious_pickle_runs_nothing_and_converts_nothing(tmp_path):
   assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
   assert "posix.system" in lines[0] and "--allow_pickle" in lines[0]
   assert not marker.exists() and not out.exists()
-  with pytest.raises(convert.ConversionError, match="posix.system"):  # the library too
+  with pytest.raises(torch_common.ConversionError, match="posix.system"):  # the library too
     convert.load_torch_checkpoint(str(path))
   assert not marker.exists()
 
@@ -481,7 +482,7 @@ def test_authors_layouts_convert_without_opt_in(tmp_path, capsys, extra):
 
 def test_allow_pickle_reads_other_types_with_a_warning(tmp_path, capsys):
   path, _ = _write_pth(tmp_path, extra_object=NotOnTheSafeList())
-  with pytest.raises(convert.ConversionError, match="NotOnTheSafeList"):
+  with pytest.raises(torch_common.ConversionError, match="NotOnTheSafeList"):
     convert.load_torch_checkpoint(str(path))
   assert convert.main(["--allow_pickle", str(path), str(tmp_path / "out")]) == 0
   err = capsys.readouterr().err

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from one_jax import device_data, input_pipeline, model_spec, optimizer, parallel, preemption
+from one_jax import model_spec, optimizer, parallel, preemption
 from one_jax import train
+from one_jax.data import device_data, in_memory, sources
 
 STEPS = 4
 
@@ -15,7 +16,7 @@ STEPS = 4
 def _setup(tiny_config, devices):
   config = tiny_config("three_branch", batch_size=16, synthetic_train_size=128)
   mesh = parallel.make_mesh(jax.devices()[:devices])
-  source, _, info = input_pipeline.get_datasets(config)
+  source, _, info = sources.get_datasets(config)
   spec = model_spec.ModelSpec.from_config(config)
   tx = optimizer.create_optimizer(config, 8, spec.abstract_variables(info.image_shape)["params"])
   fresh = train.initial_state(spec, tx, info.image_shape, jax.random.key(config.seed))
@@ -29,8 +30,8 @@ def _train(setup, k, on_device, feed=None):
   step = train.make_dispatch_step(config, tx, mesh, on_device)
   where = dict(global_batch=config.batch_size, seed=config.seed, epoch=0)
   items = list(feed if feed is not None else (
-      input_pipeline.train_plans(len(source), **where) if on_device
-      else input_pipeline.train_batches(source, **where)))[:STEPS]
+      in_memory.train_plans(len(source), **where) if on_device
+      else in_memory.train_batches(source, **where)))[:STEPS]
   extra = (device_data.put(source, mesh),) if on_device else ()
   state, sums = parallel.replicate(fresh, mesh), parallel.replicate(sums, mesh)
   guards = []
@@ -64,10 +65,10 @@ def test_three_steps_per_dispatch_train_bit_identically_to_one(runs):
 
 def test_device_augmentation_is_the_host_batch(tiny_config):
   config = tiny_config(batch_size=16, synthetic_train_size=64)
-  source, _, _ = input_pipeline.get_datasets(config)
+  source, _, _ = sources.get_datasets(config)
   where = dict(global_batch=16, seed=3, epoch=2, start_step=1, process_index=1, process_count=2)
-  host = next(input_pipeline.train_batches(source, **where))
-  plan = next(input_pipeline.train_plans(len(source), **where))
+  host = next(in_memory.train_batches(source, **where))
+  plan = next(in_memory.train_plans(len(source), **where))
   data = {"image": jnp.asarray(source.images), "label": jnp.asarray(source.labels)}
   _assert_identical(host, jax.jit(device_data.augment)(data, plan))
 
@@ -75,7 +76,7 @@ def test_device_augmentation_is_the_host_batch(tiny_config):
 def test_non_finite_step_inside_a_dispatch_keeps_no_later_state(tiny_config):
   setup = _setup(tiny_config, 1)
   source, where = setup[2], dict(global_batch=16, seed=setup[0].seed, epoch=0)
-  batches = list(input_pipeline.train_batches(source, **where))[:STEPS]
+  batches = list(in_memory.train_batches(source, **where))[:STEPS]
   nan = dict(batches[1], image=np.full_like(batches[1]["image"], np.nan))
   state, sums, guards = _train(setup, 3, False, feed=[batches[0], nan, batches[2]])
   # Step 2 (index 1 of a dispatch of 3) is found; neither it nor step 3 is applied: the state
@@ -101,14 +102,14 @@ def test_multi_process_runs_share_the_stop_flag_every_few_steps():
 
 
 def test_data_on_device_auto_takes_in_memory_sets_that_fit():
-  small = input_pipeline.ArraySource(np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4))
+  small = in_memory.ArraySource(np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4))
   assert device_data.use_device_data("auto", small)
   assert not device_data.use_device_data("false", small)
-  big = input_pipeline.ArraySource(np.broadcast_to(np.zeros((), np.uint8), (
+  big = in_memory.ArraySource(np.broadcast_to(np.zeros((), np.uint8), (
       device_data.MAX_AUTO_BYTES // 3072 + 1, 32, 32, 3)), np.zeros(
           device_data.MAX_AUTO_BYTES // 3072 + 1))
   assert not device_data.use_device_data("auto", big)
-  streamed = input_pipeline.TfdsSource([])
+  streamed = in_memory.TfdsSource([])
   assert not device_data.use_device_data("auto", streamed)
   with pytest.raises(ValueError, match="needs an in-memory train set"):
     device_data.use_device_data("true", streamed)

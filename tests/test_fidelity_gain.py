@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from one_jax import input_pipeline
+from one_jax.data import in_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "fidelity", "measure_gain.py")
@@ -16,7 +16,7 @@ TRAINER = os.path.join(REPO, "benchmarks", "fidelity", "torch_train.py")
 
 
 def _tiny_npz(path):
-  train, test = input_pipeline.synthetic_sources(64, 40, 10, seed=0)
+  train, test = in_memory.synthetic_sources(64, 40, 10, seed=0)
   np.savez(path, x_train=train.images, y_train=train.labels, x_test=test.images,
            y_test=test.labels)
   return str(path)

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from one_jax.interop import torch_common
 from one_jax import checkpoints, convert, convert_torchvision, model_spec, models, surgery
 from one_jax.architectures import imagenet_resnet
+from one_jax.data import in_memory
 from tests import torch_reference as tr
 
 # torchvision.models.resnet{18,34,50}(num_classes=1000): parameters, and state_dict() entries.
@@ -111,16 +113,17 @@ def test_one_forward_is_the_gate_weighted_ensemble(one10):
 
 
 def test_voting_over_imagenet_batches(one10):
-  """Every subset of the branches scored on ImageNet-shaped batches (imagenet_input's eval
+  """Every subset of the branches scored on ImageNet-shaped batches (one_jax.data.imagenet's eval
   transform); all three branches under the gate are the ensemble."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from one_jax import input_pipeline, voting  # pylint: disable=g-import-not-at-top
+  from one_jax import voting  # pylint: disable=g-import-not-at-top
+  from one_jax.data import sources  # pylint: disable=g-import-not-at-top
   spec, variables = one10
   config = ml_collections.ConfigDict(dict(
       dataset="synthetic_imagenet", num_classes=5, image_size=32, data_workers=0, seed=0,
       npz_path="", synthetic_train_size=8, synthetic_test_size=13))
-  _, test, _ = input_pipeline.get_datasets(config)
-  batches = list(input_pipeline.eval_batches(test, global_batch=8))
+  _, test, _ = sources.get_datasets(config)
+  batches = list(in_memory.eval_batches(test, global_batch=8))
   rows = voting.vote_accuracies(spec.build(), variables, batches)
   assert len(rows) == 7 and all(r["examples"] == 13 for r in rows)
   correct = 0
@@ -206,7 +209,7 @@ def test_cli_round_trip_and_one_line_errors(tmp_path, capsys):
   branch1 = torch.load(tmp_path / "b1.pth", map_location="cpu", weights_only=True)["state_dict"]
   assert list(branch1) == list(other)
   for key, value in branch1.items():
-    if convert.NBT not in key:
+    if torch_common.NBT not in key:
       source = other if key.startswith(("layer4.", "fc.")) else state_dict
       assert torch.equal(value, source[key]), key
   capsys.readouterr()

@@ -1,8 +1,10 @@
 """Importing a library module changes nothing in the process: no absl flags, no logging
 filters, no sys.unraisablehook or signal handlers, no environment variables. Those belong to
 the command-line entry points (main, bench), which set them when they run."""
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -74,3 +76,87 @@ def test_the_entry_points_quiet_orbax_on_request():
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True,
                        capture_output=True, text=True, timeout=300).stdout
   assert out.split() == ["1", "True"]
+
+
+def _package_import_graph():
+  """({module: the package modules it imports}, [imports by string]), every import counted:
+  module level, inside functions, relative, and importlib's (by a string or a computed name)."""
+  package = os.path.join(ROOT, "one_jax")
+  paths = {}
+  for dirpath, _, names in os.walk(package):
+    for name in names:
+      if name.endswith(".py"):
+        rel = os.path.relpath(os.path.join(dirpath, name), ROOT)[:-3].replace(os.sep, ".")
+        paths[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(
+            dirpath, name)
+
+  def resolve(name):  # 'one_jax.data.common.DatasetInfo' -> 'one_jax.data.common'
+    while name and name not in paths:
+      name = name.rpartition(".")[0]
+    return name
+
+  graph, by_string = {}, []
+  for module, path in paths.items():
+    graph[module] = set()
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      names = []
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:
+          parts = module.split(".")[:len(module.split(".")) - node.level + (
+              1 if path.endswith("__init__.py") else 0)]
+          base = ".".join(parts + ([base] if base else []))
+        names = [f"{base}.{a.name}" for a in node.names]
+      elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(
+          node.func, "id", "")) in ("import_module", "__import__", "find_spec"):
+        if not (node.args and isinstance(node.args[0], ast.Constant)):
+          by_string.append(f"{module}: a computed name ({ast.unparse(node)})")
+        elif re.match(r"one_jax\b", str(node.args[0].value)):
+          names = [node.args[0].value]
+          by_string.append(f"{module}: {node.args[0].value!r}")
+      for name in names:
+        target = resolve(name)
+        if target and target != module and name.split(".")[0] == "one_jax":
+          graph[module].add(target)
+  return graph, by_string
+
+
+def _a_cycle(graph):
+  """One import cycle as a list of modules, or None (depth-first search)."""
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = "open"
+    stack.append(node)
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == "open":
+        return stack[stack.index(nxt):] + [nxt]
+      if nxt not in state:
+        found = visit(nxt)
+        if found:
+          return found
+    state[node] = "done"
+    stack.pop()
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      found = visit(node)
+      if found:
+        return found
+  return None
+
+
+def test_the_package_imports_run_one_way():
+  graph, by_string = _package_import_graph()
+  assert "one_jax.train" in graph and "one_jax.validate" in graph["one_jax.train"] | {
+      m for d in graph["one_jax.train"] for m in graph[d]}
+  assert _a_cycle(graph) is None, " -> ".join(_a_cycle(graph))
+  assert by_string == []     # no module of the package imported by a string
+  # The leaves import nothing of the package.
+  for leaf in ("one_jax.validate", "one_jax.cli", "one_jax.parallel"):
+    assert graph[leaf] == set(), (leaf, graph[leaf])

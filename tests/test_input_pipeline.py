@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from one_jax import input_pipeline as ip
+from one_jax.data import common, in_memory, sources
 
 
 def _config(**overrides):
@@ -38,7 +38,7 @@ def _indexed_source(n, shape=(32, 32, 3)):
   """An ArraySource whose label is the example index and whose pixels encode it too."""
   images = np.empty((n,) + shape, np.uint8)
   images[...] = (np.arange(n) % 251 + 1)[:, None, None, None]   # never 0 (the padding value)
-  return ip.ArraySource(images, np.arange(n))
+  return in_memory.ArraySource(images, np.arange(n))
 
 
 def _single_line_error(excinfo):
@@ -52,12 +52,12 @@ def _single_line_error(excinfo):
 
 
 def test_normalisation_constants_and_formula():
-  assert ip.MEAN == (0.4914, 0.4822, 0.4465)
-  assert ip.STD == (0.2023, 0.1994, 0.2010)
+  assert in_memory.MEAN == (0.4914, 0.4822, 0.4465)
+  assert in_memory.STD == (0.2023, 0.1994, 0.2010)
   x = np.arange(256, dtype=np.uint8)[:, None].repeat(3, axis=1).reshape(16, 16, 3)
-  y = ip.normalize(x)
+  y = in_memory.normalize(x)
   assert y.dtype == np.float32
-  expected = (x / 255.0 - np.array(ip.MEAN)) / np.array(ip.STD)
+  expected = (x / 255.0 - np.array(in_memory.MEAN)) / np.array(in_memory.STD)
   chex.assert_trees_all_close(y, expected.astype(np.float32), atol=1e-5)
 
 
@@ -66,7 +66,7 @@ def test_random_crop_flip_matches_pad_crop_mirror():
   images = rng.integers(1, 256, (3, 6, 5, 3), dtype=np.uint8)
   offsets = np.array([[4, 4], [0, 0], [8, 3]])
   flips = np.array([False, True, True])
-  out = ip.random_crop_flip(images, offsets, flips, padding=4)
+  out = in_memory.random_crop_flip(images, offsets, flips, padding=4)
   padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
   chex.assert_trees_all_equal(out[0], images[0])                      # centre crop, no flip
   chex.assert_trees_all_equal(out[1], padded[1, 0:6, 0:5][:, ::-1])   # corner crop, mirrored
@@ -81,8 +81,8 @@ def test_npz_round_trip(tmp_path):
   arrays = _arrays()
   arrays["y_test"] = arrays["y_test"][:, None]   # [N, 1] labels (keras layout) are accepted
   path = _write_npz(tmp_path, **arrays)
-  train, test, info = ip.get_datasets(_config(npz_path=path))
-  assert info == ip.DatasetInfo(name="data", num_classes=10, num_train=24, num_test=10,
+  train, test, info = sources.get_datasets(_config(npz_path=path))
+  assert info == common.DatasetInfo(name="data", num_classes=10, num_train=24, num_test=10,
                                 image_shape=(32, 32, 3))
   assert len(train) == 24 and len(test) == 10
   chex.assert_trees_all_equal(np.stack([train[i]["image"] for i in range(24)]), arrays["x_train"])
@@ -93,25 +93,25 @@ def test_npz_round_trip(tmp_path):
 
 def test_array_source_is_read_only_and_checks_lengths():
   images = np.zeros((4, 8, 8, 3), np.uint8)
-  source = ip.ArraySource(images, np.arange(4))
+  source = in_memory.ArraySource(images, np.arange(4))
   assert not source.images.flags.writeable and images.flags.writeable   # caller's array untouched
   with pytest.raises(ValueError, match="4 images but 3 labels"):
-    ip.ArraySource(images, np.arange(3))
+    in_memory.ArraySource(images, np.arange(3))
 
 
 def test_npz_path_takes_precedence_over_dataset(tmp_path):
   path = _write_npz(tmp_path, **_arrays(num_classes=3))
-  _, _, info = ip.get_datasets(_config(dataset="synthetic", npz_path=path, num_classes=3))
+  _, _, info = sources.get_datasets(_config(dataset="synthetic", npz_path=path, num_classes=3))
   assert (info.num_train, info.num_classes) == (24, 3)
 
 
 def test_npz_any_image_size(tmp_path):
   path = _write_npz(tmp_path, **_arrays(shape=(24, 20, 3)))
-  train, test, info = ip.get_datasets(_config(npz_path=path))
+  train, test, info = sources.get_datasets(_config(npz_path=path))
   assert info.image_shape == (24, 20, 3)
-  batch = next(ip.train_batches(train, global_batch=8, seed=0, epoch=0))
+  batch = next(in_memory.train_batches(train, global_batch=8, seed=0, epoch=0))
   chex.assert_shape(batch["image"], (8, 24, 20, 3))
-  batch = next(ip.eval_batches(test, global_batch=16))
+  batch = next(in_memory.eval_batches(test, global_batch=16))
   chex.assert_shape(batch["image"], (16, 24, 20, 3))
 
 
@@ -150,7 +150,7 @@ def _bad_npz_cases():
 def test_npz_validation_errors(tmp_path, name, arrays, num_classes, fragments):
   path = str(tmp_path / "absent.npz") if arrays is None else _write_npz(tmp_path, **arrays)
   with pytest.raises(ValueError) as excinfo:
-    ip.get_datasets(_config(npz_path=path, num_classes=num_classes))
+    sources.get_datasets(_config(npz_path=path, num_classes=num_classes))
   message = _single_line_error(excinfo)
   for fragment in fragments:
     assert fragment in message, (name, message)
@@ -160,11 +160,11 @@ def test_npz_that_is_not_an_npz(tmp_path):
   path = tmp_path / "notes.npz"
   path.write_text("not a zip file")
   with pytest.raises(ValueError, match="is not a readable .npz") as excinfo:
-    ip.get_datasets(_config(npz_path=str(path)))
+    sources.get_datasets(_config(npz_path=str(path)))
   _single_line_error(excinfo)
   np.save(tmp_path / "one.npy", np.zeros(3))
   with pytest.raises(ValueError, match="single array"):
-    ip.load_npz(str(tmp_path / "one.npy"), 10)
+    in_memory.load_npz(str(tmp_path / "one.npy"), 10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def test_packed_jpeg_npz(tmp_path):
                     y_train=np.array([0, 1, 2, 3, 4], np.uint8), jpeg_test=jpeg_test,
                     offsets_test=offsets_test, y_test=np.array([4, 0, 1], np.uint8),
                     label_names=np.array(list("abcde")))
-  train, test, info = ip.get_datasets(_config(npz_path=path, num_classes=5))
+  train, test, info = sources.get_datasets(_config(npz_path=path, num_classes=5))
   assert (info.num_train, info.num_test, info.image_shape) == (5, 3, (32, 32, 3))
   decoded = np.stack([train[i]["image"] for i in range(5)])
   expected = np.stack([np.asarray(Image.open(io.BytesIO(_jpeg(x).tobytes())))
@@ -213,12 +213,12 @@ def test_packed_jpeg_npz_errors(tmp_path):
   corrupt = jpeg.copy()
   corrupt[:offsets[1]] = 7
   with pytest.raises(ValueError, match="image 0 of jpeg_train cannot be decoded") as excinfo:
-    ip.load_npz(_write_npz(tmp_path, "a.npz", **dict(arrays, jpeg_train=corrupt)), 10)
+    in_memory.load_npz(_write_npz(tmp_path, "a.npz", **dict(arrays, jpeg_train=corrupt)), 10)
   _single_line_error(excinfo)
   with pytest.raises(ValueError, match="jpeg_test/offsets_test are inconsistent"):
-    ip.load_npz(_write_npz(tmp_path, "b.npz", **dict(arrays, offsets_test=offsets[::-1])), 10)
+    in_memory.load_npz(_write_npz(tmp_path, "b.npz", **dict(arrays, offsets_test=offsets[::-1])), 10)
   with pytest.raises(ValueError, match=re.escape("y_train has labels in [3, 3]")):
-    ip.load_npz(_write_npz(tmp_path, "c.npz", **dict(arrays, y_train=np.full(2, 3))), 3)
+    in_memory.load_npz(_write_npz(tmp_path, "c.npz", **dict(arrays, y_train=np.full(2, 3))), 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,10 +227,10 @@ def test_packed_jpeg_npz_errors(tmp_path):
 
 def test_synthetic_is_deterministic_balanced_and_learnable():
   config = _config(dataset="synthetic", synthetic_train_size=400, synthetic_test_size=100, seed=3)
-  train, test, info = ip.get_datasets(config)
-  again, _, _ = ip.get_datasets(config)
-  other, _, _ = ip.get_datasets(_config(dataset="synthetic", synthetic_train_size=400, seed=4))
-  assert info == ip.DatasetInfo("synthetic", 10, 400, 100, (32, 32, 3))
+  train, test, info = sources.get_datasets(config)
+  again, _, _ = sources.get_datasets(config)
+  other, _, _ = sources.get_datasets(_config(dataset="synthetic", synthetic_train_size=400, seed=4))
+  assert info == common.DatasetInfo("synthetic", 10, 400, 100, (32, 32, 3))
   chex.assert_trees_all_equal((train.images, train.labels), (again.images, again.labels))
   assert not np.array_equal(train.images, other.images)
   assert train.images.dtype == np.uint8 and train.labels.dtype == np.int32
@@ -251,7 +251,7 @@ def test_synthetic_is_deterministic_balanced_and_learnable():
 ])
 def test_config_errors(overrides, match):
   with pytest.raises(ValueError, match=re.escape(match)):
-    ip.get_datasets(_config(**dict(dict(dataset="synthetic"), **overrides)))
+    sources.get_datasets(_config(**dict(dict(dataset="synthetic"), **overrides)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,23 +261,23 @@ def test_config_errors(overrides, match):
 def test_tfds_under_mock_data():
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=21, policy=tfds.testing.MockPolicy.USE_CODE):
-    train, test, info = ip.get_datasets(_config(dataset="cifar100", num_classes=100))
-  assert info == ip.DatasetInfo("cifar100", 100, 21, 21, (32, 32, 3))
-  assert isinstance(train, ip.ArraySource) and isinstance(test, ip.ArraySource)  # decoded once
+    train, test, info = sources.get_datasets(_config(dataset="cifar100", num_classes=100))
+  assert info == common.DatasetInfo("cifar100", 100, 21, 21, (32, 32, 3))
+  assert isinstance(train, in_memory.ArraySource) and isinstance(test, in_memory.ArraySource)  # decoded once
   example = train[3]
   assert set(example) == {"image", "label"}
   assert example["image"].dtype == np.uint8 and 0 <= example["label"] < 100
-  batches = list(ip.train_batches(train, global_batch=8, seed=0, epoch=0))
+  batches = list(in_memory.train_batches(train, global_batch=8, seed=0, epoch=0))
   assert len(batches) == 2
   chex.assert_shape(batches[0]["image"], (8, 32, 32, 3))
   assert batches[0]["label"].dtype == np.int32
-  evals = list(ip.eval_batches(test, global_batch=8))
+  evals = list(in_memory.eval_batches(test, global_batch=8))
   assert len(evals) == 3 and sum(b["mask"].sum() for b in evals) == 21
 
 
 def test_tfds_class_count_must_match():
   with pytest.raises(ValueError, match=re.escape("--config.num_classes=100")):
-    ip.get_datasets(_config(dataset="cifar100", num_classes=10))
+    sources.get_datasets(_config(dataset="cifar100", num_classes=10))
 
 
 def _no_network(monkeypatch):
@@ -295,7 +295,7 @@ def _no_network(monkeypatch):
 def test_tfds_download_forbidden_fails_fast_without_network(tmp_path, monkeypatch):
   attempts = _no_network(monkeypatch)
   with pytest.raises(ValueError) as excinfo:
-    ip.get_datasets(_config(dataset="cifar10", data_dir=str(tmp_path), download=False))
+    sources.get_datasets(_config(dataset="cifar10", data_dir=str(tmp_path), download=False))
   message = _single_line_error(excinfo)
   for fragment in ["'cifar10'", "not prepared", str(tmp_path), "--config.download=False",
                    "--config.npz_path"]:
@@ -306,7 +306,7 @@ def test_tfds_download_forbidden_fails_fast_without_network(tmp_path, monkeypatc
 def test_tfds_offline_download_is_one_line_with_the_fix(tmp_path, monkeypatch):
   _no_network(monkeypatch)
   with pytest.raises(ValueError) as excinfo:
-    ip.get_datasets(_config(dataset="cifar10", data_dir=str(tmp_path)))
+    sources.get_datasets(_config(dataset="cifar10", data_dir=str(tmp_path)))
   message = _single_line_error(excinfo)
   # Either the download fails (no internet) or preparing lacks a package: both say the fix.
   assert "'cifar10'" in message and "--config.npz_path" in message, message
@@ -326,7 +326,7 @@ def test_tfds_first_use_downloads_and_prepares(tmp_path, capsys):
 
     tfds.core.DatasetBuilder.download_and_prepare = recording
     try:
-      train, test, info = ip.get_datasets(_config(dataset="cifar10", data_dir=str(tmp_path)))
+      train, test, info = sources.get_datasets(_config(dataset="cifar10", data_dir=str(tmp_path)))
     finally:
       tfds.core.DatasetBuilder.download_and_prepare = mocked
   assert prepared and prepared[0] == ("cifar10", "array_record")
@@ -340,19 +340,19 @@ def test_tfds_first_use_downloads_and_prepares(tmp_path, capsys):
 
 
 def test_step_counts_and_argument_errors():
-  assert ip.steps_per_epoch(50000, 128) == 390
-  assert ip.num_eval_steps(10000, 128) == 79 and ip.num_eval_steps(10000, 100) == 100
+  assert common.steps_per_epoch(50000, 128) == 390
+  assert common.num_eval_steps(10000, 128) == 79 and common.num_eval_steps(10000, 100) == 100
   with pytest.raises(ValueError, match="larger than the training set"):
-    ip.steps_per_epoch(10, 16)
+    common.steps_per_epoch(10, 16)
   source = _indexed_source(40)
   for kwargs, match in [(dict(process_count=3), "does not divide over 3 processes"),
                         (dict(process_index=2, process_count=2), "process_index=2 is out of range"),
                         (dict(start_step=6), "start_step=6 is out of range"),
                         (dict(epoch=-1), "epoch=-1")]:
     with pytest.raises(ValueError, match=match):
-      ip.train_batches(source, global_batch=8, seed=0, **dict(dict(epoch=0), **kwargs))
+      in_memory.train_batches(source, global_batch=8, seed=0, **dict(dict(epoch=0), **kwargs))
   with pytest.raises(ValueError, match="does not divide"):
-    ip.eval_batches(source, global_batch=9, process_count=2)
+    in_memory.eval_batches(source, global_batch=9, process_count=2)
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
@@ -360,10 +360,10 @@ def test_eval_covers_every_example_exactly_once(process_count):
   n, global_batch = 37, 8
   source = _indexed_source(n)
   local = global_batch // process_count
-  per_process = [list(ip.eval_batches(source, global_batch=global_batch, process_index=p,
+  per_process = [list(in_memory.eval_batches(source, global_batch=global_batch, process_index=p,
                                       process_count=process_count, num_threads=t))
                  for p, t in zip(range(process_count), (0, 2))]
-  assert all(len(b) == ip.num_eval_steps(n, global_batch) == 5 for b in per_process)
+  assert all(len(b) == common.num_eval_steps(n, global_batch) == 5 for b in per_process)
   seen = []
   for batches in per_process:
     for batch in batches:
@@ -373,9 +373,9 @@ def test_eval_covers_every_example_exactly_once(process_count):
       real = batch["mask"] == 1
       seen += batch["label"][real].tolist()
       chex.assert_trees_all_close(batch["image"][real],
-                                  ip.normalize(source.images[batch["label"][real]]))
+                                  in_memory.normalize(source.images[batch["label"][real]]))
       chex.assert_trees_all_close(batch["image"][~real],
-                                  ip.normalize(np.zeros((int((~real).sum()), 32, 32, 3), np.uint8)))
+                                  in_memory.normalize(np.zeros((int((~real).sum()), 32, 32, 3), np.uint8)))
   assert sorted(seen) == list(range(n))
   if process_count == 2:   # process p holds rows [p * local, (p + 1) * local) of each global batch
     assert per_process[0][0]["label"].tolist() == [0, 1, 2, 3]
@@ -384,13 +384,13 @@ def test_eval_covers_every_example_exactly_once(process_count):
 
 def _epoch(source, **kwargs):
   kwargs = dict(dict(global_batch=8, seed=0, epoch=0), **kwargs)
-  return list(ip.train_batches(source, **kwargs))
+  return list(in_memory.train_batches(source, **kwargs))
 
 
 def test_train_global_batches_do_not_depend_on_process_count():
   source = _indexed_source(50)
   single = _epoch(source, epoch=1)
-  assert len(single) == ip.steps_per_epoch(50, 8) == 6
+  assert len(single) == common.steps_per_epoch(50, 8) == 6
   for process_count in (2, 4):
     shards = [_epoch(source, epoch=1, process_index=p, process_count=process_count)
               for p in range(process_count)]
@@ -426,22 +426,22 @@ def test_train_order_is_a_permutation_that_changes_with_epoch_and_seed():
 def test_train_augmentation_is_crop_and_flip_of_the_example():
   rng = np.random.default_rng(0)
   images = rng.integers(1, 256, (32, 32, 32, 3), dtype=np.uint8)
-  source = ip.ArraySource(images, np.arange(32))
+  source = in_memory.ArraySource(images, np.arange(32))
   plain = _epoch(source, augment=False)
   augmented = _epoch(source, augment=True)
   for p, a in zip(plain, augmented):
     chex.assert_trees_all_equal(p["label"], a["label"])
-    chex.assert_trees_all_close(p["image"], ip.normalize(images[p["label"]]))
+    chex.assert_trees_all_close(p["image"], in_memory.normalize(images[p["label"]]))
     chex.assert_shape(a["image"], (8, 32, 32, 3))
     assert a["image"].dtype == np.float32 and a["label"].dtype == np.int32
-    lo, hi = ip.normalize(np.array([0, 255], np.uint8)[:, None].repeat(3, 1))
+    lo, hi = in_memory.normalize(np.array([0, 255], np.uint8)[:, None].repeat(3, 1))
     assert np.all(a["image"] >= lo - 1e-6) and np.all(a["image"] <= hi + 1e-6)
   # Recover each example's (dy, dx, flip) by search: every augmented image must be one of them.
   draws = []
   for batch in augmented:
     for label, image in zip(batch["label"], batch["image"]):
       matches = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
-                 if np.allclose(image, ip.normalize(ip.random_crop_flip(
+                 if np.allclose(image, in_memory.normalize(in_memory.random_crop_flip(
                      images[label][None], np.array([[dy, dx]]), np.array([flip]))[0]), atol=1e-5)]
       assert matches, label
       draws.append(matches[0])

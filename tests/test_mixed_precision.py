@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from configs import step1
-from one_jax import checkpoints, config_checks, convert, input_pipeline, losses, model_spec
+from one_jax import checkpoints, config_checks, convert, losses, model_spec
 from one_jax import surgery, train
+from one_jax.data import sources
 
 
 def _global_relative_error(got, want) -> float:
@@ -87,7 +88,7 @@ def test_a_bfloat16_checkpoint_evaluates_converts_and_goes_through_surgery(bfloa
   config, workdir, _ = bfloat16_run
   spec, variables = checkpoints.load(workdir)
   assert spec.compute_dtype == "float32"
-  _, test_source, _ = input_pipeline.get_datasets(config)
+  _, test_source, _ = sources.get_datasets(config)
   float32_config = config.copy_and_resolve_references()
   float32_config.compute_dtype = "float32"
   metrics = train.evaluate_checkpoint(float32_config, spec, variables, test_source)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from one_jax import input_pipeline
+from one_jax.data import common, in_memory
 from tests import torch_reference as tr
 
 MEAN = (0.4914, 0.4822, 0.4465)    # the reference's transforms.Normalize arguments
@@ -27,8 +27,8 @@ SIZE = 32
 
 
 def test_normalisation_constants_are_the_references():
-  assert input_pipeline.MEAN == MEAN == tr.MEAN and input_pipeline.STD == STD == tr.STD
-  assert input_pipeline.CROP_PADDING == PADDING == tr.CROP_PADDING
+  assert in_memory.MEAN == MEAN == tr.MEAN and in_memory.STD == STD == tr.STD
+  assert in_memory.CROP_PADDING == PADDING == tr.CROP_PADDING
 
 
 def test_crop_flip_normalise_equal_torchvision_for_given_draws():
@@ -38,7 +38,7 @@ def test_crop_flip_normalise_equal_torchvision_for_given_draws():
   offsets[:4] = [[0, 0], [0, 8], [8, 0], [8, 8]]   # every extreme: padding on two sides
   flips = rng.random(40) < 0.5
   flips[:4] = [False, True, False, True]
-  got = input_pipeline.normalize(input_pipeline.random_crop_flip(images, offsets, flips))
+  got = in_memory.normalize(in_memory.random_crop_flip(images, offsets, flips))
   for k in range(len(images)):
     want = tr.crop_flip_normalize(images[k], int(offsets[k, 0]), int(offsets[k, 1]),
                                   bool(flips[k])).permute(1, 2, 0).numpy()
@@ -50,7 +50,7 @@ def test_crop_flip_normalise_equal_torchvision_for_given_draws():
 def test_test_images_are_only_normalised():
   image = np.random.default_rng(1).integers(0, 256, size=(1, SIZE, SIZE, 3), dtype=np.uint8)
   want = tr.test_transform(image[0]).permute(1, 2, 0).numpy()
-  np.testing.assert_allclose(input_pipeline.normalize(image)[0], want, rtol=0, atol=2e-6)
+  np.testing.assert_allclose(in_memory.normalize(image)[0], want, rtol=0, atol=2e-6)
 
 
 # ----------------------------------------------------------------------------- distribution
@@ -76,11 +76,11 @@ def _decode_draws(batch_images):
 
 
 def _draws(num_examples=512, batch=64, epochs=6):
-  source = input_pipeline.ArraySource(_coordinate_images(num_examples),
+  source = in_memory.ArraySource(_coordinate_images(num_examples),
                                       np.zeros(num_examples, np.int32))
   tops, lefts, flips = [], [], []
   for epoch in range(epochs):
-    for b in input_pipeline.train_batches(source, global_batch=batch, seed=7, epoch=epoch,
+    for b in in_memory.train_batches(source, global_batch=batch, seed=7, epoch=epoch,
                                           num_threads=0):
       t, l, f = _decode_draws(b["image"])
       tops.append(t)
@@ -140,11 +140,11 @@ def test_an_epoch_covers_each_example_at_most_once_dropping_the_last_partial_bat
   keeps them as a last, smaller batch (drop_last=False); one_jax deliberately does not (fixed
   shapes: one compiled step, and a global batch that splits evenly over devices)."""
   n, batch = 50, 8
-  source = input_pipeline.ArraySource(np.zeros((n, 4, 4, 3), np.uint8), np.arange(n))
-  assert input_pipeline.steps_per_epoch(n, batch) == n // batch
+  source = in_memory.ArraySource(np.zeros((n, 4, 4, 3), np.uint8), np.arange(n))
+  assert common.steps_per_epoch(n, batch) == n // batch
   dropped = []
   for epoch in range(4):
-    seen = np.concatenate([b["label"] for b in input_pipeline.train_batches(
+    seen = np.concatenate([b["label"] for b in in_memory.train_batches(
         source, global_batch=batch, seed=0, epoch=epoch, augment=False, num_threads=0)])
     assert len(seen) == (n // batch) * batch
     assert len(np.unique(seen)) == len(seen), "an example was seen twice in one epoch"

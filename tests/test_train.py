@@ -9,19 +9,20 @@ import numpy as np
 import pytest
 
 from configs import step1
-from one_jax import checkpoints, input_pipeline, model_spec, optimizer, parallel, train
+from one_jax import checkpoints, model_spec, optimizer, parallel, train
+from one_jax.data import in_memory, sources
 
 
 def _states_after_steps(config, devices, num_steps):
   """Parameters after num_steps train steps on a mesh over `devices` (same global batches)."""
   mesh = parallel.make_mesh(devices)
-  train_source, _, info = input_pipeline.get_datasets(config)
+  train_source, _, info = sources.get_datasets(config)
   spec = model_spec.ModelSpec.from_config(config)
   rng = jax.random.key(config.seed)
   tx = optimizer.create_optimizer(config, 10, spec.abstract_variables(info.image_shape)["params"])
   state = parallel.replicate(train.initial_state(spec, tx, info.image_shape, rng), mesh)
   step = train.make_train_step(config, tx, mesh)
-  batches = input_pipeline.train_batches(train_source, global_batch=config.batch_size,
+  batches = in_memory.train_batches(train_source, global_batch=config.batch_size,
                                          seed=config.seed, epoch=0)
   for _, batch in zip(range(num_steps), batches):
     state, metrics = step(state, parallel.shard_batch(batch, mesh), jnp.float32(3.0))
@@ -104,7 +105,7 @@ def test_step1_variant_smoke(variant, tmp_path, tiny_config):
 def test_eval_covers_every_example_once(tiny_config):
   config = tiny_config(synthetic_test_size=203, eval_batch_size=40)
   mesh = parallel.make_mesh()
-  _, test_source, info = input_pipeline.get_datasets(config)
+  _, test_source, info = sources.get_datasets(config)
   spec = model_spec.ModelSpec.from_config(config)
   model, variables = spec.build(), spec.init(jax.random.key(0), info.image_shape)
   metrics = train.evaluate(config, train.make_eval_step(config, mesh), mesh,
@@ -114,7 +115,7 @@ def test_eval_covers_every_example_once(tiny_config):
   # The ensemble's accuracy equals a plain host-side computation over all 203 examples.
   images = np.stack([test_source[i]["image"] for i in range(203)])
   labels = np.asarray([test_source[i]["label"] for i in range(203)])
-  out = model.apply(variables, input_pipeline.normalize(images))
+  out = model.apply(variables, in_memory.normalize(images))
   expected = float(np.mean(np.argmax(out.ensemble_logits, -1) == labels))
   np.testing.assert_allclose(metrics["test/top1/ensemble"], expected, atol=1e-6)
 

@@ -20,7 +20,8 @@ import torch
 from scipy import stats
 
 from configs import common
-from one_jax import convert, input_pipeline, model_spec, optimizer, parallel, train
+from one_jax import convert, model_spec, optimizer, parallel, train
+from one_jax.data import in_memory
 from tests import torch_reference as tr
 
 DEPTH = 8
@@ -55,10 +56,10 @@ def _config(model: str):
 @functools.lru_cache(maxsize=None)
 def _batches():
   """[(images NHWC float32, labels int32)] of both epochs, as train_batches yields them."""
-  source, _ = input_pipeline.synthetic_sources(BATCH * STEPS_PER_EPOCH, 1, CLASSES, SEED)
+  source, _ = in_memory.synthetic_sources(BATCH * STEPS_PER_EPOCH, 1, CLASSES, SEED)
   out = []
   for epoch in range(EPOCHS):
-    for b in input_pipeline.train_batches(source, global_batch=BATCH, seed=SEED, epoch=epoch,
+    for b in in_memory.train_batches(source, global_batch=BATCH, seed=SEED, epoch=epoch,
                                           augment=False, num_threads=0):
       out.append((b["image"], b["label"]))
   assert len(out) == EPOCHS * STEPS_PER_EPOCH

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from one_jax import input_pipeline  # noqa: E402  (the .npz reader, both layouts)
+from one_jax.data import in_memory  # noqa: E402  (the .npz reader, both layouts)
 from tests import torch_reference as tr  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def _milestones(text):
 
 def train(args) -> dict:
   milestones = _milestones(args.milestones)
-  train_source, test_source = input_pipeline.load_npz(args.npz, args.num_classes)
+  train_source, test_source = in_memory.load_npz(args.npz, args.num_classes)
   torch.manual_seed(args.seed)
   model = (tr.ONE_ResNet(args.depth, args.num_classes, args.branches) if args.model == "one"
            else tr.ResNet(args.depth, args.num_classes))

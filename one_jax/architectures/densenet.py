@@ -15,7 +15,7 @@ BN-ReLU + classifier.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from one_jax import config_checks, layers
+from one_jax import layers, validate
 from one_jax.models import ModuleDef
 
 OPTIONS = {"growth_rate": 12, "bottleneck": True}
@@ -24,7 +24,7 @@ OPTIONS = {"growth_rate": 12, "bottleneck": True}
 def layers_per_block(depth, bottleneck: bool) -> int:
   """n of a DenseNet-BC depth 6n + 4 (or a DenseNet depth 3n + 4), else a one-line error."""
   per = 6 if bottleneck else 3
-  if not config_checks.is_int(depth) or depth < per + 4 or (depth - 4) % per:
+  if not validate.is_int(depth) or depth < per + 4 or (depth - 4) % per:
     examples = "40, 100, 190" if bottleneck else "40, 100"
     raise ValueError(f"depth={depth!r} is not a {'DenseNet-BC' if bottleneck else 'DenseNet'} "
                      f"depth: use {per}n+4 with n >= 1 (e.g. {examples})")
@@ -34,7 +34,7 @@ def layers_per_block(depth, bottleneck: bool) -> int:
 def check(spec) -> None:
   if not isinstance(spec.bottleneck, bool):
     raise ValueError(f"bottleneck={spec.bottleneck!r} is invalid: True (DenseNet-BC) or False")
-  config_checks.check_int("growth_rate", spec.growth_rate, minimum=1,
+  validate.check_int("growth_rate", spec.growth_rate, minimum=1,
                           why="k, the channels each layer adds (e.g. --config.growth_rate=12)")
   layers_per_block(spec.depth, spec.bottleneck)
 

@@ -16,7 +16,7 @@ from typing import Tuple
 
 import flax.linen as nn
 
-from one_jax import config_checks, layers, models
+from one_jax import layers, models, validate
 
 # depth -> (block type, blocks per stage), torchvision's table (and ResNet-10 for smoke runs).
 STAGES = {10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)),
@@ -29,7 +29,7 @@ OPTIONS = {}   # depth and classes say everything (torchvision's widths are fixe
 
 def check_depth(depth) -> Tuple[str, Tuple[int, ...]]:
   """(block type, blocks per stage) of an ImageNet ResNet depth, else a one-line ValueError."""
-  if not config_checks.is_int(depth) or depth not in STAGES:
+  if not validate.is_int(depth) or depth not in STAGES:
     raise ValueError(f"depth={depth!r} is not an ImageNet ResNet depth: use one of "
                      f"{', '.join(map(str, STAGES))}")
   return STAGES[depth]

@@ -12,7 +12,7 @@ ONE split: trunk = stem + stages 1 and 2; branch = stage 3 + classifier.
 """
 import flax.linen as nn
 
-from one_jax import config_checks, layers
+from one_jax import layers, validate
 from one_jax.models import ModuleDef
 
 OPTIONS = {"width": 4, "cardinality": 8, "group_width": 64}
@@ -20,7 +20,7 @@ OPTIONS = {"width": 4, "cardinality": 8, "group_width": 64}
 
 def blocks_per_stage(depth) -> int:
   """n of a ResNeXt depth 9n + 2, else a one-line error."""
-  if not config_checks.is_int(depth) or depth < 11 or (depth - 2) % 9:
+  if not validate.is_int(depth) or depth < 11 or (depth - 2) % 9:
     raise ValueError(f"depth={depth!r} is not a CIFAR ResNeXt depth: use 9n+2 with n >= 1 "
                      "(11, 20, 29, ...)")
   return (depth - 2) // 9
@@ -28,11 +28,11 @@ def blocks_per_stage(depth) -> int:
 
 def check(spec) -> None:
   blocks_per_stage(spec.depth)
-  config_checks.check_int("width", spec.width, minimum=1,
+  validate.check_int("width", spec.width, minimum=1,
                           why="ResNeXt's widening: stage outputs 64 x width x 1, 2, 4 (4)")
-  config_checks.check_int("cardinality", spec.cardinality, minimum=1,
+  validate.check_int("cardinality", spec.cardinality, minimum=1,
                           why="the groups of the 3x3 convolutions (8x64d: --config.cardinality=8)")
-  config_checks.check_int("group_width", spec.group_width, minimum=1,
+  validate.check_int("group_width", spec.group_width, minimum=1,
                           why="the channels per group in stage 1 (8x64d: --config.group_width=64)")
 
 

@@ -10,7 +10,7 @@ classifier.
 """
 import flax.linen as nn
 
-from one_jax import config_checks, layers
+from one_jax import layers, validate
 from one_jax.models import ModuleDef
 
 OPTIONS = {"width": 64}
@@ -24,7 +24,7 @@ def check(spec) -> None:
   if spec.depth not in CONFIGS:
     raise ValueError(f"depth={spec.depth!r} is not a VGG depth: use one of "
                      f"{', '.join(map(str, CONFIGS))}")
-  config_checks.check_int("width", spec.width, minimum=1,
+  validate.check_int("width", spec.width, minimum=1,
                           why="the channels of VGG's block 1 (64, e.g. --config.width=64)")
 
 

@@ -9,7 +9,7 @@ ONE split: trunk = stem + groups 1 and 2; branch = group 3 + final BN-ReLU + cla
 """
 import flax.linen as nn
 
-from one_jax import config_checks, layers
+from one_jax import layers, validate
 from one_jax.models import ModuleDef
 
 OPTIONS = {"width": 10}
@@ -17,7 +17,7 @@ OPTIONS = {"width": 10}
 
 def blocks_per_group(depth) -> int:
   """n of a WRN depth 6n + 4, else a one-line error."""
-  if not config_checks.is_int(depth) or depth < 10 or (depth - 4) % 6:
+  if not validate.is_int(depth) or depth < 10 or (depth - 4) % 6:
     raise ValueError(f"depth={depth!r} is not a Wide ResNet depth: use 6n+4 with n >= 1 "
                      "(10, 16, 22, 28, 40, ...)")
   return (depth - 4) // 6
@@ -25,7 +25,7 @@ def blocks_per_group(depth) -> int:
 
 def check(spec) -> None:
   blocks_per_group(spec.depth)
-  config_checks.check_int("width", spec.width, minimum=1,
+  validate.check_int("width", spec.width, minimum=1,
                           why="the widening factor k of WRN-d-k (e.g. --config.width=10)")
 
 

@@ -3,7 +3,7 @@
 Examples are images of any size (uint8 [h, w, 3]) read at random from a source that holds
 nothing in memory: TFDS's ArrayRecord data source (`tfds.data_source`, the JPEGs decoded by
 TFDS when an example is read), or synthetic images computed from (seed, index). Batches are
-built with grain as in input_pipeline, with the same guarantees: the order of an epoch and
+built with grain as in one_jax.data.in_memory, with the same guarantees: the order of an epoch and
 the augmentation of every example depend only on (seed, epoch, position in the epoch), never
 on the number of processes (process p of P, jax.process_index() of jax.process_count(), reads
 rows [p * local, (p + 1) * local) of each global batch), and resuming at step k of an
@@ -24,13 +24,8 @@ import grain
 import numpy as np
 from PIL import Image
 
-from one_jax import config_checks, input_pipeline
-
-# input_pipeline's helpers, shared so that both pipelines shard, seed and report alike.
-# pylint: disable=protected-access
-_check_sharding, _seed_word = input_pipeline._check_sharding, input_pipeline._seed_word
-_first_line, _quiet_tfds = input_pipeline._first_line, input_pipeline._quiet_tfds
-# pylint: enable=protected-access
+from one_jax import validate
+from one_jax.data import common
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -142,10 +137,10 @@ class SyntheticImages:
 
   def __init__(self, num_examples: int, num_classes: int, seed: int, split: int,
                image_size: int):
-    self.num_examples = config_checks.check_int(
+    self.num_examples = validate.check_int(
         f"config.synthetic_{('train', 'test')[min(split, 1)]}_size", num_examples, minimum=1)
     self.num_classes = num_classes
-    self.word = _seed_word(seed)
+    self.word = common.seed_word(seed)
     self.split = split
     self.image_size = image_size
 
@@ -179,7 +174,7 @@ def _upsampling(n_in: int, n_out: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class ImageNetSource:
-  """Examples of any image size and how to batch them (input_pipeline.train_batches and
+  """Examples of any image size and how to batch them (in_memory.train_batches and
   eval_batches hand a source with `train_batches` / `eval_batches` over to it).
 
   examples: a random-access source (TFDS data source or SyntheticImages) of
@@ -214,13 +209,13 @@ class ImageNetSource:
 
 
 def get_datasets(config):
-  """(train source, test source, input_pipeline.DatasetInfo) for an ImageNet dataset config:
+  """(train source, test source, common.DatasetInfo) for an ImageNet dataset config:
   'imagenet2012' from TFDS (train and validation splits) or 'synthetic_imagenet'."""
   dataset = config.dataset
   num_classes = config.num_classes
-  image_size = config_checks.check_int("config.image_size", config.get("image_size", 224),
-                                       minimum=config_checks.MIN_IMAGE_SIZE)
-  workers = config_checks.check_int("config.data_workers", config.get("data_workers", 0),
+  image_size = validate.check_int("config.image_size", config.get("image_size", 224),
+                                       minimum=validate.MIN_IMAGE_SIZE)
+  workers = validate.check_int("config.data_workers", config.get("data_workers", 0),
                                     minimum=0)
   if dataset == "synthetic_imagenet":
     seed = config.get("seed", 0)
@@ -236,7 +231,7 @@ def get_datasets(config):
   if not len(train) or not len(test):
     raise ValueError(f"dataset {dataset!r} has {len(train)} training and {len(test)} test "
                      "examples: both splits need at least one")
-  info = input_pipeline.DatasetInfo(name=dataset, num_classes=num_classes, num_train=len(train),
+  info = common.DatasetInfo(name=dataset, num_classes=num_classes, num_train=len(train),
                                     num_test=len(test), image_shape=(image_size, image_size, 3))
   return train, test, info
 
@@ -249,12 +244,12 @@ def load_tfds(split: str, data_dir: Optional[str] = None):
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow, optional)
   from absl import logging  # pylint: disable=g-import-not-at-top
-  logging.get_absl_logger().addFilter(_quiet_tfds)
+  logging.get_absl_logger().addFilter(common.quiet_tfds)
   where = data_dir or tfds.core.constants.DATA_DIR
   try:
     return tfds.data_source(TFDS_NAME, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # pylint: disable=broad-except  (tfds raises many types here)
-    cause = _first_line(e)
+    cause = common.first_line(e)
   try:
     prepared = tfds.builder(TFDS_NAME, data_dir=data_dir).is_prepared()
   except Exception:  # pylint: disable=broad-except
@@ -276,17 +271,17 @@ def train_batches(source: ImageNetSource, *, global_batch: int, seed: int, epoch
                   augment: bool = True, num_threads: Optional[int] = None,
                   prefetch: int = 4) -> Iterator[dict]:
   """This process's rows of the training batches start_step, ... of `epoch`, as
-  input_pipeline.train_batches: {'image': float32 [local, S, S, 3], 'label': int32 [local]}.
+  in_memory.train_batches: {'image': float32 [local, S, S, 3], 'label': int32 [local]}.
 
   Each example's crop and flip come from its own generator seeded by (seed, epoch, position
   in the epoch). augment=False gives the evaluation transform instead.
   """
-  local = _check_sharding(global_batch, process_index, process_count)
-  steps = input_pipeline.steps_per_epoch(len(source), global_batch)
-  config_checks.check_int("epoch", epoch, minimum=0)
-  if not config_checks.is_int(start_step) or not 0 <= start_step <= steps:
+  local = common.check_sharding(global_batch, process_index, process_count)
+  steps = common.steps_per_epoch(len(source), global_batch)
+  validate.check_int("epoch", epoch, minimum=0)
+  if not validate.is_int(start_step) or not 0 <= start_step <= steps:
     raise ValueError(f"start_step={start_step!r} is out of range: an epoch has {steps} steps")
-  word = _seed_word(seed)
+  word = common.seed_word(seed)
   epoch_seed = np.random.SeedSequence([word, int(epoch), 0]).generate_state(1)[0]
   first_row = process_index * local
   size = source.image_size
@@ -313,8 +308,8 @@ def train_batches(source: ImageNetSource, *, global_batch: int, seed: int, epoch
 def eval_batches(source: ImageNetSource, *, global_batch: int, process_index: int = 0,
                  process_count: int = 1, num_threads: Optional[int] = None,
                  prefetch: int = 4) -> Iterator[dict]:
-  """Every example once, in order, as input_pipeline.eval_batches (padding rows: mask 0)."""
-  local = _check_sharding(global_batch, process_index, process_count)
+  """Every example once, in order, as in_memory.eval_batches (padding rows: mask 0)."""
+  local = common.check_sharding(global_batch, process_index, process_count)
   n = len(source)
   first_row = process_index * local
   size = source.image_size
@@ -330,7 +325,7 @@ def eval_batches(source: ImageNetSource, *, global_batch: int, process_index: in
     mask = (np.arange(local) < len(ids)).astype(np.float32)
     return {"image": normalize(images), "label": labels, "mask": mask}
 
-  ds = grain.MapDataset.range(input_pipeline.num_eval_steps(n, global_batch)).map(make_batch)
+  ds = grain.MapDataset.range(common.num_eval_steps(n, global_batch)).map(make_batch)
   return _iterate(ds, source, num_threads, prefetch)
 
 

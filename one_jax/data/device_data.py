@@ -1,9 +1,9 @@
 """The train set in device memory: uint8 images on every device, augmented inside the step.
 
-With `data_on_device` the host sends per step only what input_pipeline.train_plans draws
+With `data_on_device` the host sends per step only what in_memory.train_plans draws
 (example ids, crop offsets, flips: a few bytes per example) and the jitted step gathers,
 pads, crops, flips and normalises on the device. The result is bit for bit the batch
-input_pipeline.train_batches builds on the host: the same draws, integer crops, and the
+in_memory.train_batches builds on the host: the same draws, integer crops, and the
 normalisation read from a [256, 3] table that numpy's own `normalize` computed (a multiply-add
 on the device could be fused into one rounding and differ in the last bit).
 
@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from one_jax import input_pipeline, parallel
+from one_jax import parallel
+from one_jax.data import in_memory
 
 MODES = ("auto", "true", "false")
 MAX_AUTO_BYTES = 2 * 1024**3   # CIFAR-10/100 train: 150 MB; SVHN train + extra would be ~2 GB
@@ -31,13 +32,13 @@ def use_device_data(mode: str, source, device=None) -> bool:
   devices report memory, so never a device of another process)."""
   if mode not in MODES:
     raise ValueError(f"data_on_device={mode!r} is unknown: use one of {', '.join(MODES)}")
-  in_memory = isinstance(source, input_pipeline.ArraySource)
+  resident = isinstance(source, in_memory.ArraySource)
   if mode == "true":
-    if not in_memory:
+    if not resident:
       raise ValueError("data_on_device='true' needs an in-memory train set (synthetic, an .npz "
                        "or a decoded TFDS set): use --config.data_on_device=auto or false")
     return True
-  if mode == "false" or not in_memory:
+  if mode == "false" or not resident:
     return False
   size = source.images.nbytes + source.labels.nbytes
   limit = MAX_AUTO_BYTES
@@ -47,21 +48,21 @@ def use_device_data(mode: str, source, device=None) -> bool:
   return size <= limit
 
 
-def put(source: "input_pipeline.ArraySource", mesh) -> Dict[str, jax.Array]:
+def put(source: "in_memory.ArraySource", mesh) -> Dict[str, jax.Array]:
   """{'image': uint8 [N, H, W, 3], 'label': int32 [N]} replicated over the mesh."""
   return parallel.replicate({"image": source.images, "label": source.labels}, mesh)
 
 
 def _normalize_table() -> np.ndarray:
-  """[256, 3] float32: input_pipeline.normalize of every pixel value in every channel."""
-  return input_pipeline.normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1))
+  """[256, 3] float32: in_memory.normalize of every pixel value in every channel."""
+  return in_memory.normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1))
 
 
 def augment(data: Dict[str, jax.Array], plan: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
   """This device's batch {'image': float32 normalised, 'label'} from its rows of a plan."""
   images = data["image"][plan["index"]]
   n, h, w, c = images.shape
-  pad = input_pipeline.CROP_PADDING
+  pad = in_memory.CROP_PADDING
   padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   crop = jax.vmap(lambda im, off: jax.lax.dynamic_slice(im, (off[0], off[1], 0), (h, w, c)))
   images = crop(padded, plan["offset"])

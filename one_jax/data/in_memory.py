@@ -13,7 +13,6 @@ Augmentation and normalisation are vectorised per batch in numpy (a per-example 
 transform costs more than the model on small images) and run ahead of the consumer in grain's
 prefetch threads.
 """
-import dataclasses
 import io
 import os
 import zipfile
@@ -23,17 +22,16 @@ from typing import Any, Iterator, Optional, Tuple
 import grain
 import numpy as np
 
-from one_jax import config_checks
+from one_jax import validate
+from one_jax.data import common
 
 # Normalisation of the reference (torchvision Normalize after ToTensor's scaling to [0, 1]).
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
 CROP_PADDING = 4   # random crop back to the image size after this much zero padding per side
 
-# ImageNet-like datasets (images of any size, decoded and augmented per example) are built by
-# imagenet_input; its sources batch themselves (train_batches / eval_batches hand over to them).
-IMAGENET_DATASETS = ("imagenet2012", "synthetic_imagenet")
-DATASETS = ("cifar10", "cifar100", "svhn", "synthetic") + IMAGENET_DATASETS
+# ImageNet-like sources (one_jax.data.imagenet) batch themselves: train_batches / eval_batches
+# hand over to them.
 # Our dataset name -> (TFDS name, number of classes).
 TFDS_DATASETS = {"cifar10": ("cifar10", 10), "cifar100": ("cifar100", 100),
                  "svhn": ("svhn_cropped", 10)}
@@ -42,15 +40,6 @@ PACKED_NPZ_KEYS = ("jpeg_train", "offsets_train", "y_train", "jpeg_test", "offse
 
 _NPZ_LAYOUT = ("x_train, y_train, x_test, y_test (uint8 [N, H, W, 3] images, integer labels) "
                "or the packed JPEG layout (jpeg_*, offsets_*, y_*)")
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  name: str
-  num_classes: int
-  num_train: int
-  num_test: int
-  image_shape: tuple  # (H, W, 3), (32, 32, 3) for every built-in dataset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,23 +152,14 @@ def _gather(source, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 # Datasets from a config.
 
 
-def get_datasets(config) -> Tuple[Any, Any, DatasetInfo]:
-  """(train source, test source, DatasetInfo) for config.dataset / config.npz_path.
-
-  A non-empty config.npz_path takes precedence over config.dataset: the .npz is the data, with
-  config.num_classes classes. Otherwise 'synthetic' is generated from config.seed and the
-  others are read from TFDS (prepared on first use unless config.download is False).
-  """
+def get_datasets(config) -> Tuple[Any, Any, common.DatasetInfo]:
+  """(train source, test source, DatasetInfo) of an in-memory dataset: config.npz_path (which
+  takes precedence: the .npz is the data, with config.num_classes classes), else 'synthetic'
+  (generated from config.seed), else a TFDS set (prepared on first use unless config.download
+  is False). one_jax.data.sources.get_datasets is the front door that calls this."""
   dataset = getattr(config, "dataset", "cifar10")
   npz_path = getattr(config, "npz_path", "") or ""
   num_classes = getattr(config, "num_classes", None)
-  if dataset not in DATASETS:
-    raise ValueError(f"config.dataset={dataset!r} is unknown: use one of {', '.join(DATASETS)} "
-                     "(or --config.npz_path=FILE.npz for local arrays)")
-  config_checks.check_int("config.num_classes", num_classes, minimum=1)
-  if dataset in IMAGENET_DATASETS and not npz_path:
-    from one_jax import imagenet_input  # pylint: disable=g-import-not-at-top  (imports this)
-    return imagenet_input.get_datasets(config)
   if npz_path:
     train, test = load_npz(npz_path, num_classes)
     name = os.path.splitext(os.path.basename(npz_path))[0]
@@ -203,8 +183,8 @@ def get_datasets(config) -> Tuple[Any, Any, DatasetInfo]:
   if not len(train) or not len(test):
     raise ValueError(f"dataset {name!r} has {len(train)} training and {len(test)} test examples: "
                      "both splits need at least one")
-  info = DatasetInfo(name=name, num_classes=num_classes, num_train=len(train), num_test=len(test),
-                     image_shape=_image_shape(train))
+  info = common.DatasetInfo(name=name, num_classes=num_classes, num_train=len(train),
+                            num_test=len(test), image_shape=_image_shape(train))
   return train, test, info
 
 
@@ -228,13 +208,13 @@ def load_tfds(name: str, split: str, data_dir=None, download: bool = True):
                  "--config.data_dir at its parent), or train on a local file with "
                  "--config.npz_path=FILE.npz")
   from absl import logging  # pylint: disable=g-import-not-at-top
-  logging.get_absl_logger().addFilter(_quiet_tfds)  # its notices would precede our one line
+  logging.get_absl_logger().addFilter(common.quiet_tfds)  # its notices would precede our one line
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     prepared = builder.is_prepared()
   except Exception as e:  # pylint: disable=broad-except  (tfds raises many types here)
     raise ValueError(f"TFDS dataset {name!r} cannot be opened under {where} "
-                     f"({_first_line(e)})") from None
+                     f"({common.first_line(e)})") from None
   if not prepared:
     if not download:
       raise ValueError(f"TFDS dataset {name!r} is not prepared under {where} and "
@@ -245,7 +225,7 @@ def load_tfds(name: str, split: str, data_dir=None, download: bool = True):
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(
         f"TFDS dataset {name!r} (split {split!r}) under {where} cannot be read in ArrayRecord "
-        f"format ({_first_line(e)}): prepare it with `tfds build {name} "
+        f"format ({common.first_line(e)}): prepare it with `tfds build {name} "
         f"--file_format=array_record --data_dir={where}`, or {offline_fix}") from None
 
 
@@ -271,17 +251,7 @@ def _prepare(tfds, builder, name: str, where: str, offline_fix: str) -> None:
                      ) from None
   except Exception as e:  # pylint: disable=broad-except  (network errors come in many types)
     raise ValueError(f"TFDS dataset {name!r} could not be downloaded and prepared in {where} "
-                     f"(no internet here? {_first_line(e)}): {offline_fix}") from None
-
-
-def _quiet_tfds(record) -> bool:
-  """Drops TFDS's warnings about a dataset folder that is not prepared yet (we say so)."""
-  return "has no dataset_info.json" not in record.getMessage()
-
-
-def _first_line(e: Exception) -> str:
-  text = (str(e).strip().splitlines() or [""])[0]
-  return f"{type(e).__name__}: {text[:300]}"
+                     f"(no internet here? {common.first_line(e)}): {offline_fix}") from None
 
 
 def load_npz(path: str, num_classes: int) -> Tuple[ArraySource, ArraySource]:
@@ -341,9 +311,9 @@ def _check_split(path, split, x, y, num_classes):
                      "in [0, 1])")
   if not len(x):
     raise ValueError(f"{path}: {xk} holds no images: each split needs at least one example")
-  if min(x.shape[1:3]) < config_checks.MIN_IMAGE_SIZE:
+  if min(x.shape[1:3]) < validate.MIN_IMAGE_SIZE:
     raise ValueError(f"{path}: {xk} images are {x.shape[1]}x{x.shape[2]} pixels; the model needs "
-                     f"at least {config_checks.MIN_IMAGE_SIZE}x{config_checks.MIN_IMAGE_SIZE} "
+                     f"at least {validate.MIN_IMAGE_SIZE}x{validate.MIN_IMAGE_SIZE} "
                      "(two stride-2 stages): store the images at their real size")
   if y.ndim == 2 and y.shape[1] == 1:
     y = y[:, 0]
@@ -405,8 +375,8 @@ def synthetic_sources(num_train: int, num_test: int, num_classes: int, seed: int
   300, from a 10% start, so smoke runs show real learning curves.
   """
   for name, value in (("synthetic_train_size", num_train), ("synthetic_test_size", num_test)):
-    config_checks.check_int(f"config.{name}", value, minimum=1)
-  word = _seed_word(seed)
+    validate.check_int(f"config.{name}", value, minimum=1)
+  word = common.seed_word(seed)
   templates = _class_templates(num_classes, image_shape, np.random.default_rng([word, 0]))
   return tuple(ArraySource(*_synthetic_examples(templates, n, np.random.default_rng([word, tag])))
                for tag, n in ((1, num_train), (2, num_test)))
@@ -456,22 +426,6 @@ def _synthetic_examples(templates, n, rng, max_shift=8, noise_std=64.0, chunk=40
 # Batching.
 
 
-def steps_per_epoch(num_train: int, global_batch: int) -> int:
-  """Training steps per epoch: the last partial batch is dropped (every batch is full)."""
-  config_checks.check_int("global_batch", global_batch, minimum=1)
-  steps = num_train // global_batch
-  if steps < 1:
-    raise ValueError(f"global_batch={global_batch} is larger than the training set "
-                     f"({num_train} examples): use a smaller batch size")
-  return steps
-
-
-def num_eval_steps(num_test: int, global_batch: int) -> int:
-  """Evaluation steps covering every test example once (the last batch is padded)."""
-  config_checks.check_int("global_batch", global_batch, minimum=1)
-  return -(-num_test // global_batch)
-
-
 def train_batches(source, *, global_batch: int, seed: int, epoch: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1, augment: bool = True,
                   num_threads: Optional[int] = None, prefetch: int = 4) -> Iterator[dict]:
@@ -483,7 +437,7 @@ def train_batches(source, *, global_batch: int, seed: int, epoch: int, start_ste
   num_threads/prefetch: grain threads computing up to `prefetch` batches ahead of the consumer
   (0 threads: synchronous; None: 1 for in-memory arrays, whose numpy work holds the GIL, and
   4 for TFDS, whose reads wait on I/O). Call .close() on the iterator to stop its threads early.
-  A source with its own `train_batches` (imagenet_input) builds the batches itself.
+  A source with its own `train_batches` (one_jax.data.imagenet) builds the batches itself.
   """
   if hasattr(source, "train_batches"):
     return source.train_batches(
@@ -521,13 +475,14 @@ def train_plans(num_examples: int, *, global_batch: int, seed: int, epoch: int,
 def _plans(num_examples: int, *, global_batch, seed, epoch, start_step, process_index,
            process_count):
   """MapDataset of this process's rows of each step's example ids and augmentation draws."""
-  local = _check_sharding(global_batch, process_index, process_count)
-  steps = steps_per_epoch(num_examples, global_batch)
-  config_checks.check_int("epoch", epoch, minimum=0)
-  if not config_checks.is_int(start_step) or not 0 <= start_step <= steps:
+  local = common.check_sharding(global_batch, process_index, process_count)
+  steps = common.steps_per_epoch(num_examples, global_batch)
+  validate.check_int("epoch", epoch, minimum=0)
+  if not validate.is_int(start_step) or not 0 <= start_step <= steps:
     raise ValueError(f"start_step={start_step!r} is out of range: an epoch has {steps} steps")
-  epoch_seed = np.random.SeedSequence([_seed_word(seed), int(epoch), 0]).generate_state(1)[0]
-  aug_seed = (_seed_word(seed), int(epoch), 1)
+  epoch_seed = np.random.SeedSequence([common.seed_word(seed), int(epoch),
+                                       0]).generate_state(1)[0]
+  aug_seed = (common.seed_word(seed), int(epoch), 1)
   rows = slice(process_index * local, (process_index + 1) * local)
 
   def make_plan(step: int, ids: np.ndarray) -> dict:
@@ -556,7 +511,7 @@ def eval_batches(source, *, global_batch: int, process_index: int = 0, process_c
     return source.eval_batches(global_batch=global_batch, process_index=process_index,
                                process_count=process_count, num_threads=num_threads,
                                prefetch=prefetch)
-  local = _check_sharding(global_batch, process_index, process_count)
+  local = common.check_sharding(global_batch, process_index, process_count)
   n = len(source)
   first_row = process_index * local
   image_shape = _image_shape(source) if n else ()
@@ -571,7 +526,7 @@ def eval_batches(source, *, global_batch: int, process_index: int = 0, process_c
     mask = (np.arange(local) < len(ids)).astype(np.float32)
     return {"image": normalize(images), "label": labels, "mask": mask}
 
-  ds = grain.MapDataset.range(num_eval_steps(n, global_batch)).map(make_batch)
+  ds = grain.MapDataset.range(common.num_eval_steps(n, global_batch)).map(make_batch)
   return _iterate(ds, source, num_threads, prefetch)
 
 
@@ -596,20 +551,3 @@ def _image_shape(source) -> tuple:
   return tuple(np.shape(source[0]["image"]))
 
 
-def _check_sharding(global_batch, process_index, process_count) -> int:
-  """The per-process batch size; raises unless the global batch splits evenly over processes."""
-  config_checks.check_int("global_batch", global_batch, minimum=1)
-  config_checks.check_int("process_count", process_count, minimum=1)
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} is out of range for "
-                     f"process_count={process_count}")
-  if global_batch % process_count:
-    raise ValueError(f"global_batch={global_batch} does not divide over {process_count} "
-                     "processes: use a multiple of the process count")
-  return global_batch // process_count
-
-
-def _seed_word(seed) -> int:
-  """Any integer seed (negative too) as a non-negative word for numpy's SeedSequence."""
-  config_checks.check_int("seed", seed, why="it must be an integer")
-  return int(seed) % 2**64
