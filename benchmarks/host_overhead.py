@@ -24,8 +24,9 @@ from absl import flags  # noqa: E402
 import jax  # noqa: E402
 
 from configs import step1  # noqa: E402
-from one_jax import bench, train  # noqa: E402
+from one_jax import bench# noqa: E402
 from one_jax.cpu import host_memory  # noqa: E402
+from one_jax.training import train
 
 _DEPTH = flags.DEFINE_integer("depth", 8, "ResNet depth (6n + 2).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")

@@ -2,7 +2,7 @@
 
     python -m one_jax.bench --config=configs/step1.py:three_branch [--steps=N] [--batch=N]
 
-Times the training loop's own jitted step (`one_jax.train.make_dispatch_step`: forward, loss,
+Times the training loop's own jitted step (`one_jax.training.train.make_dispatch_step`: forward, loss,
 backward, SGD update, BatchNorm statistics, metric sums; config.steps_per_dispatch steps per
 call; with the synthetic train set on the device and augmented in the step when
 config.data_on_device resolves to that) and `make_eval_step` on a batch of the same size.
@@ -39,18 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from one_jax import checkpoints
-from one_jax import cli
-from one_jax import validate
-from one_jax import model_spec
-from one_jax import models
-from one_jax import optimizer
-from one_jax import parallel
-from one_jax import train
-from one_jax.cpu import host_memory
-from one_jax.cpu import kernels
-from one_jax.cpu import xla_options
+from one_jax import cli, parallel, validate
+from one_jax.architectures import model_spec, models
+from one_jax.cpu import host_memory, kernels, xla_options
 from one_jax.data import device_data, in_memory, sources
+from one_jax.storage import checkpoints
+from one_jax.training import optimizer, train
 
 IMAGE_SHAPE = (32, 32, 3)   # CIFAR's; a config with image_size (ImageNet: 224) sets its own
 

@@ -3,7 +3,7 @@
   error: <what is wrong and how to fix it>
 
 and exit status 1, never a traceback; Ctrl-C (SIGINT) ends in one line and status 130, SIGTERM
-where a command turns it into an exception (one_jax.staging) in one line and status 143.
+where a command turns it into an exception (one_jax.storage.staging) in one line and status 143.
 Every command (one_jax.main, surgery, convert, bench) runs its body through `exit_status`.
 """
 import argparse

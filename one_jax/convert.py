@@ -1,7 +1,7 @@
 """PyTorch reference checkpoints <-> one_jax models and checkpoints.
 
 Reads the reference code's .pth.tar files (ONE ResNets with any branch count, and baseline
-ResNets), or bare state dicts, into (model, variables) with the layout of one_jax.models, and
+ResNets), or bare state dicts, into (model, variables) with the layout of one_jax.architectures.models, and
 writes one_jax variables back under the reference names. The mapping is generated from the
 flax variable tree, so both directions are the same table:
 
@@ -14,7 +14,7 @@ flax variable tree, so both directions are the same table:
   running_mean / running_var           <-> batch_stats mean / var
 
 torchvision's ImageNet ResNets (imagenet_resnet, one_imagenet_resnet) have their own name table
-in convert_torchvision.py; the functions and the command line below take either layout.
+in one_jax.interop.convert_torchvision; the functions and the command line below take either layout.
 
 Torch branches are numbered from 1, one_jax branches from 0. `num_batches_tracked` has no
 one_jax counterpart: the imported values are kept in the checkpoint metadata so that export
@@ -38,9 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from one_jax import checkpoints, cli, convert_torchvision, model_spec, models, staging
-from one_jax import workdirs
-from one_jax.interop import torch_common
+from one_jax import cli
+from one_jax.architectures import model_spec, models
+from one_jax.interop import convert_torchvision, torch_common
+from one_jax.storage import checkpoints, staging, workdirs
 
 SPELLINGS = ("classfier", "classifier")  # the reference's spelling, and later forks'
 _GATE_TO_TORCH = {"dense": "control_v1", "bn": "bn_v1"}

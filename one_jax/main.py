@@ -1,7 +1,7 @@
 """Entry point: python -m one_jax.main --config=configs/step1.py:five_branch [--workdir=DIR].
 
 Deliberately short (flax examples style): flags, workdir, one log line about the hosts and
-devices, then one call into train.py.
+devices, then one call into one_jax.training.train.
 """
 import datetime
 import os
@@ -17,7 +17,7 @@ import numpy as np
 
 from one_jax import cli
 from one_jax.cpu import host_memory
-from one_jax import preemption
+from one_jax.training import preemption
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool(host_memory.FLAG_NAME, True, host_memory.FLAG_HELP)
@@ -64,7 +64,8 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   from one_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from one_jax import checkpoints, run_lock, train, workdirs  # pylint: disable=g-import-not-at-top
+  from one_jax.storage import checkpoints, run_lock, workdirs  # pylint: disable=g-import-not-at-top
+  from one_jax.training import train
   from one_jax.cpu import kernels  # pylint: disable=g-import-not-at-top
   checkpoints.quiet_orbax_noise()
 
@@ -98,7 +99,8 @@ def main(argv):
 
 def _run_in(config, workdir: str, announce: bool) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from one_jax import train, workdirs  # pylint: disable=g-import-not-at-top
+  from one_jax.storage import workdirs  # pylint: disable=g-import-not-at-top
+  from one_jax.training import train
   if not config.eval_only:
     workdirs.check_config(config, workdir)
   if announce:

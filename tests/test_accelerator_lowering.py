@@ -9,7 +9,9 @@ from jax import export
 import pytest
 
 from configs import step1
-from one_jax import model_spec, optimizer, parallel, train
+from one_jax import parallel
+from one_jax.architectures import model_spec
+from one_jax.training import optimizer, train
 
 BATCH = 32   # two 16-image slices: the CPU's sliced weight gradient would show
 

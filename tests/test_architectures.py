@@ -7,8 +7,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from one_jax import convert, surgery
+from one_jax.architectures import model_spec, models
 from one_jax.interop import torch_common
-from one_jax import checkpoints, convert, model_spec, models, surgery, train, voting
+from one_jax.storage import checkpoints
+from one_jax.training import train, voting
 
 S = model_spec.ModelSpec
 

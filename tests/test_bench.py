@@ -8,7 +8,8 @@ import sys
 import jax
 import pytest
 
-from one_jax import bench, model_spec
+from one_jax import bench
+from one_jax.architectures import model_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("images_per_sec", "eval_images_per_sec", "step_ms", "eval_step_ms", "compile_s",

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from one_jax import layers
+from one_jax.architectures import layers
 from one_jax.cpu import convolution
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -85,7 +85,8 @@ def test_model_gradients_match_flax_conv(monkeypatch):
   """A whole ONE ResNet step (loss, gradients, BatchNorm statistics) with layers.conv (one_jax's
   CPU kernels, conv_impl='auto') equals the same model built on flax.linen.Conv, to float32
   tolerance."""
-  from one_jax import losses, models
+  from one_jax.architectures import models
+  from one_jax.training import losses
 
   images = jax.random.normal(jax.random.key(3), (16, 32, 32, 3))
   labels = jnp.arange(16) % 10

@@ -20,8 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from one_jax import convert
+from one_jax.architectures import models
 from one_jax.interop import torch_common
-from one_jax import checkpoints, convert, losses, models
+from one_jax.storage import checkpoints
+from one_jax.training import losses
 from tests import torch_reference as tr
 
 ONE_CONFIGS = [(8, 1), (8, 3), (8, 5), (20, 3), (56, 3)]  # (depth, branches); 56: Bottleneck

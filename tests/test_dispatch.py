@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from one_jax import model_spec, optimizer, parallel, preemption
-from one_jax import train
+from one_jax import parallel
+from one_jax.architectures import model_spec
 from one_jax.data import device_data, in_memory, sources
+from one_jax.training import optimizer, preemption, train
 
 STEPS = 4
 

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from one_jax.interop import torch_common
-from one_jax import checkpoints, convert, convert_torchvision, model_spec, models, surgery
-from one_jax.architectures import imagenet_resnet
+from one_jax import convert
+from one_jax.architectures import imagenet_resnet, model_spec, models
 from one_jax.data import in_memory
+from one_jax.interop import convert_torchvision, torch_common
+from one_jax.storage import checkpoints
+from one_jax.surgery import __main__ as surgery_cli
 from tests import torch_reference as tr
 
 # torchvision.models.resnet{18,34,50}(num_classes=1000): parameters, and state_dict() entries.
@@ -116,7 +118,7 @@ def test_voting_over_imagenet_batches(one10):
   """Every subset of the branches scored on ImageNet-shaped batches (one_jax.data.imagenet's eval
   transform); all three branches under the gate are the ensemble."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from one_jax import voting  # pylint: disable=g-import-not-at-top
+  from one_jax.training import voting  # pylint: disable=g-import-not-at-top
   from one_jax.data import sources  # pylint: disable=g-import-not-at-top
   spec, variables = one10
   config = ml_collections.ConfigDict(dict(
@@ -202,7 +204,7 @@ def test_cli_round_trip_and_one_line_errors(tmp_path, capsys):
   torch.save(other, tmp_path / "other.pth")
   assert convert.main([str(tmp_path / "other.pth"), str(tmp_path / "ckpt_other")]) == 0
   merged = tmp_path / "merged"
-  assert surgery.main(["merge", "--src", str(out_dir), "--src", str(tmp_path / "ckpt_other"),
+  assert surgery_cli.main(["merge", "--src", str(out_dir), "--src", str(tmp_path / "ckpt_other"),
                        "--dst", str(merged)]) == 0
   assert checkpoints.load(str(merged))[0] == _spec(10, 2, classes=4)
   assert convert.main(["--to_torch", "--branch", "1", str(merged), str(tmp_path / "b1.pth")]) == 0

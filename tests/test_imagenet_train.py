@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from configs import imagenet
-from one_jax import checkpoints, convert, model_spec, models, train
+from one_jax import convert
+from one_jax.architectures import model_spec, models
+from one_jax.storage import checkpoints
+from one_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -60,8 +60,8 @@ def test_importing_library_modules_has_no_side_effects():
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
-  for name in ("one_jax.checkpoints", "one_jax.cpu.host_memory", "one_jax.cpu.kernels",
-               "one_jax.train", "one_jax.surgery", "one_jax.convert"):
+  for name in ("one_jax.storage.checkpoints", "one_jax.cpu.host_memory", "one_jax.cpu.kernels",
+               "one_jax.training.train", "one_jax.surgery", "one_jax.convert"):
     assert name in result["modules"]
   assert result["changed"] == {}
 
@@ -153,8 +153,8 @@ def _a_cycle(graph):
 
 def test_the_package_imports_run_one_way():
   graph, by_string = _package_import_graph()
-  assert "one_jax.train" in graph and "one_jax.validate" in graph["one_jax.train"] | {
-      m for d in graph["one_jax.train"] for m in graph[d]}
+  assert "one_jax.training.train" in graph and "one_jax.validate" in graph["one_jax.training.train"] | {
+      m for d in graph["one_jax.training.train"] for m in graph[d]}
   assert _a_cycle(graph) is None, " -> ".join(_a_cycle(graph))
   assert by_string == []     # no module of the package imported by a string
   # The leaves import nothing of the package.

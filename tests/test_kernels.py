@@ -9,9 +9,8 @@ import pytest
 
 from configs import step1
 from one_jax import bench
-from one_jax import models
-from one_jax.cpu import convolution
-from one_jax.cpu import kernels
+from one_jax.architectures import models
+from one_jax.cpu import convolution, kernels
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -1,4 +1,4 @@
-"""Tests for one_jax.metric_writers: what a run leaves in its workdir."""
+"""Tests for one_jax.training.metric_writers: what a run leaves in its workdir."""
 import csv
 import glob
 import json
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from one_jax import metric_writers
-from one_jax.metric_writers import MetricWriter, progress_bar, summary_table
+from one_jax.training import metric_writers
+from one_jax.training.metric_writers import MetricWriter, progress_bar, summary_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from configs import step1
-from one_jax import checkpoints, config_checks, convert, losses, model_spec
-from one_jax import surgery, train
+from one_jax import convert, surgery
+from one_jax.architectures import model_spec
 from one_jax.data import sources
+from one_jax.storage import checkpoints
+from one_jax.training import config_checks, losses, train
 
 
 def _global_relative_error(got, want) -> float:

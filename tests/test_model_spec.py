@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from one_jax import checkpoints, model_spec, models, train
+from one_jax.architectures import model_spec, models
+from one_jax.storage import checkpoints
+from one_jax.training import train
 
 ONE = model_spec.ModelSpec("one_resnet", depth=8, num_classes=5, num_branches=3)
 BASE = model_spec.ModelSpec("cifar_resnet", depth=8, num_classes=5)

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from one_jax import losses, models
+from one_jax.architectures import models
+from one_jax.training import losses
 
 IMAGES = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
 

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from configs import step1
-from one_jax import checkpoints, distributed, train
+from one_jax import distributed
+from one_jax.storage import checkpoints
+from one_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")

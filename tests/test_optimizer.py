@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from one_jax import models
-from one_jax import optimizer as opt
+from one_jax.architectures import models
+from one_jax.training import optimizer as opt
 
 
 def make_config(**overrides):

@@ -2,6 +2,7 @@
 contains the compiled kernels (a failed kernel build would leave only its error record)."""
 import ctypes
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -90,3 +91,17 @@ def test_every_design_reference_resolves_inside_the_repository():
           cited.setdefault(n, []).append(os.path.relpath(path, ROOT))
   assert len(cited) >= 8, cited
   assert set(cited) <= sections, {n: p for n, p in cited.items() if n not in sections}
+
+
+def test_the_docs_import_what_exists():
+  """Every `from one_jax... import ...` line of the README's and DESIGN.md's code blocks runs."""
+  lines = []
+  for doc in ("README.md", "DESIGN.md"):
+    with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+      blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    lines += [l.strip() for b in blocks for l in b.splitlines()
+              if re.match(r"\s*(from one_jax[\w.]* import |import one_jax)", l)]
+  assert len(lines) >= 5, lines
+  proc = subprocess.run([sys.executable, "-c", "\n".join(lines)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]

@@ -23,8 +23,9 @@ import jax
 import numpy as np
 import pytest
 
-from one_jax import checkpoints, config_checks, preemption, run_lock, train, workdirs
 from one_jax import surgery as surgery_ops
+from one_jax.storage import checkpoints, run_lock, workdirs
+from one_jax.training import config_checks, preemption, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULT_SCRIPT = os.path.join(ROOT, "tests", "fault_injection.py")
@@ -310,7 +311,9 @@ def test_non_finite_step_inside_a_dispatch_is_reported_by_its_own_number(tmp_pat
 
 def test_train_step_does_not_apply_a_non_finite_update():
   from configs import step1  # pylint: disable=g-import-not-at-top
-  from one_jax import model_spec, optimizer, parallel  # pylint: disable=g-import-not-at-top
+  from one_jax import parallel  # pylint: disable=g-import-not-at-top
+  from one_jax.architectures import model_spec
+  from one_jax.training import optimizer
   config = step1.get_config("three_branch,smoke")
   config.batch_size = 32
   mesh = parallel.make_mesh(jax.devices()[:1])

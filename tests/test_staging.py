@@ -1,4 +1,4 @@
-"""Output outside a run appears complete or not at all (one_jax.staging): surgery, conversion
+"""Output outside a run appears complete or not at all (one_jax.storage.staging): surgery, conversion
 and step-2 preparation leave no partial output on any failure, signal or race, and clean up
 what a killed writer left."""
 import contextlib
@@ -15,7 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from one_jax import checkpoints, model_spec, staging, surgery
+from one_jax.architectures import model_spec
+from one_jax.storage import checkpoints, staging
+from one_jax.surgery import __main__ as surgery_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +52,7 @@ def source(tmp_path_factory):
 def _surgery(argv):
   err = io.StringIO()
   with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-    code = surgery.main(argv)
+    code = surgery_cli.main(argv)
   return code, err.getvalue()
 
 
@@ -143,14 +145,15 @@ def test_an_impossible_expansion_is_one_line(source, tmp_path):
 
 _SLOW_SAVE = textwrap.dedent("""
     import sys, time
-    from one_jax import checkpoints, surgery
+    from one_jax.storage import checkpoints
+    from one_jax.surgery import __main__ as surgery_cli
     save = checkpoints.save
     def slow_save(*args, **kwargs):
       save(*args, **kwargs)
       open(sys.argv[1], "w").close()   # the checkpoint is half written: tell the test
       time.sleep(60)
     checkpoints.save = slow_save
-    sys.exit(surgery.main(sys.argv[2:]))
+    sys.exit(surgery_cli.main(sys.argv[2:]))
 """)
 
 

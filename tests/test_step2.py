@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import step2
-from one_jax import checkpoints, train, two_stage
+from one_jax.storage import checkpoints
+from one_jax.training import train, two_stage
 
 SHORT = dict(num_epochs=1, steps_per_epoch=2)  # one epoch of two steps
 

@@ -19,10 +19,10 @@ import numpy as np
 import optax
 import pytest
 
-from one_jax import checkpoints
-from one_jax import model_spec
-from one_jax import models
 from one_jax import surgery
+from one_jax.architectures import model_spec, models
+from one_jax.storage import checkpoints
+from one_jax.surgery import __main__ as surgery_cli
 
 DEPTH, CLASSES = 8, 3
 IMAGES = np.random.RandomState(0).normal(size=(6, 8, 8, 3)).astype(np.float32)
@@ -415,7 +415,7 @@ def tree_hash(root):
 def run_main(argv):
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    rc = surgery.main(argv)
+    rc = surgery_cli.main(argv)
   return rc, out.getvalue(), err.getvalue()
 
 
@@ -556,7 +556,7 @@ def test_cli_process_exit_code_and_one_line(ckpts, repo_root):
 
 
 def trainer_optimizer(params, geo_lr):
-  from one_jax import optimizer
+  from one_jax.training import optimizer
   config = types.SimpleNamespace(lr=0.1, schedule="multistep", num_epochs=2, milestones=(1,),
                                  gamma=0.1, geo_lr=geo_lr)
   return optimizer.create_optimizer(config, 4, params)

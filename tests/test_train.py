@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from configs import step1
-from one_jax import checkpoints, model_spec, optimizer, parallel, train
+from one_jax import parallel
+from one_jax.architectures import model_spec
 from one_jax.data import in_memory, sources
+from one_jax.storage import checkpoints
+from one_jax.training import optimizer, train
 
 
 def _states_after_steps(config, devices, num_steps):

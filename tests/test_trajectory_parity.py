@@ -20,8 +20,10 @@ import torch
 from scipy import stats
 
 from configs import common
-from one_jax import convert, model_spec, optimizer, parallel, train
+from one_jax import convert, parallel
+from one_jax.architectures import model_spec
 from one_jax.data import in_memory
+from one_jax.training import optimizer, train
 from tests import torch_reference as tr
 
 DEPTH = 8

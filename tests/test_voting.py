@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from one_jax import models
-from one_jax import voting
+from one_jax.architectures import models
+from one_jax.training import voting
 
 # Four real examples, three branches, three classes. Branch predictions per example:
 # ex0 (label 0): 0 1 2   ex1 (label 1): 0 1 1   ex2 (label 2): 2 2 0   ex3 (label 1): 1 0 2

@@ -89,7 +89,7 @@ def run_pytorch(args, model, seed, milestones, run_dir) -> dict:
 
 
 def run_one_jax(args, model, seed, milestones, run_dir) -> dict:
-  from one_jax import metric_writers  # pylint: disable=g-import-not-at-top
+  from one_jax.training import metric_writers  # pylint: disable=g-import-not-at-top
   workdir = os.path.join(run_dir, "workdir")
   variant = "baseline" if model == "baseline" else "three_branch"
   cmd = [sys.executable, "-m", "one_jax.main", f"--config=configs/step1.py:{variant}",

@@ -1,2 +1,4 @@
-"""Architecture families beyond the CIFAR ResNet (models.py): each module gives a family's
-trunk and branch modules, its options, checks and module arguments (model_spec.family)."""
+"""The models: `layers` (PyTorch's initialisation and BatchNorm semantics), `models` (the CIFAR
+ResNet, and the ONE wrapper of any family: OneModel, Baseline, stacked branches, the gate),
+one module per further family (wrn, vgg, densenet, resnext, imagenet_resnet: trunk and branch
+modules, options, checks) and `model_spec` (ModelSpec and the registry, above the families)."""

@@ -15,8 +15,9 @@ BN-ReLU + classifier.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from one_jax import layers, validate
-from one_jax.models import ModuleDef
+from one_jax import validate
+from one_jax.architectures import layers
+from one_jax.architectures.models import ModuleDef
 
 OPTIONS = {"growth_rate": 12, "bottleneck": True}
 

@@ -16,7 +16,8 @@ from typing import Tuple
 
 import flax.linen as nn
 
-from one_jax import layers, models, validate
+from one_jax import validate
+from one_jax.architectures import layers, models
 
 # depth -> (block type, blocks per stage), torchvision's table (and ResNet-10 for smoke runs).
 STAGES = {10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)),

@@ -12,8 +12,9 @@ ONE split: trunk = stem + stages 1 and 2; branch = stage 3 + classifier.
 """
 import flax.linen as nn
 
-from one_jax import layers, validate
-from one_jax.models import ModuleDef
+from one_jax import validate
+from one_jax.architectures import layers
+from one_jax.architectures.models import ModuleDef
 
 OPTIONS = {"width": 4, "cardinality": 8, "group_width": 64}
 

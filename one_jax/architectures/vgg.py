@@ -10,8 +10,9 @@ classifier.
 """
 import flax.linen as nn
 
-from one_jax import layers, validate
-from one_jax.models import ModuleDef
+from one_jax import validate
+from one_jax.architectures import layers
+from one_jax.architectures.models import ModuleDef
 
 OPTIONS = {"width": 64}
 

@@ -9,8 +9,9 @@ ONE split: trunk = stem + groups 1 and 2; branch = group 3 + final BN-ReLU + cla
 """
 import flax.linen as nn
 
-from one_jax import layers, validate
-from one_jax.models import ModuleDef
+from one_jax import validate
+from one_jax.architectures import layers
+from one_jax.architectures.models import ModuleDef
 
 OPTIONS = {"width": 10}
 

@@ -1,5 +1,5 @@
 """What both sets of PyTorch names share (the reference's CIFAR ResNets in one_jax.convert,
-torchvision's ImageNet ResNets in one_jax.convert_torchvision): the conversion's error and
+torchvision's ImageNet ResNets in one_jax.interop.convert_torchvision): the conversion's error and
 result types, the leaf names and layouts (OIHW <-> HWIO, [out, in] <-> [in, out], BatchNorm
 weight <-> scale, running statistics <-> batch_stats), the modules' registration order and the
 key listing of error messages. A leaf below both converters."""
@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from one_jax import model_spec
+from one_jax.architectures import model_spec
 
 NBT = "num_batches_tracked"
 _MAX_LISTED = 20

@@ -25,8 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from one_jax import model_spec
-from one_jax import staging
+from one_jax.architectures import model_spec
+from one_jax.storage import staging
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_METRIC = "test/top1/ensemble"
@@ -91,7 +91,8 @@ def variables_of(state) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- locating
 
 
-def _is_step_dir(path: str) -> bool:
+def is_step_dir(path: str) -> bool:
+  """An Orbax step folder of a one_jax checkpoint (its 'state' and 'meta' items)."""
   return os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta"))
 
 
@@ -106,11 +107,11 @@ def resolve(path: str) -> Tuple[str, Optional[int]]:
                           "checkpoint directory written by one_jax, or one of its step folders")
   if os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)):
     path = os.path.join(path, CHECKPOINT_SUBDIR)
-  if _is_step_dir(path):
+  if is_step_dir(path):
     parent, name = os.path.split(path)
     if name.isdigit():
       return parent, int(name)
-  if os.path.isdir(path) and any(n.isdigit() and _is_step_dir(os.path.join(path, n))
+  if os.path.isdir(path) and any(n.isdigit() and is_step_dir(os.path.join(path, n))
                                  for n in os.listdir(path)):
     return path, None
   raise CheckpointError(f"{path} is not a one_jax checkpoint (no step folders with 'state' and "
@@ -278,7 +279,7 @@ def save_standalone(path: str, state: Dict[str, Any], meta: Dict[str, Any]) -> s
   """Writes a one-step checkpoint directory at PATH (refusing to overwrite anything).
 
   Used by surgery, conversion and step-2 preparation. The directory appears only when
-  complete (one_jax.staging: written in a staging folder beside PATH, removed on any failure
+  complete (one_jax.storage.staging: written in a staging folder beside PATH, removed on any failure
   or signal, renamed onto PATH without ever replacing anything). Symlinks in PATH are resolved.
   """
   path = staging.check_free(path)

@@ -14,10 +14,11 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from one_jax import model_spec, models, optimizer, two_stage
 from one_jax import validate
+from one_jax.architectures import model_spec, models
 from one_jax.cpu import kernels, xla_options
 from one_jax.data import device_data, sources
+from one_jax.training import optimizer, two_stage
 
 Bound = Union[None, int, float, str]  # a number, or the name of another field
 

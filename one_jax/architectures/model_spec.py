@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from one_jax import validate
-from one_jax import models
-from one_jax.architectures import densenet, imagenet_resnet, resnext, vgg, wrn
+from one_jax.architectures import densenet, imagenet_resnet, models, resnext, vgg, wrn
 from one_jax.cpu import kernels
 
 

@@ -36,7 +36,7 @@ import time
 import uuid
 from typing import Iterator, Optional
 
-from one_jax import run_lock
+from one_jax.storage import run_lock
 
 OWNER_NAME = "owner.json"
 PAYLOAD_NAME = "out"

@@ -20,11 +20,11 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.traverse_util
+import orbax.checkpoint as ocp
 
-from one_jax import metric_writers, run_lock
+from one_jax.storage import checkpoints, run_lock
 
 CONFIG_NAME = "config.json"
-CHECKPOINT_SUBDIR = "checkpoints"  # == checkpoints.CHECKPOINT_SUBDIR (no JAX import here)
 
 # Fields that do not change what the run computes up to the last checkpoint: how long it
 # goes on, how it reports, how many checkpoints it keeps, where TFDS lives, how to resume.
@@ -40,8 +40,11 @@ PATH_FIELDS = ("npz_path", "data_dir", "init_from", "source", "sources")
 DATA_RECORD_NAME = "data_record.json"
 # What a run writes at the end of its epochs: a workdir holding any of these but no
 # checkpoint would have them overwritten by a fresh start.
-RESULT_NAMES = (metric_writers.CSV_NAME, metric_writers.JSONL_NAME,
-                metric_writers.SUMMARY_NAME, metric_writers.PLOT_NAME)
+CSV_NAME = "metrics.csv"          # one row per epoch (one_jax.training.metric_writers)
+JSONL_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.txt"
+PLOT_NAME = "curves.png"
+RESULT_NAMES = (CSV_NAME, JSONL_NAME, SUMMARY_NAME, PLOT_NAME)
 
 
 def _flat(tree: Dict[str, Any]) -> Dict[str, Any]:
@@ -110,7 +113,7 @@ def differences(stored: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
 def holds_run(workdir: str) -> bool:
   """True when WORKDIR has a config.json, a run's lock (a run is starting there), a
   checkpoint directory with anything in it, or results a run writes (RESULT_NAMES)."""
-  ckpt = os.path.join(workdir, CHECKPOINT_SUBDIR)
+  ckpt = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR)
   return (os.path.exists(os.path.join(workdir, CONFIG_NAME))
           or os.path.exists(os.path.join(workdir, run_lock.LOCK_NAME))
           or (os.path.isdir(ckpt) and bool(os.listdir(ckpt)))
@@ -135,7 +138,7 @@ def check_results_have_checkpoint(workdir: str) -> None:
     raise ValueError(
         f"{workdir} holds an earlier run ({CONFIG_NAME}, {listed}) but no checkpoint to resume "
         f"from, so training would start again and overwrite its results: to resume, put its "
-        f"checkpoints back into {os.path.join(workdir, CHECKPOINT_SUBDIR)}; {fresh}")
+        f"checkpoints back into {os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR)}; {fresh}")
   raise ValueError(
       f"{workdir} is not a one_jax run but holds {listed}, which a run writes there: "
       f"{fresh}")
@@ -160,15 +163,13 @@ def check_usable(workdir: str) -> None:
 def checkpoint_config(workdir: str) -> Optional[Tuple[int, Dict[str, Any]]]:
   """(step, config) stored in the meta of the newest checkpoint whose meta is readable, or
   None. Reads the small JSON item only, never the arrays."""
-  ckpt_dir = os.path.join(workdir, CHECKPOINT_SUBDIR)
+  ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR)
   if not os.path.isdir(ckpt_dir):
     return None
   steps = sorted((int(n) for n in os.listdir(ckpt_dir)
-                  if n.isdigit() and _is_step_dir(os.path.join(ckpt_dir, n))), reverse=True)
+                  if n.isdigit() and checkpoints.is_step_dir(os.path.join(ckpt_dir, n))), reverse=True)
   if not steps:
     return None
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (only when needed)
-  from one_jax import checkpoints  # pylint: disable=g-import-not-at-top
   mngr = checkpoints.manager(ckpt_dir, read_only=True)
   try:
     for step in steps:
@@ -184,7 +185,7 @@ def checkpoint_config(workdir: str) -> Optional[Tuple[int, Dict[str, Any]]]:
 
 
 def _holds_checkpoints(workdir: str) -> bool:
-  ckpt = os.path.join(workdir, CHECKPOINT_SUBDIR)
+  ckpt = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR)
   return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
 
 
@@ -293,30 +294,25 @@ def check_data_record(config, workdir: str) -> None:
 # ----------------------------------------------------------------------------- destinations
 
 
-def _is_step_dir(path: str) -> bool:
-  """An Orbax step folder of a one_jax checkpoint (its 'state' and 'meta' items)."""
-  return os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta"))
-
-
 def _is_checkpoint_root(path: str) -> bool:
   """A checkpoint manager's directory: step folders named by their step number."""
   try:
     names = os.listdir(path)
   except OSError:
     return False
-  return any(n.isdigit() and _is_step_dir(os.path.join(path, n)) for n in names)
+  return any(n.isdigit() and checkpoints.is_step_dir(os.path.join(path, n)) for n in names)
 
 
 def is_run_dir(path: str) -> bool:
   """A training run's directory: its config.json beside its checkpoint directory."""
   return (os.path.isfile(os.path.join(path, CONFIG_NAME))
-          and os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)))
+          and os.path.isdir(os.path.join(path, checkpoints.CHECKPOINT_SUBDIR)))
 
 
 def _what_is(path: str) -> Optional[str]:
   if is_run_dir(path):
     return "the run directory"
-  if _is_step_dir(path):
+  if checkpoints.is_step_dir(path):
     return "the checkpoint step"
   if _is_checkpoint_root(path):
     return "the checkpoint directory"

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from one_jax import validate
+from one_jax.architectures import layers
 from one_jax.cpu import kernels
-from one_jax import layers
 
 BRANCH_IMPLS = ("auto", "loop", "vmap")
 COMPUTE_DTYPES = ("float32", "bfloat16")

@@ -17,7 +17,9 @@ import numpy as np
 
 from jax.experimental import multihost_utils
 
-from one_jax import checkpoints, model_spec, surgery
+from one_jax import surgery
+from one_jax.architectures import model_spec
+from one_jax.storage import checkpoints
 
 SURGERIES = ("", "expand", "merge")
 INIT_SUBDIR = "init"

@@ -2,7 +2,7 @@
 
 `StopRequest` is a context manager that the training loop holds while it trains. The first
 SIGTERM or SIGINT only sets a flag: the loop finishes the dispatch in flight, writes a checkpoint
-(mid-epoch if need be, see train.py) and raises `Interrupted`, which the command line turns
+(mid-epoch if need be, see one_jax.training.train) and raises `Interrupted`, which the command line turns
 into a message saying how to resume and the exit status EXIT_INTERRUPTED. A second signal
 stops at once (KeyboardInterrupt): the last checkpoint written stays the one to resume from.
 

@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from one_jax import model_spec
-from one_jax.architectures import imagenet_resnet
+from one_jax.architectures import imagenet_resnet, model_spec
 from one_jax.interop import torch_common
 
 BASELINE_KIND = "imagenet_resnet"

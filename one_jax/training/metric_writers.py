@@ -26,14 +26,11 @@ import numpy as np
 from tqdm import tqdm
 
 from one_jax import validate
+from one_jax.storage import workdirs
 
-CSV_NAME = "metrics.csv"
-JSONL_NAME = "metrics.jsonl"
 STEPS_JSONL_NAME = "steps.jsonl"
 STEPS_TB_SUBDIR = "steps"
 TB_DIR = "tensorboard"
-PLOT_NAME = "curves.png"
-SUMMARY_NAME = "summary.txt"
 
 _LOSS_WORDS = ("loss", "ce", "kl")
 _ACC_WORDS = ("top1", "top5", "acc")
@@ -118,9 +115,9 @@ def _read_jsonl(path: str, key: str = "epoch"):
 
 def load_history(workdir: str) -> List[dict]:
   """The logged rows of a workdir, sorted by epoch (JSONL values win over the CSV's)."""
-  _, csv_rows = _read_csv(os.path.join(workdir, CSV_NAME))
+  _, csv_rows = _read_csv(os.path.join(workdir, workdirs.CSV_NAME))
   by_epoch = {row["epoch"]: row for row in csv_rows}
-  by_epoch.update({row["epoch"]: row for row in _read_jsonl(os.path.join(workdir, JSONL_NAME))})
+  by_epoch.update({row["epoch"]: row for row in _read_jsonl(os.path.join(workdir, workdirs.JSONL_NAME))})
   return [by_epoch[e] for e in sorted(by_epoch)]
 
 
@@ -145,8 +142,8 @@ class MetricWriter:
       kept = [r for r in _read_jsonl(self._steps_path, "step") if r["step"] <= resume_step]
       _atomic_write(self._steps_path, "".join(json.dumps(r) + "\n" for r in kept))
     os.makedirs(workdir, exist_ok=True)
-    self._csv_path = os.path.join(workdir, CSV_NAME)
-    self._jsonl_path = os.path.join(workdir, JSONL_NAME)
+    self._csv_path = os.path.join(workdir, workdirs.CSV_NAME)
+    self._jsonl_path = os.path.join(workdir, workdirs.JSONL_NAME)
 
     # Keep the epochs up to resume_epoch: a crash may have logged an epoch whose checkpoint
     # never landed, and the resumed run logs it again.
@@ -246,15 +243,15 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.flush()
     if not self._rows:  # e.g. a finished run whose metrics files were deleted: keep its summary
-      print(f"no epochs in {os.path.join(self.workdir, JSONL_NAME)} to summarise: "
-            f"{SUMMARY_NAME} and {PLOT_NAME} were left as they were", flush=True)
+      print(f"no epochs in {os.path.join(self.workdir, workdirs.JSONL_NAME)} to summarise: "
+            f"{workdirs.SUMMARY_NAME} and {workdirs.PLOT_NAME} were left as they were", flush=True)
       return ""
     if heads is None:
       heads = heads_from_keys(self._keys)
-    plot_curves(self._rows, os.path.join(self.workdir, PLOT_NAME))
+    plot_curves(self._rows, os.path.join(self.workdir, workdirs.PLOT_NAME))
     last = self._rows[-1]["epoch"] if self._rows else 0
     table = f"Test accuracy after {last} epochs:\n" + summary_table(self._rows, list(heads))
-    _atomic_write(os.path.join(self.workdir, SUMMARY_NAME), table + "\n")
+    _atomic_write(os.path.join(self.workdir, workdirs.SUMMARY_NAME), table + "\n")
     print(table, flush=True)
     return table
 

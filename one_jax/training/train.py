@@ -25,11 +25,13 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from one_jax import checkpoints, config_checks, losses
-from one_jax import metric_writers
-from one_jax import model_spec, optimizer, parallel, preemption, two_stage, workdirs
+from one_jax import parallel
+from one_jax.architectures import model_spec
 from one_jax.cpu import xla_options
 from one_jax.data import common, device_data, in_memory, sources
+from one_jax.storage import checkpoints, workdirs
+from one_jax.training import config_checks, losses, metric_writers, optimizer, preemption
+from one_jax.training import two_stage, voting
 
 DATA = parallel.DATA_AXIS
 
@@ -737,7 +739,6 @@ def run_eval_only(config, workdir: str) -> Dict[str, float]:
   With config.vote, also the voting table over every subset of branches (voting.csv). The
   checkpoint and the test set are read once for both.
   """
-  from one_jax import voting  # pylint: disable=g-import-not-at-top
   path = config.init_from or workdir
   _, test_source, info = sources.get_datasets(config)
   spec, variables = checkpoints.load(path)
