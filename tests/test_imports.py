@@ -69,7 +69,7 @@ def test_importing_library_modules_has_no_side_effects():
 def test_the_entry_points_quiet_orbax_on_request():
   """checkpoints.quiet_orbax_noise is what the tools call instead: it installs the filter and
   the hook once, however often it is called."""
-  script = ("import sys; from absl import logging; from one_jax import checkpoints; "
+  script = ("import sys; from absl import logging; from one_jax.storage import checkpoints; "
             "hook = sys.unraisablehook; checkpoints.quiet_orbax_noise(); "
             "checkpoints.quiet_orbax_noise(); "
             "print(len(logging.get_absl_logger().filters), sys.unraisablehook is not hook)")
