@@ -176,12 +176,6 @@ class ModelSpec:
     return dataclasses.replace(self, kind=kinds[0], num_branches=num_branches or 1,
                                active_branches=None)
 
-  def heads(self) -> list:
-    """Names of the evaluated outputs: each branch, the ensemble, the branch mean (branched)."""
-    if not self.branched:
-      return ["model"]
-    return [f"branch_{b}" for b in range(self.num_branches)] + ["ensemble", "mean_branch"]
-
   def build(self, axis_name: Optional[str] = None, **overrides) -> nn.Module:
     """The Flax module (axis_name: synchronised BatchNorm over that mapped axis)."""
     spec = dataclasses.replace(self, **overrides) if overrides else self

@@ -30,7 +30,7 @@ from one_jax.architectures import model_spec
 from one_jax.cpu import xla_options
 from one_jax.data import common, device_data, in_memory, sources
 from one_jax.storage import checkpoints, workdirs
-from one_jax.training import config_checks, losses, metric_writers, optimizer, preemption
+from one_jax.training import config_checks, methods, metric_writers, optimizer, preemption
 from one_jax.training import two_stage, voting
 
 DATA = parallel.DATA_AXIS
@@ -62,35 +62,18 @@ def _topk_correct(logits, labels, k):
   return (right & jnp.all(jnp.isfinite(logits), axis=-1)).astype(jnp.float32)
 
 
-def _head_logits(spec, output) -> Dict[str, jax.Array]:
-  if not spec.branched:
-    return {"model": output}
-  named = {f"branch_{b}": output.branch_logits[b] for b in range(spec.num_branches)}
-  named["ensemble"] = output.ensemble_logits
-  return named
-
-
-def _loss(config, spec, output, labels, epoch, weights=None):
-  if spec.branched:
-    return losses.one_loss(output, labels, epoch=epoch, temperature=config.temperature,
-                           rampup_epochs=config.rampup_epochs, kl_scale=config.kl_scale,
-                           ensemble_ce=config.ensemble_ce, stop_gradient=config.stop_gradient,
-                           active_branches=spec.active_branches, weights=weights)
-  return losses.baseline_loss(output, labels, weights=weights)
-
-
-def train_step_fn(config, spec, model, tx, state, batch, epoch):
+def train_step_fn(method, model, tx, state, batch, epoch):
   """One SGD step on this device's slice of the global batch (run under shard_map)."""
   def loss_fn(params):
     variables = dict(checkpoints.variables_of(state), params=params)
     output, new_vars = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
-    loss, terms = _loss(config, spec, output, batch["label"], epoch)
+    loss, terms = method.loss(output, batch["label"], epoch)
     return loss, (output, terms, new_vars["batch_stats"])
 
   (_, (output, terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state["params"])
   grads = jax.lax.pmean(grads, DATA)
-  mask = spec.active_branches if spec.branched else None
+  mask = method.update_mask
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   updates = optimizer.mask_branch_updates(updates, mask)
   # Inactive branches stay exactly as they were: parameters, statistics and momentum.
@@ -98,7 +81,7 @@ def train_step_fn(config, spec, model, tx, state, batch, epoch):
                    batch_stats=optimizer.select_branches(batch_stats, state["batch_stats"], mask),
                    opt_state=optimizer.select_branches(opt_state, state["opt_state"], mask))
   metrics = {f"train/{k}": v for k, v in terms.items()}
-  for head, logits in _head_logits(spec, output).items():
+  for head, logits in method.head_logits(output).items():
     metrics[f"train/top1/{head}"] = jnp.mean(_topk_correct(logits, batch["label"], 1))
   metrics = jax.lax.pmean(metrics, DATA)
   # Non-finite guard: the update is applied only when every loss term, the gradients and the
@@ -126,7 +109,7 @@ def _all_finite(tree) -> jax.Array:
       jnp.asarray(True)
 
 
-def dispatch_fn(config, spec, model, tx, state, sums, batches, epoch, data=None):
+def dispatch_fn(method, model, tx, state, sums, batches, epoch, data=None):
   """n train steps in a row (lax.scan over the leading axis of `batches`), on this device.
 
   `sums` (the epoch's metric sums so far) is carried through the steps, so that the sums are
@@ -142,7 +125,7 @@ def dispatch_fn(config, spec, model, tx, state, sums, batches, epoch, data=None)
     state, sums, guard, index = carry
     if data is not None:
       batch = device_data.augment(data, batch)
-    new_state, metrics = train_step_fn(config, spec, model, tx, state, batch, epoch)
+    new_state, metrics = train_step_fn(method, model, tx, state, batch, epoch)
     clean = guard["first_bad"] == n          # every step before this one was applied
     bad_here = clean & (metrics[FINITE_ALL] < 1.0)
     keep = clean & ~bad_here
@@ -168,14 +151,14 @@ def _finite_keys(sums) -> Tuple[str, ...]:
                                                   FINITE_ALL)
 
 
-def eval_step_fn(config, spec, model, variables, batch):
+def eval_step_fn(method, model, variables, batch):
   """Sums (not means) of correct predictions and losses over this device's real examples."""
   output = model.apply(variables, batch["image"], train=False)
   mask = batch["mask"]
-  _, terms = _loss(config, spec, output, batch["label"], epoch=1e9, weights=mask)
+  _, terms = method.loss(output, batch["label"], 1e9, weights=mask)
   count = jnp.sum(mask)
   sums = {"count": count, "test/loss": terms["loss"] * count}
-  for head, logits in _head_logits(spec, output).items():
+  for head, logits in method.head_logits(output).items():
     for k in (1, 5):
       sums[f"test/top{k}/{head}"] = jnp.sum(_topk_correct(logits, batch["label"], k) * mask)
   return jax.lax.psum(sums, DATA)
@@ -187,7 +170,8 @@ def eval_step_fn(config, spec, model, variables, batch):
 def make_train_step(config, tx, mesh):
   """jit(shard_map(train step)) over 'data': state replicated, batch split, state donated."""
   spec = model_spec.ModelSpec.from_config(config)
-  step = functools.partial(train_step_fn, config, spec, spec.build(axis_name=DATA), tx)
+  step = functools.partial(train_step_fn, methods.for_model(config, spec),
+                           spec.build(axis_name=DATA), tx)
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA), P()), out_specs=(P(), P()),
                           check_vma=False)
   return jax.jit(sharded, donate_argnums=0, compiler_options=_compiler_options(config, mesh))
@@ -198,7 +182,8 @@ def make_dispatch_step(config, tx, mesh, on_device: bool = False):
   (state, sums, guard); batches split over 'data' along their second axis; state and sums
   donated. on_device: the batches are plans and the last argument is device_data.put's set."""
   spec = model_spec.ModelSpec.from_config(config)
-  step = functools.partial(dispatch_fn, config, spec, spec.build(axis_name=DATA), tx)
+  step = functools.partial(dispatch_fn, methods.for_model(config, spec),
+                           spec.build(axis_name=DATA), tx)
   in_specs = (P(), P(), P(None, DATA), P()) + ((P(),) if on_device else ())
   sharded = jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=(P(), P(), P()),
                           check_vma=False)
@@ -216,7 +201,8 @@ def zero_sums(config, tx, mesh, state, image_shape) -> Dict[str, np.ndarray]:
 
 def make_eval_step(config, mesh):
   spec = model_spec.ModelSpec.from_config(config)
-  step = functools.partial(eval_step_fn, config, spec, spec.build(axis_name=DATA))
+  step = functools.partial(eval_step_fn, methods.for_model(config, spec),
+                           spec.build(axis_name=DATA))
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA)), out_specs=P(),
                           check_vma=False)
   return jax.jit(sharded, compiler_options=_compiler_options(config, mesh))
@@ -239,17 +225,8 @@ def evaluate(config, eval_step, mesh, variables, test_source, *, process_index=0
   count = float(totals.pop("count"))
   metrics = {k: float(v) / count for k, v in totals.items()}
   metrics["test/count"] = count
-  return _with_mean_branch(model_spec.ModelSpec.from_config(config), metrics, "test")
-
-
-def _with_mean_branch(spec, metrics, split):
-  if spec.branched:
-    for k in ((1, 5) if split == "test" else (1,)):
-      keys = [f"{split}/top{k}/branch_{b}" for b in range(spec.num_branches)
-              if f"{split}/top{k}/branch_{b}" in metrics]
-      if keys:
-        metrics[f"{split}/top{k}/mean_branch"] = float(np.mean([metrics[x] for x in keys]))
-  return metrics
+  return methods.for_model(config, model_spec.ModelSpec.from_config(config)).with_derived(
+      metrics, "test")
 
 
 # ----------------------------------------------------------------------------- state I/O
@@ -321,6 +298,7 @@ class _Run:
   config: ml_collections.ConfigDict
   workdir: str
   spec: model_spec.ModelSpec
+  method: Any                 # methods.for_model: the loss, heads and best metric of the run
   mesh: Any
   train_source: Any
   test_source: Any
@@ -371,7 +349,7 @@ def _prepare(config, workdir: str) -> Tuple[_Run, Dict[str, Any]]:
   if process_count > 1:  # one program for all: process 0's answer (its devices' memory)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     on_device = bool(multihost_utils.broadcast_one_to_all(np.int32(on_device)))
-  run = _Run(config, workdir, spec, mesh, train_source, test_source, steps_per_epoch,
+  run = _Run(config, workdir, spec, methods.for_model(config, spec), mesh, train_source, test_source, steps_per_epoch,
              make_dispatch_step(config, tx, mesh, on_device), make_eval_step(config, mesh),
              process_index, process_count,
              device_data.put(train_source, mesh) if on_device else None,
@@ -569,17 +547,16 @@ def _evaluate_and_log(run: _Run, writer, epoch: int, done: _Epoch) -> Dict[str, 
   test_metrics = evaluate(config, run.eval_step, run.mesh,
                           checkpoints.variables_of(done.state), run.test_source,
                           process_index=run.process_index, process_count=run.process_count)
-  metrics = dict(_with_mean_branch(run.spec, train_metrics, "train"), **test_metrics)
+  metrics = dict(run.method.with_derived(train_metrics, "train"), **test_metrics)
   metrics.update({
       "lr": optimizer.epoch_learning_rate(config, epoch, run.steps_per_epoch),
-      "kl_weight": float(losses.kl_weight(epoch, config.rampup_epochs) * config.kl_scale)
-                   if run.spec.branched else 0.0,
+      **run.method.epoch_metrics(epoch),
       "epoch_time_s": done.seconds,
       "train_images_per_sec": done.images_per_sec,
   })
   writer.write_epoch(epoch + 1, metrics)
   if run.is_main:
-    print(f"epoch {epoch + 1}/{config.num_epochs}: {_brief(run.spec, metrics)}", flush=True)
+    print(f"epoch {epoch + 1}/{config.num_epochs}: {_brief(run.method, metrics)}", flush=True)
   return metrics
 
 
@@ -641,12 +618,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         last_saved = (epoch + 1) * run.steps_per_epoch
         checkpoints.save(mngr, last_saved, parallel.to_host(state),
                          model_meta(config, run.spec, epoch + 1),
-                         metrics=_best_metric(run.spec, metrics))
+                         metrics={checkpoints.BEST_METRIC: metrics[run.method.best_metric]})
         if epoch + 1 < config.num_epochs and _stop_requested(stop, run.process_count):
           _checkpoint_and_stop(run, mngr, stop, state, epoch, run.steps_per_epoch, None)
     mngr.wait_until_finished()
     if run.is_main:
-      writer.finish(run.spec.heads())
+      writer.finish(list(run.method.heads))
   finally:
     hooks.stop_trace()
     mngr.wait_until_finished()
@@ -703,14 +680,8 @@ def _check_finite(config, pending, steps_per_epoch: int, last_saved: Optional[in
       "run's config)")
 
 
-def _best_metric(spec, metrics):
-  """The value the checkpoint manager ranks by (ensemble top-1; the model's for a baseline)."""
-  key = "test/top1/ensemble" if spec.branched else "test/top1/model"
-  return {checkpoints.BEST_METRIC: metrics[key]}
-
-
-def _brief(spec, metrics) -> str:
-  keys = ["train/loss", "test/loss"] + [f"test/top1/{h}" for h in spec.heads()]
+def _brief(method, metrics) -> str:
+  keys = ["train/loss", "test/loss"] + [f"test/top1/{h}" for h in method.heads]
   return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
 
 
@@ -749,11 +720,12 @@ def run_eval_only(config, workdir: str) -> Dict[str, float]:
         f"{info.name}): evaluate it on data of its own {spec.num_classes} classes "
         "(nothing was written)")
   checkpoints.check_finite(variables, path, "it cannot be evaluated")
-  if config.vote and not spec.branched:
+  method = methods.for_model(config_for_model(config, spec), spec)
+  if config.vote and not method.votes:
     raise ValueError(f"{path} holds a {spec.describe()}: voting needs a ONE model with branches")
   metrics = evaluate_checkpoint(config, spec, variables, test_source)
   os.makedirs(workdir, exist_ok=True)
-  table = metric_writers.summary_table([dict(metrics, epoch=1)], spec.heads())
+  table = metric_writers.summary_table([dict(metrics, epoch=1)], list(method.heads))
   if jax.process_index() == 0:
     print(f"Evaluation of {path} on {metrics['test/count']:.0f} test examples:\n{table}")
     with open(os.path.join(workdir, "eval.json"), "w") as f:

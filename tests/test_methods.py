@@ -1,0 +1,52 @@
+"""The learning method of a run (one_jax.training.methods): training asks it, never the model
+kind, for the loss, the heads, the derived metrics and the best checkpoint's metric."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import step1
+from one_jax.architectures import model_spec
+from one_jax.training import losses, methods
+
+ONE = model_spec.ModelSpec("one_resnet", 8, 5, 3)
+BASE = model_spec.ModelSpec("cifar_resnet", 8, 5)
+
+
+def test_each_model_kind_has_its_method():
+  config = step1.get_config("three_branch")
+  one, base = methods.for_model(config, ONE), methods.for_model(config, BASE)
+  assert isinstance(one, methods.One) and isinstance(base, methods.CrossEntropy)
+  assert one.heads == ("branch_0", "branch_1", "branch_2", "ensemble", "mean_branch")
+  assert base.heads == ("model",)
+  assert (one.best_metric, base.best_metric) == ("test/top1/ensemble", "test/top1/model")
+  assert one.votes and not base.votes
+  assert base.update_mask is None and one.update_mask is None
+  masked = model_spec.ModelSpec("one_resnet", 8, 5, 3, active_branches=(True, False, True))
+  assert methods.for_model(config, masked).update_mask == (True, False, True)
+  # The config's loss settings reach the method.
+  config.temperature, config.rampup_epochs, config.kl_scale = 2.0, 10.0, 0.5
+  one = methods.for_model(config, ONE)
+  assert (one.temperature, one.rampup_epochs, one.kl_scale) == (2.0, 10.0, 0.5)
+  assert one.epoch_metrics(5) == {"kl_weight": float(losses.kl_weight(5, 10.0) * 0.5)}
+  assert base.epoch_metrics(5) == {"kl_weight": 0.0}
+
+
+def test_the_one_method_computes_the_one_loss_and_names_its_heads():
+  config = step1.get_config("three_branch")
+  one = methods.for_model(config, ONE)
+  model = ONE.build()
+  images = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  labels = jnp.asarray([0, 1, 2, 3])
+  output = model.apply(model.init(jax.random.key(1), images), images)
+  loss, terms = one.loss(output, labels, 3.0)
+  want, want_terms = losses.one_loss(output, labels, epoch=3.0, temperature=3.0,
+                                     rampup_epochs=80.0)
+  np.testing.assert_array_equal(loss, want)
+  assert set(terms) == set(want_terms)
+  heads = one.head_logits(output)
+  assert list(heads) == ["branch_0", "branch_1", "branch_2", "ensemble"]
+  np.testing.assert_array_equal(heads["ensemble"], output.ensemble_logits)
+  derived = one.with_derived({"test/top1/branch_0": 0.5, "test/top1/branch_1": 0.7,
+                              "test/top1/branch_2": 0.6, "test/top5/branch_0": 1.0}, "test")
+  np.testing.assert_allclose(derived["test/top1/mean_branch"], 0.6)
+  assert derived["test/top5/mean_branch"] == 1.0
