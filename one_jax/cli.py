@@ -27,6 +27,13 @@ def one_line(text) -> str:
   return " ".join(str(text).split())
 
 
+def first_line(e: Exception) -> str:
+  """'ErrorType: the first line of its message' (at most 300 characters of it), for one-line
+  errors that quote a library's."""
+  text = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {text[:300]}"
+
+
 def print_error(error: BaseException) -> None:
   print(f"error: {one_line(error) or type(error).__name__}", file=sys.stderr, flush=True)
 

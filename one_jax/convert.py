@@ -98,11 +98,6 @@ def _bn_modules(table):
 # ----------------------------------------------------------------------------- torch -> one_jax
 
 
-def _first_line(e: Exception) -> str:
-  text = str(e).strip()
-  return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def safe_globals():
   """The non-tensor types that forks of the reference scripts store beside the state dict
   (argparse.Namespace of the command line, numpy scalars, dtypes and arrays of accuracies).
@@ -155,24 +150,24 @@ def _read_file(path: str, allow_pickle: bool):
       return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # pylint: disable=broad-except
       raise torch_common.ConversionError(f"cannot read {path}: not a PyTorch checkpoint "
-                            f"({_first_line(e)})") from e
+                            f"({cli.first_line(e)})") from e
   try:
     with torch.serialization.safe_globals(safe_globals()):
       return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     unsafe = _unsafe_types(path)
     if unsafe or "GLOBAL" in str(e):
-      named = ", ".join(unsafe) or _first_line(e).split("GLOBAL ")[-1].split(" ")[0]
+      named = ", ".join(unsafe) or cli.first_line(e).split("GLOBAL ")[-1].split(" ")[0]
       raise torch_common.ConversionError(
           f"{path} holds objects of type {named}, which is not on the safe list (tensors, "
           "containers, argparse.Namespace, numpy scalars and arrays): loading it would run code "
           "from the file; if you trust the file, pass --allow_pickle (library: "
           "allow_pickle=True)") from None
     raise torch_common.ConversionError(f"cannot read {path}: not a PyTorch checkpoint "
-                          f"({_first_line(e)})") from None
+                          f"({cli.first_line(e)})") from None
   except Exception as e:  # pylint: disable=broad-except
     raise torch_common.ConversionError(f"cannot read {path}: not a PyTorch checkpoint "
-                          f"({_first_line(e)})") from None
+                          f"({cli.first_line(e)})") from None
 
 
 def _state_dict_of(obj, source: str):

@@ -1,7 +1,7 @@
 """Validation helpers that every layer uses for integer arguments, and nothing else: a leaf
 module (imports nothing of one_jax), so that the modules below the config table can check
 their own arguments without importing it."""
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 
@@ -33,3 +33,8 @@ def _int_range(minimum, maximum) -> str:
   if maximum is None:
     return f"an integer >= {minimum}"
   return f"an integer in [{minimum}, {maximum}]"
+
+
+def comma_list(text) -> List[str]:
+  """'a, b,,c' -> ['a', 'b', 'c']: the items of a comma-separated config or flag value."""
+  return [part.strip() for part in str(text).split(",") if part.strip()]

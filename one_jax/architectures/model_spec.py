@@ -28,7 +28,7 @@ def parse_active_branches(text, num_branches: int) -> Optional[Tuple[bool, ...]]
   if not text:
     return None
   try:
-    chosen = {int(s) for s in str(text).split(",") if s.strip()}
+    chosen = {int(s) for s in validate.comma_list(text)}
   except ValueError:
     raise ValueError(f"active_branches={text!r} is invalid: give 0-based branch indices, "
                      "e.g. --config.active_branches=0,2") from None

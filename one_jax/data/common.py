@@ -1,5 +1,5 @@
 """What every data source shares: the description of a dataset, how a global batch splits
-into steps and over processes, the seed word, and TFDS's log filter and error summary. A leaf
+into steps and over processes, the seed word, and TFDS's log filter. A leaf
 of the data layer: the sources (one_jax.data.in_memory, one_jax.data.imagenet) import it,
 never each other's internals."""
 import dataclasses
@@ -55,7 +55,3 @@ def quiet_tfds(record) -> bool:
   """Drops TFDS's warnings about a dataset folder that is not prepared yet (we say so)."""
   return "has no dataset_info.json" not in record.getMessage()
 
-
-def first_line(e: Exception) -> str:
-  text = (str(e).strip().splitlines() or [""])[0]
-  return f"{type(e).__name__}: {text[:300]}"

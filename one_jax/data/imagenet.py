@@ -24,7 +24,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from one_jax import validate
+from one_jax import cli, validate
 from one_jax.data import common
 
 MEAN = (0.485, 0.456, 0.406)
@@ -249,7 +249,7 @@ def load_tfds(split: str, data_dir: Optional[str] = None):
   try:
     return tfds.data_source(TFDS_NAME, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # pylint: disable=broad-except  (tfds raises many types here)
-    cause = common.first_line(e)
+    cause = cli.first_line(e)
   try:
     prepared = tfds.builder(TFDS_NAME, data_dir=data_dir).is_prepared()
   except Exception:  # pylint: disable=broad-except

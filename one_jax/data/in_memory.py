@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional, Tuple
 import grain
 import numpy as np
 
-from one_jax import validate
+from one_jax import cli, validate
 from one_jax.data import common
 
 # Normalisation of the reference (torchvision Normalize after ToTensor's scaling to [0, 1]).
@@ -214,7 +214,7 @@ def load_tfds(name: str, split: str, data_dir=None, download: bool = True):
     prepared = builder.is_prepared()
   except Exception as e:  # pylint: disable=broad-except  (tfds raises many types here)
     raise ValueError(f"TFDS dataset {name!r} cannot be opened under {where} "
-                     f"({common.first_line(e)})") from None
+                     f"({cli.first_line(e)})") from None
   if not prepared:
     if not download:
       raise ValueError(f"TFDS dataset {name!r} is not prepared under {where} and "
@@ -225,7 +225,7 @@ def load_tfds(name: str, split: str, data_dir=None, download: bool = True):
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(
         f"TFDS dataset {name!r} (split {split!r}) under {where} cannot be read in ArrayRecord "
-        f"format ({common.first_line(e)}): prepare it with `tfds build {name} "
+        f"format ({cli.first_line(e)}): prepare it with `tfds build {name} "
         f"--file_format=array_record --data_dir={where}`, or {offline_fix}") from None
 
 
@@ -251,7 +251,7 @@ def _prepare(tfds, builder, name: str, where: str, offline_fix: str) -> None:
                      ) from None
   except Exception as e:  # pylint: disable=broad-except  (network errors come in many types)
     raise ValueError(f"TFDS dataset {name!r} could not be downloaded and prepared in {where} "
-                     f"(no internet here? {common.first_line(e)}): {offline_fix}") from None
+                     f"(no internet here? {cli.first_line(e)}): {offline_fix}") from None
 
 
 def load_npz(path: str, num_classes: int) -> Tuple[ArraySource, ArraySource]:

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import flax.traverse_util
 import orbax.checkpoint as ocp
 
+from one_jax import validate
 from one_jax.storage import checkpoints, run_lock
 
 CONFIG_NAME = "config.json"
@@ -55,7 +56,7 @@ def _absolute(field: str, value):
   if not isinstance(value, str) or not value:
     return value
   if field == "sources":
-    return ",".join(os.path.abspath(p.strip()) for p in value.split(",") if p.strip())
+    return ",".join(os.path.abspath(p) for p in validate.comma_list(value))
   return os.path.abspath(value)
 
 

@@ -10,13 +10,13 @@ import argparse
 import sys
 from typing import List, Optional, Sequence
 
-from one_jax import cli, surgery
+from one_jax import cli, surgery, validate
 from one_jax.storage import checkpoints
 
 
 def _int_list(text: str) -> List[int]:
   try:
-    return [int(x) for x in text.split(",") if x.strip()]
+    return [int(x) for x in validate.comma_list(text)]
   except ValueError:
     raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of branch indices")
 

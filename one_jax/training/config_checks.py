@@ -153,7 +153,7 @@ def _compute_dtype(value, config) -> None:
 
 def _int_list(name):
   def check(value, config) -> None:  # pylint: disable=unused-argument
-    parts = [p.strip() for p in value.split(",") if p.strip()]
+    parts = validate.comma_list(value)
     if not all(p.isdigit() for p in parts):
       raise ValueError(f"{name}={value!r} is invalid: give 0-based indices separated by commas, "
                        f"e.g. --config.{name}=0,1")

@@ -10,6 +10,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
+from one_jax.architectures import layers
+
 REFERENCE_TEACHER_EPS = 1e-7
 
 
@@ -31,14 +33,9 @@ def _mean_over_examples(values, weights):
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def _at_least_float32(x):
-  """bfloat16/float16 logits are computed on in float32; float64 stays float64."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 def cross_entropy(logits, labels, weights=None):
   """Mean softmax cross-entropy with integer labels, as torch.nn.CrossEntropyLoss."""
-  log_probs = jax.nn.log_softmax(_at_least_float32(logits), axis=-1)
+  log_probs = jax.nn.log_softmax(layers.at_least_float32(logits), axis=-1)
   nll = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
   return _mean_over_examples(nll, weights)
 
@@ -46,9 +43,9 @@ def cross_entropy(logits, labels, weights=None):
 def distillation_kl(student_logits, teacher_logits, temperature: float,
                     teacher_eps: float = REFERENCE_TEACHER_EPS, weights=None):
   """T^2 * KL(softmax(teacher/T) + eps || softmax(student/T)), summed over classes."""
-  teacher = jax.nn.softmax(_at_least_float32(teacher_logits) / temperature, axis=-1)
+  teacher = jax.nn.softmax(layers.at_least_float32(teacher_logits) / temperature, axis=-1)
   teacher = teacher + teacher_eps
-  log_student = jax.nn.log_softmax(_at_least_float32(student_logits) / temperature, axis=-1)
+  log_student = jax.nn.log_softmax(layers.at_least_float32(student_logits) / temperature, axis=-1)
   per_example = jnp.sum(teacher * (jnp.log(teacher) - log_student), axis=-1)
   return temperature ** 2 * _mean_over_examples(per_example, weights)
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from jax.experimental import multihost_utils
 
-from one_jax import surgery
+from one_jax import surgery, validate
 from one_jax.architectures import model_spec
 from one_jax.storage import checkpoints
 
@@ -28,7 +28,7 @@ INIT_SUBDIR = "init"
 def source_paths(config) -> List[str]:
   """config.sources ('a,b,c') or config.source, checked to exist (one-line errors)."""
   raw = config.get("sources", "") or config.get("source", "")
-  paths = [p.strip() for p in str(raw).split(",") if p.strip()]
+  paths = validate.comma_list(raw)
   if not paths:
     raise ValueError(f"variant {config.get('variant', '')!r} needs its stage-1 checkpoints: set "
                      "--config.source=RUN_DIR (or --config.sources=A,B,C for a merge)")
@@ -114,7 +114,7 @@ def fits_config(config):
 def _expand(config, src: str, dst: str) -> str:
   state, meta = checkpoints.restore_raw(src)
   old_branches = checkpoints.spec_of(meta, src).num_branches
-  sources = [int(s) for s in str(config.expand_from).split(",") if s.strip()] or None
+  sources = [int(s) for s in validate.comma_list(config.expand_from)] or None
   new_state, new_info = surgery.expand(state, meta["model"], config.num_branches, mode=config.expand_mode,
                                        sources=sources, rng=config.seed,
                                        reset_optimizer=config.reset_optimizer)
