@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from one_jax import cli
-from one_jax.architectures import model_spec, models
+from one_jax.architectures import cifar_resnet, model_spec
 from one_jax.interop import convert_torchvision, torch_common
 from one_jax.storage import checkpoints, staging, workdirs
 
@@ -205,7 +205,7 @@ def _infer_model(state_dict, source: str):
   n = max(blocks) + 1
   depth = 6 * n + 2
   bottleneck = any(re.fullmatch(r"layer1\.\d+\.conv3\.weight", k) for k in keys)
-  if bottleneck != (models.block_type(depth) == "bottleneck"):
+  if bottleneck != (cifar_resnet.block_type(depth) == "bottleneck"):
     have, want = ("Bottleneck", "BasicBlock") if bottleneck else ("BasicBlock", "Bottleneck")
     raise torch_common.ConversionError(f"{source}: {n} blocks per stage (depth {depth}) built from {have} "
                           f"blocks, but the reference uses {want} at depth {depth} "

@@ -85,14 +85,14 @@ def test_model_gradients_match_flax_conv(monkeypatch):
   """A whole ONE ResNet step (loss, gradients, BatchNorm statistics) with layers.conv (one_jax's
   CPU kernels, conv_impl='auto') equals the same model built on flax.linen.Conv, to float32
   tolerance."""
-  from one_jax.architectures import models
+  from one_jax.architectures import model_spec
   from one_jax.training import losses
 
   images = jax.random.normal(jax.random.key(3), (16, 32, 32, 3))
   labels = jnp.arange(16) % 10
 
   def loss_and_grads(variables):
-    model = models.OneResNet(depth=8, num_branches=2, num_classes=10)
+    model = model_spec.ModelSpec("one_resnet", 8, 10, num_branches=2).build()
 
     def loss_fn(params):
       out, state = model.apply(dict(variables, params=params), images, train=True,
@@ -101,7 +101,7 @@ def test_model_gradients_match_flax_conv(monkeypatch):
 
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
 
-  variables = models.OneResNet(depth=8, num_branches=2, num_classes=10).init(
+  variables = model_spec.ModelSpec("one_resnet", 8, 10, num_branches=2).build().init(
       jax.random.key(4), images[:1])
   (loss, stats), grads = loss_and_grads(variables)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from one_jax import convert
-from one_jax.architectures import models
+from one_jax.architectures import model_spec, models
 from one_jax.interop import torch_common
 from one_jax.storage import checkpoints
 from one_jax.training import losses
@@ -114,7 +114,7 @@ def _train_fn(model):
   def loss_fn(params, variables, images, labels):
     out, updates = model.apply({**variables, "params": params}, images, train=True,
                                mutable=["batch_stats"])
-    if isinstance(model, models.OneResNet):
+    if isinstance(model, models.OneModel):
       loss, _ = losses.one_loss(out, labels, epoch=EPOCH)
     else:
       loss, _ = losses.baseline_loss(out, labels)
@@ -151,10 +151,10 @@ def test_eval_outputs_match_reference(depth, branches):
     want = torch_model(images)
   got = _eval_fn(result.model)(result.variables, _nhwc(images))
   if branches is None:
-    assert isinstance(result.model, models.CifarResNet)
+    assert isinstance(result.model, models.Baseline)
     chex.assert_trees_all_close(np.asarray(got), want.numpy(), atol=ATOL, rtol=0)
     return
-  assert (result.model.depth, result.model.num_branches) == (depth, branches)
+  assert (result.spec.depth, result.spec.num_branches) == (depth, branches)
   chex.assert_trees_all_close(
       (np.asarray(got.branch_logits), np.asarray(got.gate), np.asarray(got.ensemble_logits)),
       tuple(t.numpy() for t in want), atol=ATOL, rtol=0)
@@ -298,8 +298,8 @@ def test_cli_writes_a_checkpoint_load_model_reads_and_back(tmp_path, capsys):
   path, state = _write_pth(tmp_path)
   out_dir = tmp_path / "ckpt"
   assert convert.main([str(path), str(out_dir)]) == 0
-  model, variables = checkpoints.load_model(str(out_dir))
-  assert (model.depth, model.num_branches, model.num_classes) == (8, 3, NUM_CLASSES)
+  spec, variables = checkpoints.load(str(out_dir))
+  assert (spec.depth, spec.num_branches, spec.num_classes) == (8, 3, NUM_CLASSES)
   _, meta = checkpoints.restore_raw(str(out_dir))
   assert meta["epoch"] == 7 and meta["source"] == "torch"
   assert meta["torch"]["extras"]["best_acc"] == pytest.approx(91.5)
@@ -327,7 +327,7 @@ def test_load_torch_checkpoint_reads_bare_state_dict_and_baseline(tmp_path):
   path = tmp_path / "bare.pth"
   torch.save(torch_model.state_dict(), path)
   model, variables = convert.load_torch_checkpoint(str(path))
-  assert model == models.CifarResNet(depth=BASELINE_DEPTH, num_classes=NUM_CLASSES)
+  assert model == model_spec.ModelSpec("cifar_resnet", BASELINE_DEPTH, NUM_CLASSES).build()
   assert set(variables) == {"params", "batch_stats"}
   with torch.no_grad():
     want = torch_model(images).numpy()

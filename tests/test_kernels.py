@@ -9,7 +9,7 @@ import pytest
 
 from configs import step1
 from one_jax import bench
-from one_jax.architectures import models
+from one_jax.architectures import model_spec
 from one_jax.cpu import convolution, kernels
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -38,7 +38,7 @@ def test_bad_or_unavailable_impl_is_a_one_line_error(monkeypatch):
                                        r"are missing; use 'auto' or 'xla'"):
     kernels.resolve_conv_impl("kernel")
   with pytest.raises(ValueError, match="conv_impl='kernel' cannot run"):
-    models.OneResNet(depth=8, conv_impl="kernel")
+    model_spec.ModelSpec("one_resnet", 8, 10, num_branches=3, conv_impl="kernel")
 
 
 def test_the_tools_say_when_the_kernels_are_off(monkeypatch):

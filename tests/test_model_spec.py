@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from one_jax.architectures import model_spec, models
+from one_jax.architectures import cifar_resnet, model_spec, models
 from one_jax.storage import checkpoints
 from one_jax.training import train
 
@@ -23,7 +23,9 @@ def test_from_config_builds_the_configured_model(tiny_config, variant):
   assert (spec.kind, spec.depth, spec.num_classes) == (config.model, 8, 10)
   if variant == "baseline":
     assert spec.num_branches == 1 and not spec.branched
-    assert spec.build(axis_name="data") == models.CifarResNet(8, 10, axis_name="data")
+    assert spec.build(axis_name="data") == models.Baseline(
+        cifar_resnet.Trunk, cifar_resnet.Branch, (("depth", 8),),
+        (("depth", 8), ("num_classes", 10)), axis_name="data")
   else:
     assert spec.num_branches == config.num_branches and spec.branched
     assert spec.active_branches == (True,) + (False,) * (config.num_branches - 1)

@@ -5,10 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from one_jax.architectures import models
+from one_jax.architectures import cifar_resnet, layers, model_spec, models
 from one_jax.training import losses
 
 IMAGES = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+
+
+def one_resnet(depth=32, num_branches=3, num_classes=100, **runtime):
+  return model_spec.ModelSpec("one_resnet", depth, num_classes, num_branches, **runtime).build()
+
+
+def cifar_resnet_model(depth=32, num_classes=10):
+  return model_spec.ModelSpec("cifar_resnet", depth, num_classes).build()
 
 
 def _param_count(model):
@@ -17,10 +25,10 @@ def _param_count(model):
 
 
 @pytest.mark.parametrize("model,expected", [
-    (models.OneResNet(depth=32, num_branches=3, num_classes=100), 1_193_189),
-    (models.OneResNet(depth=32, num_branches=5, num_classes=10), 1_884_337),
-    (models.OneResNet(depth=56, num_branches=3, num_classes=100), 2_261_829),
-    (models.CifarResNet(depth=32, num_classes=10), 466_906),
+    (one_resnet(depth=32, num_branches=3, num_classes=100), 1_193_189),
+    (one_resnet(depth=32, num_branches=5, num_classes=10), 1_884_337),
+    (one_resnet(depth=56, num_branches=3, num_classes=100), 2_261_829),
+    (cifar_resnet_model(depth=32, num_classes=10), 466_906),
 ])
 def test_parameter_counts_match_reference(model, expected):
   assert _param_count(model) == expected
@@ -29,7 +37,7 @@ def test_parameter_counts_match_reference(model, expected):
 @pytest.mark.parametrize("depth", [8, 20, 32, 56])
 @pytest.mark.parametrize("num_branches", [1, 3, 5])
 def test_output_shapes(depth, num_branches):
-  model = models.OneResNet(depth=depth, num_branches=num_branches, num_classes=7)
+  model = one_resnet(depth=depth, num_branches=num_branches, num_classes=7)
   variables = jax.eval_shape(model.init, jax.random.key(0), IMAGES[:1])
   out = jax.eval_shape(model.apply, variables, IMAGES)
   chex.assert_shape(out.branch_logits, (num_branches, 4, 7))
@@ -40,14 +48,14 @@ def test_output_shapes(depth, num_branches):
 
 
 def test_baseline_output_shape():
-  model = models.CifarResNet(depth=20, num_classes=10)
+  model = cifar_resnet_model(depth=20, num_classes=10)
   variables = jax.eval_shape(model.init, jax.random.key(0), IMAGES[:1])
   chex.assert_shape(jax.eval_shape(model.apply, variables, IMAGES), (4, 10))
 
 
 @pytest.fixture(scope="module")
 def one_model():
-  model = models.OneResNet(depth=8, num_branches=3, num_classes=10, branch_impl="loop")
+  model = one_resnet(depth=8, num_branches=3, num_classes=10, branch_impl="loop")
   return model, model.init(jax.random.key(0), IMAGES[:1])
 
 
@@ -61,7 +69,7 @@ def test_gate_and_ensemble(one_model):
 
 
 def test_single_branch_ensemble_is_the_branch():
-  model = models.OneResNet(depth=8, num_branches=1, num_classes=10)
+  model = one_resnet(depth=8, num_branches=1, num_classes=10)
   variables = model.init(jax.random.key(0), IMAGES[:1])
   out = model.apply(variables, IMAGES)
   chex.assert_trees_all_close(out.gate, jnp.ones((4, 1)))
@@ -80,7 +88,7 @@ def test_gate_offset_shifts_gate(one_model):
 
 def test_stacked_layout(one_model):
   model, variables = one_model
-  single = models.Branch(8, 10, *models.conv_and_norm())
+  single = cifar_resnet.Branch(8, 10, *layers.conv_and_norm())
   trunk_out = jnp.zeros((1, 16, 16, 32))
   single_vars = jax.eval_shape(single.init, jax.random.key(0), trunk_out)
   for col in ("params", "batch_stats"):
@@ -95,14 +103,14 @@ def test_stacked_layout(one_model):
 def test_slices_are_independent_branches(one_model):
   """Slicing index b and applying a plain Branch gives branch b's logits."""
   model, variables = one_model
-  trunk = models.Trunk(8, *models.conv_and_norm())
+  trunk = cifar_resnet.Trunk(8, *layers.conv_and_norm())
   feats = trunk.apply({"params": variables["params"]["trunk"],
                        "batch_stats": variables["batch_stats"]["trunk"]}, IMAGES)
   out = model.apply(variables, IMAGES)
   for b in range(3):
     v = {c: jax.tree.map(lambda a, b=b: a[b], variables[c]["branches"])
          for c in ("params", "batch_stats")}
-    logits = models.Branch(8, 10, *models.conv_and_norm()).apply(v, feats)
+    logits = cifar_resnet.Branch(8, 10, *layers.conv_and_norm()).apply(v, feats)
     chex.assert_trees_all_close(logits, out.branch_logits[b], atol=1e-5)
 
 
@@ -122,7 +130,7 @@ def test_vmap_and_loop_agree(one_model):
   labels = jnp.array([0, 1, 2, 3])
   results = []
   for impl in ("loop", "vmap"):
-    model = models.OneResNet(depth=8, num_branches=3, num_classes=10, branch_impl=impl)
+    model = one_resnet(depth=8, num_branches=3, num_classes=10, branch_impl=impl)
     results.append(jax.jit(lambda v, m=model: _loss_and_grads(m, v, labels))(variables))
   (l0, o0, s0, g0), (l1, o1, s1, g1) = results
   chex.assert_trees_all_close(l0, l1, rtol=1e-5)
@@ -138,7 +146,7 @@ def test_auto_impl_is_loop_on_cpu():
 @pytest.mark.parametrize("impl", ["loop", "vmap"])
 def test_active_branch_mask(one_model, impl):
   _, variables = one_model
-  model = models.OneResNet(depth=8, num_branches=3, num_classes=10, branch_impl=impl,
+  model = one_resnet(depth=8, num_branches=3, num_classes=10, branch_impl=impl,
                            active_branches=(True, False, True))
   _, out, _, grads = _loss_and_grads(model, variables, jnp.array([0, 1, 2, 3]))
   np.testing.assert_array_equal(out.gate[:, 1], 0.0)
@@ -158,17 +166,17 @@ def test_active_branch_mask(one_model, impl):
 ])
 def test_bad_constructor_arguments(kwargs, needle):
   with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-    models.OneResNet(**kwargs)
+    one_resnet(**kwargs)
 
 
 def test_bad_baseline_arguments():
   with pytest.raises(ValueError, match="depth=33"):
-    models.CifarResNet(depth=33)
+    cifar_resnet_model(depth=33)
   with pytest.raises(ValueError, match="num_classes=0"):
-    models.CifarResNet(num_classes=0)
+    cifar_resnet_model(num_classes=0)
 
 
 def test_block_types():
-  assert models.block_type(32) == "basic"
-  assert models.block_type(44) == "bottleneck"
-  assert models.block_type(56) == "bottleneck"
+  assert cifar_resnet.block_type(32) == "basic"
+  assert cifar_resnet.block_type(44) == "bottleneck"
+  assert cifar_resnet.block_type(56) == "bottleneck"

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from one_jax.architectures import models
+from one_jax.architectures import model_spec
 from one_jax.training import optimizer as opt
 
 
@@ -236,9 +236,9 @@ def test_a_branch_without_gradient_keeps_its_factors():
 
 def test_factor_shapes_follow_the_model_trees():
   images = jnp.zeros((1, 8, 8, 3))
-  one = jax.eval_shape(models.OneResNet(depth=8, num_branches=3, num_classes=5).init,
+  one = jax.eval_shape(model_spec.ModelSpec("one_resnet", 8, 5, num_branches=3).build().init,
                        jax.random.key(0), images)["params"]
-  base = jax.eval_shape(models.CifarResNet(depth=8, num_classes=5).init,
+  base = jax.eval_shape(model_spec.ModelSpec("cifar_resnet", 8, 5).build().init,
                         jax.random.key(0), images)["params"]
   tx = opt.gradient_ratio_lr(1)
   for params, branch_shape in ((one, (3,)), (base, ())):

@@ -486,7 +486,7 @@ def test_cli_merge_transplant_extract(ckpts, one2, base, one1):
                          "--reset_optimizer"])
   assert rc == 0, err
   model, variables = checkpoints.load_model(student)
-  assert isinstance(model, models.CifarResNet)
+  assert isinstance(model, models.Baseline)
   state, _ = checkpoints.restore_raw(student)
   assert "opt_state" not in state
   chex.assert_trees_all_close(apply(baseline_info(), variables),

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from one_jax.architectures import models
+from one_jax.architectures import model_spec, models
 from one_jax.training import voting
 
 # Four real examples, three branches, three classes. Branch predictions per example:
@@ -98,7 +98,7 @@ def test_gate_renormalised_over_the_subset_equals_the_softmax_restricted_to_it()
 
 
 def test_full_set_gate_accuracy_is_the_ensemble_accuracy():
-  model = models.OneResNet(depth=8, num_branches=3, num_classes=4)
+  model = model_spec.ModelSpec("one_resnet", 8, 4, num_branches=3).build()
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
   rng = np.random.RandomState(1)
   variables = jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32)

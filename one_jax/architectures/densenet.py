@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from one_jax import validate
 from one_jax.architectures import layers
-from one_jax.architectures.models import ModuleDef
+from one_jax.architectures.layers import ModuleDef
 
 OPTIONS = {"growth_rate": 12, "bottleneck": True}
 

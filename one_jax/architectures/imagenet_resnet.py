@@ -5,7 +5,7 @@ a 3x3 stride-2 max pool; four stages of 64, 128, 256 and 512 planes (stride 1, 2
 BasicBlocks (18, 34) or Bottlenecks with the stride on the 3x3 convolution (ResNet v1.5: 50,
 101, 152), a projection shortcut where the shape changes; global average pooling and a dense
 classifier. Depth 10 ([1, 1, 1, 1] BasicBlocks) is the small member used by smoke runs. The
-blocks are models.BasicBlock / models.Bottleneck, so the parameter names are those of every
+blocks are resnet_blocks.BasicBlock / Bottleneck, so the parameter names are those of every
 one_jax ResNet.
 
 The trunk is the stem and stages 1-3 ('conv1', 'bn1', 'layer1_0', ..., 'layer3_{n-1}'); a
@@ -17,7 +17,8 @@ from typing import Tuple
 import flax.linen as nn
 
 from one_jax import validate
-from one_jax.architectures import layers, models
+from one_jax.architectures import layers, resnet_blocks
+from one_jax.architectures.layers import ModuleDef
 
 # depth -> (block type, blocks per stage), torchvision's table (and ResNet-10 for smoke runs).
 STAGES = {10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)),
@@ -57,7 +58,7 @@ def args(spec):
 def _stage(x, index: int, depth: int, conv, norm):
   """Stage `index` (1-4) of blocks named 'layer{index}_{i}', torchvision's _make_layer."""
   kind, counts = check_depth(depth)
-  block = models.Bottleneck if kind == "bottleneck" else models.BasicBlock
+  block = resnet_blocks.Bottleneck if kind == "bottleneck" else resnet_blocks.BasicBlock
   planes, stride = PLANES[index - 1], 1 if index == 1 else 2
   for i in range(counts[index - 1]):
     s = stride if i == 0 else 1
@@ -69,8 +70,8 @@ def _stage(x, index: int, depth: int, conv, norm):
 class Trunk(nn.Module):
   """Stem (7x7 stride-2 convolution, BatchNorm, ReLU, 3x3 stride-2 max pool) + stages 1-3."""
   depth: int
-  conv: models.ModuleDef
-  norm: models.ModuleDef
+  conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
   def __call__(self, x):
@@ -86,8 +87,8 @@ class Branch(nn.Module):
   """One branch: stage 4, global average pool, classifier."""
   depth: int
   num_classes: int
-  conv: models.ModuleDef
-  norm: models.ModuleDef
+  conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
   def __call__(self, x):

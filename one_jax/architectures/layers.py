@@ -3,7 +3,8 @@
 Kept in one place so that every model, the converter and the speed work agree on
 parameter names ('kernel', 'bias', 'scale', 'mean', 'var') and numerics.
 """
-from typing import Optional
+import functools
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -134,3 +135,19 @@ class BatchNorm(nn.Module):
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
     inv = jax.lax.rsqrt(var + self.epsilon) * scale
     return ((xf - mean) * inv + bias).astype(x.dtype)
+
+
+ModuleDef = Any  # a module constructor: a Flax module class, or a partial of one
+
+
+def conv_and_norm(train: bool = False, axis_name: Optional[str] = None,
+                  conv_impl: str = "auto") -> Tuple[ModuleDef, ModuleDef]:
+  """The convolution and the normalisation of every layer, chosen here once per model call.
+
+  conv(features, kernel_size, stride, name, copy_input=True) runs on the backend of conv_impl
+  (conv: 'auto' | 'kernel' | 'xla'); norm(name=...) is BatchNorm in training or eval
+  mode, synchronised over axis_name when set. Blocks receive both, as in flax's
+  examples/imagenet ResNet, instead of each threading (train, axis_name, conv_impl).
+  """
+  return (functools.partial(conv, impl=conv_impl),
+          functools.partial(BatchNorm, use_running_average=not train, axis_name=axis_name))

@@ -6,7 +6,7 @@ ModelSpec: built from a config (`from_config`), stored in and read back from che
 its variables (`init`, `abstract_variables`), describing itself (`describe`).
 
 Adding an architecture family is its trunk and branch modules (their own file in
-one_jax/architectures/, built on models.conv_and_norm) plus one `family(...)` line in
+one_jax/architectures/, built on layers.conv_and_norm) plus one `family(...)` line in
 ARCHITECTURES below, which gives its ONE kind and its single-branch baseline kind.
 """
 import dataclasses
@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from one_jax import validate
-from one_jax.architectures import densenet, imagenet_resnet, models, resnext, vgg, wrn
+from one_jax.architectures import (cifar_resnet, densenet, imagenet_resnet, models, resnext,
+                                   vgg, wrn)
 from one_jax.cpu import kernels
 
 
@@ -279,17 +280,14 @@ class Architecture:
   options: Tuple[Tuple[str, Any], ...] = ()
 
 
-def _resnet_details(spec):
-  return {"block": models.block_type(spec.depth)}
-
-
 def family(name: str, title: str, trunk: type, branch: type,
            args: Callable[[ModelSpec], Tuple[Dict[str, Any], Dict[str, Any]]],
            check: Callable[[ModelSpec], Any], options: Dict[str, Any],
-           details: Callable[[ModelSpec], Dict[str, Any]] = lambda spec: {}
-           ) -> Dict[str, Architecture]:
-  """The two registry entries of an architecture family: 'one_<name>' (models.OneModel: the
-  trunk, B stacked branches, the gate) and '<name>' (models.Baseline: trunk + one 'branch').
+           details: Callable[[ModelSpec], Dict[str, Any]] = lambda spec: {},
+           one_kind: Optional[str] = None) -> Dict[str, Architecture]:
+  """The two registry entries of an architecture family: one_kind, by default 'one_<name>'
+  (models.OneModel: the trunk, B stacked branches, the gate) and '<name>' (models.Baseline:
+  trunk + one 'branch').
 
   trunk and branch are the family's module classes (fields conv and norm, plus the keyword
   arguments args(spec) gives each: (trunk kwargs, branch kwargs)); the branch is the family's
@@ -310,25 +308,17 @@ def family(name: str, title: str, trunk: type, branch: type,
     return models.Baseline(**module_args(spec), axis_name=axis_name)
 
   common = dict(family=name, check=check, details=details, options=tuple(options.items()))
-  return {f"one_{name}": Architecture(module=one, branched=True, title=f"ONE {title}", **common),
+  return {one_kind or f"one_{name}": Architecture(module=one, branched=True,
+                                                  title=f"ONE {title}", **common),
           name: Architecture(module=baseline, branched=False, title=f"{title} baseline",
                              **common)}
 
 
 ARCHITECTURES: Dict[str, Architecture] = {
-    "one_resnet": Architecture(
-        module=lambda spec, axis_name: models.OneResNet(
-            depth=spec.depth, num_branches=spec.num_branches, num_classes=spec.num_classes,
-            branch_impl=spec.branch_impl, active_branches=spec.active_branches,
-            axis_name=axis_name, conv_impl=spec.conv_impl, compute_dtype=spec.compute_dtype),
-        branched=True, family="cifar_resnet", title="ONE ResNet",
-        check=lambda spec: models.check_depth(spec.depth), details=_resnet_details),
-    "cifar_resnet": Architecture(
-        module=lambda spec, axis_name: models.CifarResNet(
-            depth=spec.depth, num_classes=spec.num_classes, axis_name=axis_name,
-            conv_impl=spec.conv_impl, compute_dtype=spec.compute_dtype),
-        branched=False, family="cifar_resnet", title="ResNet baseline",
-        check=lambda spec: models.check_depth(spec.depth), details=_resnet_details),
+    # The CIFAR ResNet's ONE kind keeps the name the ONE code gave it (and checkpoints record).
+    **family("cifar_resnet", "ResNet", cifar_resnet.Trunk, cifar_resnet.Branch,
+             cifar_resnet.args, cifar_resnet.check, cifar_resnet.OPTIONS, cifar_resnet.details,
+             one_kind="one_resnet"),
     **family("wrn", "Wide ResNet", wrn.Trunk, wrn.Branch, wrn.args, wrn.check, wrn.OPTIONS),
     **family("vgg", "VGG", vgg.Trunk, vgg.Branch, vgg.args, vgg.check, vgg.OPTIONS),
     **family("densenet", "DenseNet", densenet.Trunk, densenet.Branch, densenet.args,

@@ -12,7 +12,7 @@ import flax.linen as nn
 
 from one_jax import validate
 from one_jax.architectures import layers
-from one_jax.architectures.models import ModuleDef
+from one_jax.architectures.layers import ModuleDef
 
 OPTIONS = {"width": 64}
 

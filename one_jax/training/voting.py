@@ -66,7 +66,7 @@ def vote_accuracies(model, variables, batches: Iterable[Mapping[str, Any]]) -> L
   """One row per subset: {'branches': (0, 2), 'size': 2, 'gate', 'average', 'vote' (fractions
   of the real examples), 'examples': their count}.
 
-  model: a ONE model of any family, OneResNet or OneModel (or anything whose apply(variables,
+  model: a ONE model of any family, models.OneModel (or anything whose apply(variables,
   images, train=False) returns branch_logits [B, N, C] and gate [N, B]), without an
   axis_name; batches yield 'image', 'label' and 'mask' (mask optional: all real).
   """
