@@ -3,7 +3,7 @@
     python benchmarks/gpu_bench.py [--branches=1,3,5] [--batches=128,512] [--steps=20]
         [--depth=32] [--num_classes=100] [--budget_s=330] [--torch_modes=nchw,amp_cl,amp_compile]
 
-one_jax side: the real loop's dispatch step (`train.make_dispatch_step`) with the synthetic train
+one_jax side: the real loop's dispatch step (`steps.make_dispatch_step`) with the synthetic train
 set on the device (`data_on_device`: gathered, cropped, flipped and normalised in the step
 from the host pipeline's draws), for compute_dtype float32 / bfloat16, branch_impl loop / vmap
 and steps_per_dispatch 1 / 10. Every (B, batch) gets the two float32/bfloat16 vmap set-ups at

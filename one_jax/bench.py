@@ -2,7 +2,7 @@
 
     python -m one_jax.bench --config=configs/step1.py:three_branch [--steps=N] [--batch=N]
 
-Times the training loop's own jitted step (`one_jax.training.train.make_dispatch_step`: forward, loss,
+Times the training loop's own jitted step (`one_jax.training.steps.make_dispatch_step`: forward, loss,
 backward, SGD update, BatchNorm statistics, metric sums; config.steps_per_dispatch steps per
 call; with the synthetic train set on the device and augmented in the step when
 config.data_on_device resolves to that) and `make_eval_step` on a batch of the same size.
@@ -43,8 +43,7 @@ from one_jax import cli, parallel, validate
 from one_jax.architectures import model_spec, models
 from one_jax.cpu import host_memory, kernels, xla_options
 from one_jax.data import device_data, in_memory, sources
-from one_jax.storage import checkpoints
-from one_jax.training import optimizer, train
+from one_jax.training import optimizer, steps, train_state
 
 IMAGE_SHAPE = (32, 32, 3)   # CIFAR's; a config with image_size (ImageNet: 224) sets its own
 
@@ -75,14 +74,15 @@ def _flops(lowered) -> float:
   return float((analysis or {}).get("flops", float("nan")))
 
 
-def step_flops(config, tx, mesh, state, batch, epoch) -> float:
+def step_flops(config, spec: model_spec.ModelSpec, tx, mesh, state, batch, epoch) -> float:
   """The train step's arithmetic: XLA's cost analysis of the step written with XLA's own
   convolutions, before optimisation. Custom calls (one_jax's CPU kernels) are invisible to
   the analysis, so this counts the same work whichever implementation runs."""
   xla_config = config.copy_and_resolve_references()
   with xla_config.unlocked():
     xla_config.conv_impl = "xla"
-  return _flops(train.make_train_step(xla_config, tx, mesh).lower(state, batch, epoch))
+  xla_spec = dataclasses.replace(spec, conv_impl="xla")
+  return _flops(steps.make_train_step(xla_config, xla_spec, tx, mesh).lower(state, batch, epoch))
 
 
 def forward_flops_per_image(spec: model_spec.ModelSpec, image_shape=IMAGE_SHAPE) -> float:
@@ -105,7 +105,7 @@ def synthetic_batch(config, batch_size: int, seed: int = 0) -> Dict[str, np.ndar
 class StepTimer:
   """The training loop's compiled dispatch step for a config, with its state and inputs.
 
-  Timed as the loop runs it (`train.make_dispatch_step`): config.steps_per_dispatch train steps
+  Timed as the loop runs it (`steps.make_dispatch_step`): config.steps_per_dispatch train steps
   per call, and the train set on the device (augmented inside the step from the host's plans)
   when config.data_on_device resolves to it for an in-memory set: `placement` is 'device' then,
   else 'host' (batches built by the host pipeline beforehand and already on the devices, so
@@ -130,9 +130,9 @@ class StepTimer:
     shape = image_shape(config)
     tx = optimizer.create_optimizer(config, STEPS_PER_EPOCH,
                                     self.spec.abstract_variables(shape)["params"])
-    fresh = train.initial_state(self.spec, tx, shape, jax.random.key(config.seed))
+    fresh = train_state.initial_state(self.spec, tx, shape, jax.random.key(config.seed))
     self.state = parallel.replicate(fresh, self.mesh)
-    self.sums = parallel.replicate(train.zero_sums(config, tx, self.mesh, fresh, shape),
+    self.sums = parallel.replicate(steps.zero_sums(config, self.spec, tx, self.mesh, fresh, shape),
                                    self.mesh)
     self.inputs, data = self._inputs(shape)
     self.placement = "host" if data is None else "device"
@@ -142,17 +142,17 @@ class StepTimer:
     options = compiler_options or {}  # XLA options, for experiments (benchmarks/NOTES.md)
 
     t0 = time.perf_counter()
-    step = train.make_dispatch_step(config, tx, self.mesh, on_device=data is not None)
+    step = steps.make_dispatch_step(config, self.spec, tx, self.mesh, on_device=data is not None)
     self.train_compiled = step.lower(self.state, self.sums, self.inputs[0], self.epoch,
                                      *self._data).compile(options)
     self.compile_s = time.perf_counter() - t0
     host_batch = synthetic_batch(config, config.batch_size, config.seed)
     one_batch = parallel.shard_batch({k: host_batch[k] for k in ("image", "label")}, self.mesh)
-    self.flops = step_flops(config, tx, self.mesh, self.state, one_batch, self.epoch)
+    self.flops = step_flops(config, self.spec, tx, self.mesh, self.state, one_batch, self.epoch)
     self.eval_compiled = None
     if with_eval:
       self.eval_batch = parallel.shard_batch(host_batch, self.mesh)
-      self.eval_compiled = train.make_eval_step(config, self.mesh).lower(
+      self.eval_compiled = steps.make_eval_step(config, self.spec, self.mesh).lower(
           self._variables(), self.eval_batch).compile(options)
 
   def _inputs(self, shape):
@@ -161,21 +161,21 @@ class StepTimer:
     if config.get("dataset") in sources.IMAGENET_DATASETS:
       # Its loader streams and decodes (one_jax.data.imagenet): the loop never keeps it on the device.
       batch = synthetic_batch(config, n, config.seed)
-      steps = [{"image": batch["image"], "label": batch["label"]}] * (2 * k)
+      items = [{"image": batch["image"], "label": batch["label"]}] * (2 * k)
       data = None
     else:
       source, _ = in_memory.synthetic_sources(2 * k * n, 1, config.num_classes, config.seed,
                                                    shape)
       where = dict(global_batch=n, seed=config.seed, epoch=0)
       if device_data.use_device_data(config.get("data_on_device", "false"), source):
-        steps, data = list(in_memory.train_plans(len(source), **where)), \
+        items, data = list(in_memory.train_plans(len(source), **where)), \
             device_data.put(source, self.mesh)
       else:
-        steps, data = list(in_memory.train_batches(source, **where)), None
-    return [train.stack_steps(steps[i * k:(i + 1) * k], self.mesh) for i in (0, 1)], data
+        items, data = list(in_memory.train_batches(source, **where)), None
+    return [steps.stack_steps(items[i * k:(i + 1) * k], self.mesh) for i in (0, 1)], data
 
   def _variables(self):
-    return checkpoints.variables_of(self.state)
+    return models.variables_in(self.state)
 
   def train_once(self):
     self.state, self.sums, _ = self.train_compiled(

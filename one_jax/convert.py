@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from one_jax import cli
-from one_jax.architectures import cifar_resnet, model_spec
+from one_jax.architectures import cifar_resnet, model_spec, models
 from one_jax.interop import convert_torchvision, torch_common
 from one_jax.storage import checkpoints, staging, workdirs
 
@@ -394,14 +394,14 @@ def convert_to_torch(ckpt: str, out_path: str, *, module_prefix: Optional[bool] 
   staging.check_free(out_path, "OUT.pth.tar")
   state, meta = checkpoints.restore_raw(ckpt)
   spec = checkpoints.spec_of(meta, ckpt)
-  checkpoints.check_finite(checkpoints.variables_of(state), ckpt,
+  checkpoints.check_finite(models.variables_in(state), ckpt,
                            "the exported model would compute nothing but NaN")
   torchvision = spec.kind in convert_torchvision.KINDS
   recorded = meta.get("torch") or {}
   nbt = recorded["num_batches_tracked"] if "num_batches_tracked" in recorded else int(
       np.asarray(state.get("step", 0)))
   state_dict = export_torch_state_dict(
-      spec, checkpoints.variables_of(state),
+      spec, models.variables_in(state),
       module_prefix=(recorded.get("module_prefix", not torchvision) if module_prefix is None
                      else module_prefix),
       spelling=spelling or recorded.get("spelling", "classfier"),

@@ -11,7 +11,7 @@ import pytest
 from configs import step1
 from one_jax import parallel
 from one_jax.architectures import model_spec
-from one_jax.training import optimizer, train
+from one_jax.training import optimizer, steps
 
 BATCH = 32   # two 16-image slices: the CPU's sliced weight gradient would show
 
@@ -27,7 +27,7 @@ def _lowered(platform: str, **overrides) -> str:
   batch = {"image": jax.ShapeDtypeStruct((BATCH, 32, 32, 3), jnp.float32),
            "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32)}
   epoch = jax.ShapeDtypeStruct((), jnp.float32)
-  step = train.make_train_step(config, tx, parallel.make_mesh(jax.devices()[:1]))
+  step = steps.make_train_step(config, spec, tx, parallel.make_mesh(jax.devices()[:1]))
   if platform == "cpu":   # the kernels' custom calls are not exportable: lower in place
     return step.lower(state, batch, epoch).as_text()
   return export.export(step, platforms=[platform])(state, batch, epoch).mlir_module()

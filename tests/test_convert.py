@@ -299,6 +299,7 @@ def test_cli_writes_a_checkpoint_load_model_reads_and_back(tmp_path, capsys):
   out_dir = tmp_path / "ckpt"
   assert convert.main([str(path), str(out_dir)]) == 0
   spec, variables = checkpoints.load(str(out_dir))
+  model = spec.build()
   assert (spec.depth, spec.num_branches, spec.num_classes) == (8, 3, NUM_CLASSES)
   _, meta = checkpoints.restore_raw(str(out_dir))
   assert meta["epoch"] == 7 and meta["source"] == "torch"

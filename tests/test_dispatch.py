@@ -9,7 +9,7 @@ import pytest
 from one_jax import parallel
 from one_jax.architectures import model_spec
 from one_jax.data import device_data, in_memory, sources
-from one_jax.training import optimizer, preemption, train
+from one_jax.training import optimizer, preemption, steps, train, train_state
 
 STEPS = 4
 
@@ -20,15 +20,15 @@ def _setup(tiny_config, devices):
   source, _, info = sources.get_datasets(config)
   spec = model_spec.ModelSpec.from_config(config)
   tx = optimizer.create_optimizer(config, 8, spec.abstract_variables(info.image_shape)["params"])
-  fresh = train.initial_state(spec, tx, info.image_shape, jax.random.key(config.seed))
-  sums = train.zero_sums(config, tx, mesh, fresh, info.image_shape)
-  return config, mesh, source, tx, fresh, sums
+  fresh = train_state.initial_state(spec, tx, info.image_shape, jax.random.key(config.seed))
+  sums = steps.zero_sums(config, spec, tx, mesh, fresh, info.image_shape)
+  return config, spec, mesh, source, tx, fresh, sums
 
 
 def _train(setup, k, on_device, feed=None):
   """(state, sums, [guards]) after STEPS steps of epoch 0 in dispatches of up to k steps."""
-  config, mesh, source, tx, fresh, sums = setup
-  step = train.make_dispatch_step(config, tx, mesh, on_device)
+  config, spec, mesh, source, tx, fresh, sums = setup
+  step = steps.make_dispatch_step(config, spec, tx, mesh, on_device)
   where = dict(global_batch=config.batch_size, seed=config.seed, epoch=0)
   items = list(feed if feed is not None else (
       in_memory.train_plans(len(source), **where) if on_device
@@ -37,7 +37,7 @@ def _train(setup, k, on_device, feed=None):
   state, sums = parallel.replicate(fresh, mesh), parallel.replicate(sums, mesh)
   guards = []
   for start in range(0, len(items), k):
-    state, sums, guard = step(state, sums, train.stack_steps(items[start:start + k], mesh),
+    state, sums, guard = step(state, sums, steps.stack_steps(items[start:start + k], mesh),
                               jnp.float32(0), *extra)
     guards.append(parallel.to_host(guard))
   return parallel.to_host(state), parallel.to_host(sums), guards
@@ -76,19 +76,19 @@ def test_device_augmentation_is_the_host_batch(tiny_config):
 
 def test_non_finite_step_inside_a_dispatch_keeps_no_later_state(tiny_config):
   setup = _setup(tiny_config, 1)
-  source, where = setup[2], dict(global_batch=16, seed=setup[0].seed, epoch=0)
+  source, where = setup[3], dict(global_batch=16, seed=setup[0].seed, epoch=0)
   batches = list(in_memory.train_batches(source, **where))[:STEPS]
   nan = dict(batches[1], image=np.full_like(batches[1]["image"], np.nan))
   state, sums, guards = _train(setup, 3, False, feed=[batches[0], nan, batches[2]])
   # Step 2 (index 1 of a dispatch of 3) is found; neither it nor step 3 is applied: the state
   # and sums are those after step 1.
   assert [int(g["first_bad"]) for g in guards] == [1]
-  assert guards[0][f"{train.FINITE}gradients"] == 0.0 and guards[0][train.FINITE_ALL] == 0.0
-  assert guards[0][f"{train.FINITE}update"] == 0.0 and guards[0][f"{train.FINITE}loss"] == 0.0
-  config, mesh, _, tx, fresh, zero = setup
-  step = train.make_dispatch_step(config, tx, mesh)
+  assert guards[0][f"{steps.FINITE}gradients"] == 0.0 and guards[0][steps.FINITE_ALL] == 0.0
+  assert guards[0][f"{steps.FINITE}update"] == 0.0 and guards[0][f"{steps.FINITE}loss"] == 0.0
+  config, spec, mesh, _, tx, fresh, zero = setup
+  step = steps.make_dispatch_step(config, spec, tx, mesh)
   after_one = step(parallel.replicate(fresh, mesh), parallel.replicate(zero, mesh),
-                   train.stack_steps(batches[:1], mesh), jnp.float32(0))
+                   steps.stack_steps(batches[:1], mesh), jnp.float32(0))
   _assert_identical(parallel.to_host(after_one[:2]), (state, sums))
 
 

@@ -11,7 +11,7 @@ from one_jax import convert, surgery
 from one_jax.architectures import model_spec
 from one_jax.data import sources
 from one_jax.storage import checkpoints
-from one_jax.training import config_checks, losses, train
+from one_jax.training import config_checks, evaluation, losses, train
 
 
 def _global_relative_error(got, want) -> float:
@@ -93,7 +93,7 @@ def test_a_bfloat16_checkpoint_evaluates_converts_and_goes_through_surgery(bfloa
   _, test_source, _ = sources.get_datasets(config)
   float32_config = config.copy_and_resolve_references()
   float32_config.compute_dtype = "float32"
-  metrics = train.evaluate_checkpoint(float32_config, spec, variables, test_source)
+  metrics = evaluation.evaluate_checkpoint(float32_config, spec, variables, test_source)
   assert np.isfinite(metrics["test/loss"]) and metrics["test/count"] == 48
   assert len(convert.export_torch_state_dict(spec, variables)) > 0
   state, meta = checkpoints.restore_raw(workdir)

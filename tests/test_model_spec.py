@@ -10,7 +10,7 @@ import pytest
 
 from one_jax.architectures import cifar_resnet, model_spec, models
 from one_jax.storage import checkpoints
-from one_jax.training import train
+from one_jax.training import train_state
 
 ONE = model_spec.ModelSpec("one_resnet", depth=8, num_classes=5, num_branches=3)
 BASE = model_spec.ModelSpec("cifar_resnet", depth=8, num_classes=5)
@@ -41,7 +41,7 @@ def test_round_trip_through_checkpoint_meta(tmp_path):
     path = str(tmp_path / spec.kind)
     variables = jax.tree.map(jnp.asarray, spec.init(jax.random.key(0), (8, 8, 3)))
     checkpoints.save_standalone(path, dict(variables, step=0),
-                                train.model_meta(ml_collections.ConfigDict(), spec, 1))
+                                train_state.model_meta(ml_collections.ConfigDict(), spec, 1))
     restored, restored_vars = checkpoints.load(path)
     assert restored == spec
     chex.assert_trees_all_equal(restored_vars, variables)

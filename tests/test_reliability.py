@@ -25,7 +25,7 @@ import pytest
 
 from one_jax import surgery as surgery_ops
 from one_jax.storage import checkpoints, run_lock, workdirs
-from one_jax.training import config_checks, preemption, train
+from one_jax.training import config_checks, preemption, steps, train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULT_SCRIPT = os.path.join(ROOT, "tests", "fault_injection.py")
@@ -320,15 +320,15 @@ def test_train_step_does_not_apply_a_non_finite_update():
   spec = model_spec.ModelSpec.from_config(config)
   rng = jax.random.key(0)
   tx = optimizer.create_optimizer(config, 4, spec.abstract_variables()["params"])
-  before = train.initial_state(spec, tx, (32, 32, 3), rng)
-  step = train.make_train_step(config, tx, mesh)
+  before = train_state.initial_state(spec, tx, (32, 32, 3), rng)
+  step = steps.make_train_step(config, spec, tx, mesh)
   batch = {"image": np.full((32, 32, 32, 3), np.inf, np.float32),
            "label": np.zeros(32, np.int32)}
   after, metrics = step(parallel.replicate(before, mesh), parallel.shard_batch(batch, mesh),
                         np.float32(0))
   metrics = parallel.to_host(metrics)
-  assert metrics[train.FINITE_ALL] == 0.0 and metrics[f"{train.FINITE}gradients"] == 0.0
-  assert {f"{train.FINITE}{t}" for t in ("loss", "kl", "ce_ensemble")} <= set(metrics)
+  assert metrics[steps.FINITE_ALL] == 0.0 and metrics[f"{steps.FINITE}gradients"] == 0.0
+  assert {f"{steps.FINITE}{t}" for t in ("loss", "kl", "ce_ensemble")} <= set(metrics)
   jax.tree.map(np.testing.assert_array_equal, before, parallel.to_host(after))
 
 

@@ -75,7 +75,7 @@ def apply(info, state, images=IMAGES):
   if key not in _APPLY:
     model = model_spec.ModelSpec.from_dict(info).build()
     _APPLY[key] = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  return _APPLY[key](checkpoints.variables_of(state), images)
+  return _APPLY[key](models.variables_in(state), images)
 
 
 def slice_branch(tree, b):
@@ -447,7 +447,7 @@ def test_cli_expand_writes_a_loadable_trainable_checkpoint(ckpts, one2):
   model, variables = checkpoints.load_model(dst)
   assert model.num_branches == 3
   want, _ = surgery.expand(*one2, 3, sources=[1])
-  chex.assert_trees_all_close(variables, checkpoints.variables_of(want))
+  chex.assert_trees_all_close(variables, models.variables_in(want))
   state, meta = checkpoints.restore_raw(dst)
   assert meta["epoch"] == 7 and meta["step"] == int(one2[0]["step"])
   assert meta["model"] == one_info(3)

@@ -13,7 +13,7 @@ from one_jax import parallel
 from one_jax.architectures import model_spec
 from one_jax.data import in_memory, sources
 from one_jax.storage import checkpoints
-from one_jax.training import optimizer, train
+from one_jax.training import evaluation, methods, optimizer, steps, train, train_state
 
 
 def _states_after_steps(config, devices, num_steps):
@@ -23,8 +23,8 @@ def _states_after_steps(config, devices, num_steps):
   spec = model_spec.ModelSpec.from_config(config)
   rng = jax.random.key(config.seed)
   tx = optimizer.create_optimizer(config, 10, spec.abstract_variables(info.image_shape)["params"])
-  state = parallel.replicate(train.initial_state(spec, tx, info.image_shape, rng), mesh)
-  step = train.make_train_step(config, tx, mesh)
+  state = parallel.replicate(train_state.initial_state(spec, tx, info.image_shape, rng), mesh)
+  step = steps.make_train_step(config, spec, tx, mesh)
   batches = in_memory.train_batches(train_source, global_batch=config.batch_size,
                                          seed=config.seed, epoch=0)
   for _, batch in zip(range(num_steps), batches):
@@ -111,9 +111,10 @@ def test_eval_covers_every_example_once(tiny_config):
   _, test_source, info = sources.get_datasets(config)
   spec = model_spec.ModelSpec.from_config(config)
   model, variables = spec.build(), spec.init(jax.random.key(0), info.image_shape)
-  metrics = train.evaluate(config, train.make_eval_step(config, mesh), mesh,
-                           parallel.replicate(jax.tree.map(np.asarray, variables), mesh),
-                           test_source)
+  metrics = evaluation.evaluate(
+      methods.for_model(config, spec), steps.make_eval_step(config, spec, mesh), mesh,
+      parallel.replicate(jax.tree.map(np.asarray, variables), mesh), test_source,
+      batch_size=config.eval_batch_size)
   assert metrics["test/count"] == 203
   # The ensemble's accuracy equals a plain host-side computation over all 203 examples.
   images = np.stack([test_source[i]["image"] for i in range(203)])
@@ -148,7 +149,7 @@ def test_eval_only_and_load_model(tmp_path, capsys, tiny_config):
   config = tiny_config("three_branch", num_epochs=1, steps_per_epoch=2)
   trained = train.train_and_evaluate(config, str(tmp_path / "run"))
   eval_config = tiny_config("three_branch", init_from=str(tmp_path / "run"), eval_only=True)
-  metrics = train.run_eval_only(eval_config, str(tmp_path / "eval"))
+  metrics = evaluation.run_eval_only(eval_config, str(tmp_path / "eval"))
   np.testing.assert_allclose(metrics["test/top1/ensemble"], trained["test/top1/ensemble"],
                              atol=1e-6)
   assert "Evaluation of" in capsys.readouterr().out
@@ -176,5 +177,5 @@ def test_top_k_never_counts_a_non_finite_logit_or_an_unknown_label_as_right():
                         [1.0, 2.0, 0.0],          # label 5 of a 3-class model: wrong
                         [1.0, 2.0, 0.0]])         # label 0: right at top-2 only
   labels = jnp.asarray([1, 2, 1, 0, 5, 0])
-  np.testing.assert_array_equal(train._topk_correct(logits, labels, 1), [1, 0, 0, 0, 0, 0])
-  np.testing.assert_array_equal(train._topk_correct(logits, labels, 2), [1, 0, 0, 0, 0, 1])
+  np.testing.assert_array_equal(steps.topk_correct(logits, labels, 1), [1, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(steps.topk_correct(logits, labels, 2), [1, 0, 0, 0, 0, 1])

@@ -23,7 +23,7 @@ from configs import common
 from one_jax import convert, parallel
 from one_jax.architectures import model_spec
 from one_jax.data import in_memory
-from one_jax.training import optimizer, train
+from one_jax.training import optimizer, steps
 from tests import torch_reference as tr
 
 DEPTH = 8
@@ -131,7 +131,7 @@ def _run_both(model_kind: str):
     torch_opt = tr.sgd(torch_model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     torch_params = dict(torch_model.named_parameters())
 
-    step_fn = train.make_train_step(config, tx, mesh)
+    step_fn = steps.make_train_step(config, spec, tx, mesh)
     state = parallel.replicate(state, mesh)
     lr = LR
     worst = []
@@ -147,7 +147,7 @@ def _run_both(model_kind: str):
       host = parallel.to_host({"params": state["params"], "batch_stats": state["batch_stats"],
                                "trace": optax.tree_utils.tree_get(state["opt_state"], "trace"),
                                "metrics": metrics})
-      assert float(host["metrics"][train.FINITE_ALL]) == 1.0, f"step {step + 1} was not applied"
+      assert float(host["metrics"][steps.FINITE_ALL]) == 1.0, f"step {step + 1} was not applied"
       jax_terms = {k: float(host["metrics"][f"train/{k}"]) for k in torch_terms}
       jax_vars = _export(spec, host["params"], host["batch_stats"])
       jax_trace = _export(spec, host["trace"], host["batch_stats"])

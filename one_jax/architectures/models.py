@@ -14,7 +14,7 @@ shape [B]. The families (cifar_resnet, wrn, vgg, densenet, resnext, imagenet_res
 nothing of this module; the registry (model_spec) puts each inside OneModel and Baseline.
 """
 import functools
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import flax.struct
@@ -195,6 +195,16 @@ class Baseline(nn.Module):
     return baseline_forward(self, images, train,
                             functools.partial(self.trunk, **dict(self.trunk_args)),
                             functools.partial(self.branch, **dict(self.branch_args)))
+
+
+# The variable collections of a model; a training state or a checkpoint holds them beside the
+# optimizer state.
+VARIABLE_COLLECTIONS = ("params", "batch_stats", "gate_offset")
+
+
+def variables_in(state) -> Dict[str, Any]:
+  """The model's variables (params, batch_stats, gate_offset) of a state that holds more."""
+  return {k: state[k] for k in VARIABLE_COLLECTIONS if k in state}
 
 
 def count_params(tree) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from one_jax.architectures import model_spec
+from one_jax.architectures import model_spec, models
 from one_jax.storage import staging
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -81,11 +81,6 @@ def spec_of(meta: Dict[str, Any], source: str = "the checkpoint", **runtime) -> 
     raise CheckpointError(f"{source} has model metadata one_jax cannot build "
                           f"({' '.join(str(e).split())}): it was not written by this version "
                           "of one_jax, or its meta was edited") from None
-
-
-def variables_of(state) -> Dict[str, Any]:
-  """The flax variables (params, batch_stats, gate_offset) of a checkpoint state."""
-  return {k: state[k] for k in ("params", "batch_stats", "gate_offset") if k in state}
 
 
 # ----------------------------------------------------------------------------- locating
@@ -328,7 +323,7 @@ def load(path: str, step: Optional[int] = None, **runtime):
   convert output; runtime fields of the spec (branch_impl, ...) as keyword arguments."""
   state, meta = restore_raw(path, step)
   spec = spec_of(meta, f"checkpoint {path}", **runtime)
-  return spec, jax.tree.map(jax.numpy.asarray, variables_of(state))
+  return spec, jax.tree.map(jax.numpy.asarray, models.variables_in(state))
 
 
 def load_model(path: str, step: Optional[int] = None, **runtime):

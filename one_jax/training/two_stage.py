@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from one_jax import surgery, validate
-from one_jax.architectures import model_spec
+from one_jax.architectures import model_spec, models
 from one_jax.storage import checkpoints
 
 SURGERIES = ("", "expand", "merge")
@@ -99,7 +99,7 @@ def fits_config(config):
   want = {k: jax.tree.map(np.shape, v) for k, v in spec.abstract_variables().items()}
 
   def check(state, info):
-    got = {k: jax.tree.map(np.shape, v) for k, v in checkpoints.variables_of(state).items()}
+    got = {k: jax.tree.map(np.shape, v) for k, v in models.variables_in(state).items()}
     if got != want:
       made = checkpoints.spec_of({"model": info}, "the surgery's output")
       raise ValueError(

@@ -1,0 +1,62 @@
+"""What happens at dispatch boundaries besides training: the per-step log
+(config.log_every_steps) and the profiler trace (config.profile_steps)."""
+import os
+
+import jax
+
+from one_jax import parallel
+from one_jax.training import config_checks
+
+PROFILE_DIR = "profile"   # under the workdir: the trace of config.profile_steps
+
+
+class StepHooks:
+  """What happens at dispatch boundaries besides training: the per-step log
+  (config.log_every_steps) and the profiler trace (config.profile_steps)."""
+
+  def __init__(self, run, writer):
+    self.run, self.writer = run, writer
+    self.every = run.config.get("log_every_steps", 0)
+    self.profile = config_checks.parse_profile_steps(run.config.get("profile_steps", ""))
+    self.tracing = False
+    self._last = None  # (step in epoch, host sums) of the last log line in this epoch
+
+  def start_epoch(self, epoch, first, sums):
+    del epoch
+    if self.every:
+      self._last = (first, parallel.to_host(sums) if sums is not None else None)
+
+  def before(self, step: int, n: int):
+    """Starts the trace when the dispatch of steps step+1 .. step+n holds profile start."""
+    if self.profile and self.run.is_main and not self.tracing and (
+        step < self.profile[1] and step + n >= self.profile[0]):
+      jax.profiler.start_trace(os.path.join(self.run.workdir, PROFILE_DIR))
+      self.tracing = True
+
+  def after(self, epoch, n_steps, state, sums):
+    spe = self.run.steps_per_epoch
+    step = epoch * spe + n_steps
+    if self.tracing and step >= self.profile[1]:
+      self.stop_trace(state)
+    if not self.every:
+      return
+    first, before = self._last
+    if step // self.every == (epoch * spe + first) // self.every and n_steps < spe:
+      return
+    now = parallel.to_host(sums)  # the one device read of a log interval
+    count = n_steps - first
+    if count:
+      means = {k: (float(v) - (float(before[k]) if before else 0.0)) / count
+               for k, v in now.items()}
+      self.writer.write_steps(step, dict(means, lr=float(self.run.log_step(step - 1))))
+    self._last = (n_steps, now)
+
+  def stop_trace(self, state=None):
+    if self.tracing:
+      if state is not None:
+        jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.tracing = False
+      print(f"profile of steps {self.profile[0]}-{self.profile[1]} written to "
+            f"{os.path.join(self.run.workdir, PROFILE_DIR)}", flush=True)
+

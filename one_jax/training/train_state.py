@@ -1,0 +1,64 @@
+"""The training state: a plain dict of pytrees {'params', 'batch_stats', ['gate_offset'],
+'opt_state'} (what checkpoints and surgery see), made fresh or fitted from a checkpoint."""
+import json
+from typing import Any, Dict
+
+from absl import logging
+import flax.serialization
+import jax
+import numpy as np
+
+from one_jax.architectures import model_spec
+from one_jax.storage import checkpoints
+
+
+def initial_state(spec: model_spec.ModelSpec, tx, image_shape, rng) -> Dict[str, Any]:
+  """Fresh variables and optimizer state (host numpy arrays)."""
+  state = dict(spec.init(rng, image_shape))
+  state["opt_state"] = tx.init(state["params"])
+  return jax.tree.map(np.asarray, state)
+
+
+def model_meta(config, spec: model_spec.ModelSpec, epoch: int) -> Dict[str, Any]:
+  return {"model": spec.to_dict(), "epoch": int(epoch),
+          "config": json.loads(config.to_json_best_effort())}
+
+
+def state_from_checkpoint(raw: Dict[str, Any], template: Dict[str, Any], *, source: str,
+                          with_optimizer: bool = True,
+                          restart_counters: bool = False) -> Dict[str, Any]:
+  """Fits a raw restored state onto the structure of `template` (this run's fresh state).
+
+  Variables must match exactly (shapes included); the optimizer state is taken when present
+  and of the same structure, else the fresh one is kept (e.g. after surgery that reset it).
+  restart_counters: a new run initialised from another's checkpoint keeps its momentum but
+  starts its own step counters (learning-rate schedule, gradient-ratio period) at zero.
+  """
+  state = {}
+  for key in ("params", "batch_stats", "gate_offset"):
+    if key not in template:
+      continue
+    if key not in raw:
+      raise checkpoints.CheckpointError(f"{source} has no {key!r}: it is not a checkpoint of "
+                                        "this model kind")
+    want = jax.tree.map(np.shape, template[key])
+    got = jax.tree.map(np.shape, raw[key])
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+      raise checkpoints.CheckpointError(
+          f"{source} does not fit this config's model ({key} differ): check depth, "
+          "num_branches and num_classes against `python -m one_jax.surgery inspect`")
+    state[key] = jax.tree.map(lambda x, t: np.asarray(x, np.asarray(t).dtype), raw[key],
+                              template[key])
+  state["opt_state"] = template["opt_state"]
+  if with_optimizer and "opt_state" in raw:
+    try:
+      opt_state = flax.serialization.from_state_dict(template["opt_state"], raw["opt_state"])
+      if restart_counters:
+        opt_state = jax.tree.map(
+            lambda x, t: np.asarray(t) if np.issubdtype(np.asarray(x).dtype, np.integer) else x,
+            opt_state, template["opt_state"])
+      state["opt_state"] = opt_state
+    except (ValueError, KeyError, TypeError):
+      logging.warning("%s: optimizer state does not fit this optimizer; starting it fresh",
+                      source)
+  return state
