@@ -7,9 +7,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from one_jax import convert, surgery
+from one_jax import surgery
 from one_jax.architectures import model_spec, models
-from one_jax.interop import torch_common
+from one_jax.interop import reference, torch_common
 from one_jax.storage import checkpoints
 from one_jax.training import train, voting
 
@@ -270,7 +270,7 @@ def test_conversion_is_for_the_cifar_resnet_only(tiny):
   spec = tiny[0]
   with pytest.raises(torch_common.ConversionError, match="conversion covers the reference's CIFAR "
                      "ResNet"):
-    convert.name_table(spec)
+    reference.name_table(spec)
 
 
 # ----------------------------------------------------------------------------- smoke runs

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from one_jax import convert
 from one_jax.architectures import model_spec, models
-from one_jax.interop import torch_common
+from one_jax.interop import pytorch, torch_common
 from one_jax.storage import checkpoints
 from one_jax.training import losses
 from tests import torch_reference as tr
@@ -130,7 +130,7 @@ def _train_fn(model):
 
 def _imported(depth, branches):
   model, _, _ = _torch_model(depth, branches)
-  return convert.import_state_dict(_prefixed(model))
+  return pytorch.import_state_dict(_prefixed(model))
 
 
 ALL_CONFIGS = ONE_CONFIGS + [(BASELINE_DEPTH, None)]
@@ -175,7 +175,7 @@ def _torch_train_forward(model, images, labels):
 
 
 def _export_flat(spec, variables):
-  return convert.export_torch_state_dict(spec, variables, module_prefix=False,
+  return pytorch.export_torch_state_dict(spec, variables, module_prefix=False,
                                          num_batches_tracked=None)
 
 
@@ -241,8 +241,8 @@ def test_sgd_step_matches_reference():
 def test_export_reproduces_state_dict_exactly(depth, branches):
   torch_model, _, _ = _torch_model(depth, branches)
   original = _prefixed(torch_model)
-  result = convert.import_state_dict(original)
-  back = convert.export_torch_state_dict(result.spec, result.variables,
+  result = pytorch.import_state_dict(original)
+  back = pytorch.export_torch_state_dict(result.spec, result.variables,
                                          num_batches_tracked=result.num_batches_tracked)
   assert list(back) == list(original)
   for key, value in original.items():
@@ -254,17 +254,17 @@ def test_spelling_prefix_and_missing_num_batches_tracked_round_trip():
   torch_model, _, _ = _torch_model(8, 3)
   original = {k.replace("classfier3_", "classifier3_"): v.clone()
               for k, v in torch_model.state_dict().items() if not k.endswith("num_batches_tracked")}
-  result = convert.import_state_dict(original)
+  result = pytorch.import_state_dict(original)
   assert (result.spelling, result.module_prefix, result.num_batches_tracked) == (
       "classifier", False, None)
-  reference = convert.import_state_dict(_prefixed(torch_model))
+  reference = pytorch.import_state_dict(_prefixed(torch_model))
   chex.assert_trees_all_equal(result.variables, reference.variables)
-  back = convert.export_torch_state_dict(result.spec, result.variables, module_prefix=False,
+  back = pytorch.export_torch_state_dict(result.spec, result.variables, module_prefix=False,
                                          spelling="classifier", num_batches_tracked=None)
   assert list(back) == list(original)
   assert all(torch.equal(back[k], v) for k, v in original.items())
   # The reference model loads an export with the default options (prefix stripped).
-  default = convert.export_torch_state_dict(result.spec, result.variables, num_batches_tracked=7)
+  default = pytorch.export_torch_state_dict(result.spec, result.variables, num_batches_tracked=7)
   fresh = tr.ONE_ResNet(8, NUM_CLASSES, 3)
   fresh.load_state_dict({k[len("module."):]: v for k, v in default.items()})
   assert int(fresh.bn1.num_batches_tracked) == 7
@@ -317,7 +317,7 @@ def test_cli_writes_a_checkpoint_load_model_reads_and_back(tmp_path, capsys):
   assert list(loaded["state_dict"]) == list(state["state_dict"])
   assert all(torch.equal(loaded["state_dict"][k], v) for k, v in state["state_dict"].items())
   # load_torch_checkpoint reads the exported file back (the safe loader suffices).
-  model2, variables2 = convert.load_torch_checkpoint(str(back), allow_pickle=False)
+  model2, variables2 = pytorch.load_torch_checkpoint(str(back), allow_pickle=False)
   assert model2 == model
   chex.assert_trees_all_equal(variables2, variables)
   capsys.readouterr()
@@ -327,7 +327,7 @@ def test_load_torch_checkpoint_reads_bare_state_dict_and_baseline(tmp_path):
   torch_model, images, _ = _torch_model(BASELINE_DEPTH, None)
   path = tmp_path / "bare.pth"
   torch.save(torch_model.state_dict(), path)
-  model, variables = convert.load_torch_checkpoint(str(path))
+  model, variables = pytorch.load_torch_checkpoint(str(path))
   assert model == model_spec.ModelSpec("cifar_resnet", BASELINE_DEPTH, NUM_CLASSES).build()
   assert set(variables) == {"params", "batch_stats"}
   with torch.no_grad():
@@ -352,7 +352,7 @@ def test_missing_and_unknown_keys_are_listed(tmp_path, capsys):
   torch.save({"state_dict": sd}, path)
   with pytest.raises(ValueError, match=r"missing keys \[layer3_2\.0\.bn1\.running_var\]; unknown "
                      r"keys \[layer3_2\.0\.extra\.weight\]"):
-    convert.load_torch_checkpoint(str(path))
+    pytorch.load_torch_checkpoint(str(path))
   err = _one_line_error(capsys, [str(path), str(tmp_path / "out")])
   assert str(path) in err and "layer3_2.0.extra.weight" in err
   assert not os.path.exists(tmp_path / "out")
@@ -363,11 +363,11 @@ def test_shape_mismatch_and_block_type_mismatch(tmp_path):
   sd = _prefixed(torch_model)
   sd["module.control_v1.weight"] = torch.zeros(4, 32)
   with pytest.raises(ValueError, match=r"shapes.*control_v1\.weight \(4, 32\)"):
-    convert.import_state_dict(sd)
+    pytorch.import_state_dict(sd)
   sd = _prefixed(torch_model)
   sd["module.layer1.0.conv3.weight"] = torch.zeros(64, 16, 1, 1)
   with pytest.raises(ValueError, match="Bottleneck blocks, but the reference uses BasicBlock"):
-    convert.import_state_dict(sd)
+    pytorch.import_state_dict(sd)
 
 
 class NotOnTheSafeList:
@@ -416,8 +416,8 @@ def test_gate_offset_cannot_be_exported_silently():
   variables = {**result.variables,
                "gate_offset": jax.tree.map(lambda x: x + 1.0, result.variables["gate_offset"])}
   with pytest.raises(ValueError, match="offset"):
-    convert.export_torch_state_dict(result.spec, variables)
-  convert.export_torch_state_dict(result.spec, variables, ignore_gate_offset=True)
+    pytorch.export_torch_state_dict(result.spec, variables)
+  pytorch.export_torch_state_dict(result.spec, variables, ignore_gate_offset=True)
 
 
 def test_command_line_entry_point(tmp_path, repo_root):
@@ -462,7 +462,7 @@ def test_malicious_pickle_runs_nothing_and_converts_nothing(tmp_path):
   assert "posix.system" in lines[0] and "--allow_pickle" in lines[0]
   assert not marker.exists() and not out.exists()
   with pytest.raises(torch_common.ConversionError, match="posix.system"):  # the library too
-    convert.load_torch_checkpoint(str(path))
+    pytorch.load_torch_checkpoint(str(path))
   assert not marker.exists()
 
 
@@ -487,9 +487,9 @@ def test_authors_layouts_convert_without_opt_in(tmp_path, capsys, extra):
 def test_allow_pickle_reads_other_types_with_a_warning(tmp_path, capsys):
   path, _ = _write_pth(tmp_path, extra_object=NotOnTheSafeList())
   with pytest.raises(torch_common.ConversionError, match="NotOnTheSafeList"):
-    convert.load_torch_checkpoint(str(path))
+    pytorch.load_torch_checkpoint(str(path))
   assert convert.main(["--allow_pickle", str(path), str(tmp_path / "out")]) == 0
   err = capsys.readouterr().err
   assert err.startswith("warning: --allow_pickle") and "runs any code" in err
-  model, _ = convert.load_torch_checkpoint(str(path), allow_pickle=True)
+  model, _ = pytorch.load_torch_checkpoint(str(path), allow_pickle=True)
   assert model.num_branches == 3

@@ -13,7 +13,7 @@ import torch
 from one_jax import convert
 from one_jax.architectures import imagenet_resnet, model_spec, models
 from one_jax.data import in_memory
-from one_jax.interop import convert_torchvision, torch_common
+from one_jax.interop import convert_torchvision, pytorch, torch_common
 from one_jax.storage import checkpoints
 from one_jax.surgery import __main__ as surgery_cli
 from tests import torch_reference as tr
@@ -144,7 +144,7 @@ def test_voting_over_imagenet_batches(one10):
 def test_import_matches_torchvision_outputs_and_export_reproduces_the_state_dict():
   torch_model = _torch_model(18, classes=10)
   state_dict = torch_model.state_dict()
-  result = convert.import_state_dict(state_dict, "resnet18")
+  result = pytorch.import_state_dict(state_dict, "resnet18")
   assert result.spec == _spec(18, classes=10)
   images = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(1))
   with torch.no_grad():
@@ -153,7 +153,7 @@ def test_import_matches_torchvision_outputs_and_export_reproduces_the_state_dict
                 compiler_options=FAST_COMPILE)(result.variables,
                                                jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=1e-4)
-  back = convert.export_torch_state_dict(result.spec, result.variables, module_prefix=False,
+  back = pytorch.export_torch_state_dict(result.spec, result.variables, module_prefix=False,
                                          num_batches_tracked=result.num_batches_tracked)
   assert list(back) == list(state_dict)
   assert all(torch.equal(back[k], v) for k, v in state_dict.items())
@@ -161,9 +161,9 @@ def test_import_matches_torchvision_outputs_and_export_reproduces_the_state_dict
 
 def test_resnet50_names_shapes_and_round_trip():
   state_dict = _torch_model(50).state_dict()
-  result = convert.import_state_dict({f"module.{k}": v for k, v in state_dict.items()}, "r50")
+  result = pytorch.import_state_dict({f"module.{k}": v for k, v in state_dict.items()}, "r50")
   assert result.spec == _spec(50) and result.module_prefix
-  back = convert.export_torch_state_dict(result.spec, result.variables, module_prefix=False,
+  back = pytorch.export_torch_state_dict(result.spec, result.variables, module_prefix=False,
                                          num_batches_tracked=result.num_batches_tracked)
   assert list(back) == list(state_dict)
   assert all(torch.equal(back[k], v) for k, v in state_dict.items())
@@ -172,11 +172,11 @@ def test_resnet50_names_shapes_and_round_trip():
 def test_one_model_exports_a_branch_as_torchvision(one10):
   spec, variables = one10
   with pytest.raises(ValueError, match=r"pass --branch=B with B in 0..2"):
-    convert.export_torch_state_dict(spec, variables)
-  exported = convert.export_torch_state_dict(spec, variables, branch=1, module_prefix=False)
+    pytorch.export_torch_state_dict(spec, variables)
+  exported = pytorch.export_torch_state_dict(spec, variables, branch=1, module_prefix=False)
   assert "layer4.0.downsample.0.weight" in exported and "fc.weight" in exported
   assert not any("gate" in k or "control" in k for k in exported)
-  result = convert.import_state_dict(exported, "branch 1")
+  result = pytorch.import_state_dict(exported, "branch 1")
   assert result.spec == _spec(10, classes=5)
   chex.assert_trees_all_equal(result.variables["params"]["trunk"],
                               jax.tree.map(np.asarray, variables["params"]["trunk"]))

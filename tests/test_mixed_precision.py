@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from configs import step1
-from one_jax import convert, surgery
+from one_jax import surgery
 from one_jax.architectures import model_spec
 from one_jax.data import sources
+from one_jax.interop import pytorch
 from one_jax.storage import checkpoints
 from one_jax.training import config_checks, evaluation, losses, train
 
@@ -95,7 +96,7 @@ def test_a_bfloat16_checkpoint_evaluates_converts_and_goes_through_surgery(bfloa
   float32_config.compute_dtype = "float32"
   metrics = evaluation.evaluate_checkpoint(float32_config, spec, variables, test_source)
   assert np.isfinite(metrics["test/loss"]) and metrics["test/count"] == 48
-  assert len(convert.export_torch_state_dict(spec, variables)) > 0
+  assert len(pytorch.export_torch_state_dict(spec, variables)) > 0
   state, meta = checkpoints.restore_raw(workdir)
   extracted, info = surgery.extract(state, meta["model"], branch=1)
   assert info["kind"] == "cifar_resnet"

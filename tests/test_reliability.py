@@ -768,13 +768,13 @@ def test_destination_rule(reference_run, tmp_path):
     workdirs.check_destination(str(source / "out"), [str(source)])
   assert workdirs.check_destination(str(tmp_path / "out"), [str(source)]) == str(
       tmp_path / "out")
-  from one_jax import convert  # pylint: disable=g-import-not-at-top
+  from one_jax.interop import pytorch  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="OUT_DIR .* lies inside the run directory"):
-    convert.convert_to_one_jax(str(tmp_path / "in.pth"), f"{run}/from_torch")
+    pytorch.convert_to_one_jax(str(tmp_path / "in.pth"), f"{run}/from_torch")
   with pytest.raises(ValueError, match="OUT.pth.tar .* lies inside the source"):
-    convert.convert_to_torch(run, f"{run}/model.pth.tar")
+    pytorch.convert_to_torch(run, f"{run}/model.pth.tar")
   with pytest.raises(ValueError, match="OUT.pth.tar .* lies inside the run directory"):
-    convert.convert_to_torch(str(tmp_path / "ckpt"), f"{run}/model.pth.tar")
+    pytorch.convert_to_torch(str(tmp_path / "ckpt"), f"{run}/model.pth.tar")
 
 
 def test_finished_run_without_metrics_files_keeps_its_summary(reference_run, tmp_path):

@@ -120,7 +120,7 @@ def test_a_failed_start_leaves_no_init_and_a_leftover_init_is_replaced(sources, 
   config = tiny_config("step2:three_into_five", source=sources["three"][0], **SHORT)
   _run(config, workdir)
   _, meta = checkpoints.restore_raw(str(stale))
-  assert meta["surgery"]["source"] == os.path.abspath(sources["three"][0])
+  assert meta["surgery"]["sources"][0]["path"] == os.path.abspath(sources["three"][0])
   assert not (stale / "left_over").exists()
 
 

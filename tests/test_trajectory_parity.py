@@ -20,9 +20,10 @@ import torch
 from scipy import stats
 
 from configs import common
-from one_jax import convert, parallel
+from one_jax import parallel
 from one_jax.architectures import model_spec
 from one_jax.data import in_memory
+from one_jax.interop import pytorch
 from one_jax.training import optimizer, steps
 from tests import torch_reference as tr
 
@@ -81,7 +82,7 @@ def _init(config, seed):
 
 def _export(spec, params, batch_stats):
   """Reference-named numpy arrays of a params-shaped tree (and the BatchNorm statistics)."""
-  sd = convert.export_torch_state_dict(spec, {"params": params, "batch_stats": batch_stats},
+  sd = pytorch.export_torch_state_dict(spec, {"params": params, "batch_stats": batch_stats},
                                        module_prefix=False, num_batches_tracked=None)
   return {k: v.numpy() for k, v in sd.items()}
 

@@ -11,15 +11,13 @@ with torch_common's leaf layouts (OIHW <-> HWIO, [out, in] <-> [in, out], BatchN
 scale, running_mean / running_var <-> batch_stats). A torchvision model is a baseline: import
 gives an `imagenet_resnet` checkpoint; a ONE model exports one chosen branch (with the shared
 trunk) as a torchvision ResNet, the gate left out, since torchvision has no multi-branch model.
-one_jax.convert's reading, checks and command line serve both layouts.
+interop/pytorch.py, the front door, reads, checks and writes files of both layouts.
 """
 import collections
 import re
-from typing import Mapping, Optional, Union
+from typing import List, Mapping, Optional, Union
 
-import flax.traverse_util
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from one_jax.architectures import imagenet_resnet, model_spec
@@ -50,14 +48,9 @@ def torch_key(path) -> str:
   return ".".join(names + [torch_common.LEAF_TO_TORCH[leaf]])
 
 
-def name_table(spec: model_spec.ModelSpec):
-  """[(torchvision key, (collection, *flax path), leaf shape)] of a baseline, in the order of
-  torchvision's state_dict()."""
-  shapes = spec.abstract_variables()
-  table = [(torch_key(path), (col,) + path, leaf.shape)
-           for col in ("params", "batch_stats")
-           for path, leaf in flax.traverse_util.flatten_dict(shapes.get(col, {})).items()]
-  return sorted(table, key=lambda row: torch_common.torch_order(row[0]))
+def name_table(spec: model_spec.ModelSpec) -> List[torch_common.Row]:
+  """The rows (torch_common.Row) of a baseline, in the order of torchvision's state_dict()."""
+  return torch_common.name_table(spec, lambda path, _: torch_key(path))
 
 
 def infer_spec(state_dict, source: str) -> model_spec.ModelSpec:
@@ -87,29 +80,7 @@ def import_state_dict(state_dict, source: str, prefixed: bool) -> torch_common.T
   """A torchvision ResNet state dict ('module.' already stripped) -> TorchImport of an
   imagenet_resnet baseline; strict on names and shapes."""
   spec = infer_spec(state_dict, source)
-  table = name_table(spec)
-  nbt_keys = {k[:-len("running_mean")] + torch_common.NBT for k, *_ in table
-              if k.endswith(".running_mean")}
-  expected = {k for k, *_ in table}
-  missing = expected - set(state_dict)
-  unknown = set(state_dict) - expected - nbt_keys
-  if missing or unknown:
-    parts = ([f"missing keys {torch_common.list_keys(missing)}"] if missing else []) + (
-        [f"unknown keys {torch_common.list_keys(unknown)}"] if unknown else [])
-    raise torch_common.ConversionError(f"{source}: does not match the {spec.describe()} its keys "
-                                  "imply: " + "; ".join(parts))
-  flat, bad = {}, []
-  for key, path, shape in table:
-    x = torch_common.from_torch_layout(torch_common.as_numpy(state_dict[key]), path[-1])
-    if x.shape != tuple(shape):
-      bad.append(f"{key} {tuple(state_dict[key].shape)}")
-    flat[path] = x
-  if bad:
-    raise torch_common.ConversionError(f"{source}: tensors with shapes that do not fit the "
-                                  f"{spec.describe()}: {torch_common.list_keys(bad)}")
-  variables = jax.tree.map(jnp.asarray, flax.traverse_util.unflatten_dict(flat))
-  present = sorted(k for k in nbt_keys if k in state_dict)
-  nbt = {k: int(state_dict[k].item()) for k in present} if present else None
+  variables, nbt = torch_common.import_tensors(state_dict, spec, name_table(spec), source)
   return torch_common.TorchImport(spec, variables, nbt, "classifier", prefixed)
 
 
@@ -135,19 +106,8 @@ def export_state_dict(spec: model_spec.ModelSpec, variables, *, branch: Optional
                       module_prefix: bool = False,
                       num_batches_tracked: Union[None, int, Mapping[str, int]] = 0):
   """variables -> an OrderedDict of torch tensors under torchvision's names (the baseline, or
-  branch `branch` of a ONE model with its trunk). num_batches_tracked as convert's export."""
-  import torch  # pylint: disable=g-import-not-at-top
+  branch `branch` of a ONE model with its trunk). num_batches_tracked as in
+  torch_common.export_tensors."""
   spec, variables = branch_variables(spec, variables, branch)
-  flat = flax.traverse_util.flatten_dict(
-      {c: variables[c] for c in ("params", "batch_stats") if c in variables})
-  prefix = "module." if module_prefix else ""
-  out = collections.OrderedDict()
-  for key, path, _ in name_table(spec):
-    x = torch_common.to_torch_layout(np.asarray(flat[path]), path[-1])
-    out[prefix + key] = torch.from_numpy(np.array(x))
-    if key.endswith(".running_var") and num_batches_tracked is not None:
-      nbt_key = key[:-len("running_var")] + torch_common.NBT
-      count = (num_batches_tracked.get(nbt_key, 0) if isinstance(num_batches_tracked, Mapping)
-               else num_batches_tracked)
-      out[prefix + nbt_key] = torch.tensor(int(count), dtype=torch.long)
-  return out
+  return torch_common.export_tensors(name_table(spec), variables, module_prefix=module_prefix,
+                                     num_batches_tracked=num_batches_tracked)

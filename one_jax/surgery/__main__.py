@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence
 
 from one_jax import cli, surgery, validate
 from one_jax.storage import checkpoints
+from one_jax.surgery import operations
 
 
 def _int_list(text: str) -> List[int]:
@@ -22,12 +23,10 @@ def _int_list(text: str) -> List[int]:
 
 
 def _trunk_from(text: str):
-  if text == "mean":
-    return text
   try:
-    return int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is neither a source index nor 'mean'")
+    return operations.parse_trunk_from(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from one_jax import validate
 from one_jax.architectures import model_spec, models
 from one_jax.cpu import kernels, xla_options
 from one_jax.data import device_data, sources
+from one_jax.surgery import operations
 from one_jax.training import optimizer, two_stage
 
 Bound = Union[None, int, float, str]  # a number, or the name of another field
@@ -161,9 +162,7 @@ def _int_list(name):
 
 
 def _trunk_from(value, config) -> None:  # pylint: disable=unused-argument
-  if value != "mean" and not value.strip().isdigit():
-    raise ValueError(f"trunk_from={value!r} is invalid: give the index of the source whose "
-                     "trunk is kept (e.g. 0) or 'mean'")
+  operations.parse_trunk_from(value)
 
 
 def parse_profile_steps(value: str) -> Optional[Tuple[int, int]]:

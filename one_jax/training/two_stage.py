@@ -111,23 +111,6 @@ def fits_config(config):
   return check
 
 
-def _expand(config, src: str, dst: str) -> str:
-  state, meta = checkpoints.restore_raw(src)
-  old_branches = checkpoints.spec_of(meta, src).num_branches
-  sources = [int(s) for s in validate.comma_list(config.expand_from)] or None
-  new_state, new_info = surgery.expand(state, meta["model"], config.num_branches, mode=config.expand_mode,
-                                       sources=sources, rng=config.seed,
-                                       reset_optimizer=config.reset_optimizer)
-  if config.symmetry_noise > 0:
-    new_state = perturb_branches(new_state, old_branches, config.symmetry_noise, config.seed,
-                                 config.symmetry_break)
-  fits_config(config)(new_state, new_info)
-  return checkpoints.save_standalone(dst, new_state, {
-      "model": new_info, "epoch": 0, "surgery": {
-          "operation": "expand", "mode": config.expand_mode, "source": os.path.abspath(src),
-          "symmetry_noise": config.symmetry_noise, "symmetry_break": config.symmetry_break}})
-
-
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """Returns the config to train with: init_from set to the surgery's output when needed."""
   op = config.get("surgery", "")
@@ -149,15 +132,24 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("one_jax two_stage init cleared")
   os.makedirs(workdir, exist_ok=True)
+  # Both operations through surgery's file layer: the same checks, the same staged output.
+  common = dict(seed=config.seed, reset_optimizer=config.reset_optimizer, into_run=True,
+                check=fits_config(config))
   if op == "expand":
-    _expand(config, paths[0], init_dir)
+    def noise(state, old_branches):
+      if config.symmetry_noise <= 0:
+        return state
+      return perturb_branches(state, old_branches, config.symmetry_noise, config.seed,
+                              config.symmetry_break)
+    surgery.run_expand(paths[0], init_dir, config.num_branches, mode=config.expand_mode,
+                       sources=[int(s) for s in validate.comma_list(config.expand_from)] or None,
+                       then=noise, record={"symmetry_noise": config.symmetry_noise,
+                                           "symmetry_break": config.symmetry_break}, **common)
   else:
-    trunk_from = config.trunk_from if config.trunk_from == "mean" else int(config.trunk_from)
     # Sources without a gate (baselines) get freshly initialised gate columns: all-zero
     # columns would give the gate no gradient at all.
-    surgery.run_merge(paths, init_dir, trunk_from=trunk_from, fresh_gate="init",
-                      seed=config.seed, reset_optimizer=config.reset_optimizer,
-                      into_run=True, check=fits_config(config))
+    surgery.run_merge(paths, init_dir, trunk_from=surgery.parse_trunk_from(config.trunk_from),
+                      fresh_gate="init", **common)
   return _unlocked(config, init_from=init_dir)
 
 
