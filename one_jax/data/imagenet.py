@@ -155,21 +155,10 @@ class SyntheticImages:
     grid = np.random.default_rng([self.word, 0, label]).normal(size=(4, 4, 3))
     rng = np.random.default_rng([self.word, 1 + self.split, index])
     h, w = rng.integers(self.image_size, self.image_size * 3 // 2 + 1, size=2)
-    up_h, up_w = _upsampling(4, int(h)), _upsampling(4, int(w))
+    up_h, up_w = common.linear_upsampling(4, int(h)), common.linear_upsampling(4, int(w))
     image = 128.0 + 40.0 * np.einsum("hi,ijc,wj->hwc", up_h, grid, up_w)
     image += rng.normal(scale=32.0, size=image.shape)
     return {"image": np.clip(np.round(image), 0, 255).astype(np.uint8), "label": label}
-
-
-def _upsampling(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] weights of linear interpolation (pixel centres aligned, edges clamped)."""
-  pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-  lo = np.floor(pos).astype(int)
-  hi = np.minimum(lo + 1, n_in - 1)
-  m = np.zeros((n_out, n_in))
-  m[np.arange(n_out), lo] += 1 - (pos - lo)
-  m[np.arange(n_out), hi] += pos - lo
-  return m
 
 
 @dataclasses.dataclass
@@ -277,12 +266,7 @@ def train_batches(source: ImageNetSource, *, global_batch: int, seed: int, epoch
   in the epoch). augment=False gives the evaluation transform instead.
   """
   local = common.check_sharding(global_batch, process_index, process_count)
-  steps = common.steps_per_epoch(len(source), global_batch)
-  validate.check_int("epoch", epoch, minimum=0)
-  if not validate.is_int(start_step) or not 0 <= start_step <= steps:
-    raise ValueError(f"start_step={start_step!r} is out of range: an epoch has {steps} steps")
   word = common.seed_word(seed)
-  epoch_seed = np.random.SeedSequence([word, int(epoch), 0]).generate_state(1)[0]
   first_row = process_index * local
   size = source.image_size
 
@@ -299,9 +283,8 @@ def train_batches(source: ImageNetSource, *, global_batch: int, seed: int, epoch
     labels = np.array([int(e["label"]) for e in examples], np.int32)
     return {"image": normalize(images), "label": labels}
 
-  ds = grain.MapDataset.range(len(source)).shuffle(seed=int(epoch_seed))
-  ds = ds.batch(global_batch, drop_remainder=True)   # element = example ids of one global batch
-  ds = ds.map_with_index(make_batch)[start_step:]
+  ds = common.epoch_steps(len(source), make_batch, global_batch=global_batch, seed=seed,
+                          epoch=epoch, start_step=start_step)
   return _iterate(ds, source, num_threads, prefetch)
 
 

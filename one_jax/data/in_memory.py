@@ -386,23 +386,11 @@ def _class_templates(num_classes, image_shape, rng) -> np.ndarray:
   """[C, H, W, 3] float templates: 4x4 random colour grids, bilinearly upsampled (low frequency)."""
   h, w, c = image_shape
   coarse = rng.normal(size=(num_classes, 4, 4, c))
-  up_h = _linear_upsampling_matrix(4, h)
-  up_w = _linear_upsampling_matrix(4, w)
+  up_h = common.linear_upsampling(4, h)
+  up_w = common.linear_upsampling(4, w)
   smooth = np.einsum("hi,nijc,wj->nhwc", up_h, coarse, up_w)
   smooth /= smooth.std(axis=(1, 2, 3), keepdims=True)
   return 128.0 + 16.0 * smooth
-
-
-def _linear_upsampling_matrix(n_in, n_out) -> np.ndarray:
-  """[n_out, n_in] weights of linear interpolation (pixel centres aligned, edges clamped)."""
-  pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-  lo = np.floor(pos).astype(int)
-  hi = np.minimum(lo + 1, n_in - 1)
-  frac = pos - lo
-  m = np.zeros((n_out, n_in))
-  m[np.arange(n_out), lo] += 1 - frac
-  m[np.arange(n_out), hi] += frac
-  return m
 
 
 def _synthetic_examples(templates, n, rng, max_shift=8, noise_std=64.0, chunk=4096):
@@ -476,12 +464,6 @@ def _plans(num_examples: int, *, global_batch, seed, epoch, start_step, process_
            process_count):
   """MapDataset of this process's rows of each step's example ids and augmentation draws."""
   local = common.check_sharding(global_batch, process_index, process_count)
-  steps = common.steps_per_epoch(num_examples, global_batch)
-  validate.check_int("epoch", epoch, minimum=0)
-  if not validate.is_int(start_step) or not 0 <= start_step <= steps:
-    raise ValueError(f"start_step={start_step!r} is out of range: an epoch has {steps} steps")
-  epoch_seed = np.random.SeedSequence([common.seed_word(seed), int(epoch),
-                                       0]).generate_state(1)[0]
   aug_seed = (common.seed_word(seed), int(epoch), 1)
   rows = slice(process_index * local, (process_index + 1) * local)
 
@@ -493,9 +475,8 @@ def _plans(num_examples: int, *, global_batch, seed, epoch, start_step, process_
     return {"index": np.asarray(ids[rows], np.int32), "offset": offsets.astype(np.int32),
             "flip": flips}
 
-  ds = grain.MapDataset.range(num_examples).shuffle(seed=int(epoch_seed))
-  ds = ds.batch(global_batch, drop_remainder=True)   # element = example ids of one global batch
-  return ds.map_with_index(make_plan)[start_step:]
+  return common.epoch_steps(num_examples, make_plan, global_batch=global_batch, seed=seed,
+                            epoch=epoch, start_step=start_step)
 
 
 def eval_batches(source, *, global_batch: int, process_index: int = 0, process_count: int = 1,
