@@ -83,7 +83,8 @@ class ModelSpec:
                          f"{', '.join(defaults) or 'none'}): leave it unset")
     arch.check(self)
     validate.check_int("num_classes", self.num_classes, minimum=1)
-    validate.check_int("num_branches", self.num_branches, minimum=1)
+    validate.check_int("num_branches", self.num_branches, minimum=1,
+                       why="a model has at least one branch (--config.num_branches=1 or more)")
     if not arch.branched and self.num_branches != 1:
       raise ValueError(f"num_branches={self.num_branches} is invalid for {self.kind}, which "
                        "has one branch: use a branched kind (e.g. one_resnet)")
@@ -104,10 +105,6 @@ class ModelSpec:
     """The model of an experiment config (config.model, depth, num_classes, ...)."""
     arch = architecture(config.model)
     branches = config.num_branches if arch.branched else 1
-    if arch.branched:
-      validate.check_int("num_branches", branches, minimum=1,
-                              why="a model has at least one branch (--config.num_branches=1 "
-                              "or more)")
     return cls(kind=config.model, depth=config.depth, num_classes=config.num_classes,
                num_branches=branches, branch_impl=config.get("branch_impl", "auto"),
                active_branches=parse_active_branches(config.get("active_branches", ""),

@@ -292,12 +292,9 @@ def create_optimizer(config, steps_per_epoch: int, params) -> optax.GradientTran
   module. `params` is used to check the tree early, with a clear error.
   """
   schedule = learning_rate_schedule(config, steps_per_epoch)
+  # The fields' ranges are config_checks.RULES' (checked once, at the command line).
   momentum = float(_get(config, "momentum", 0.9))
   weight_decay = float(_get(config, "weight_decay", 1e-4))
-  if not 0 <= momentum < 1:
-    raise ValueError(f"momentum={momentum!r} is invalid: it must be in [0, 1)")
-  if weight_decay < 0:
-    raise ValueError(f"weight_decay={weight_decay!r} is invalid: it must be >= 0")
   sgd = [optax.add_decayed_weights(weight_decay),
          optax.trace(decay=momentum, nesterov=bool(_get(config, "nesterov", False)))]
   geo_lr = _get(config, "geo_lr", 0)
