@@ -1,5 +1,5 @@
 """Runs many `python -m one_jax.main ARGS` command lines in ONE process, for the bad-input
-tests of tests/test_reliability.py (a process per case would take minutes).
+tests of tests/reliability/ (a process per case would take minutes).
 
   python tests/cli_cases.py < cases.json > results.json
 

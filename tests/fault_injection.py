@@ -1,4 +1,4 @@
-"""Runs `python -m one_jax.main ARGS` with one fault injected, for tests/test_reliability.py.
+"""Runs `python -m one_jax.main ARGS` with one fault injected, for tests/reliability/.
 
   python tests/fault_injection.py --config=... --workdir=...     (fault from $ONE_JAX_FAULT)
 

@@ -30,7 +30,7 @@ CONFIG_NAME = "config.json"
 # Fields that do not change what the run computes up to the last checkpoint: how long it
 # goes on, how it reports, how many checkpoints it keeps, where TFDS lives, how to resume.
 # Where the train set lives and how many steps go in one dispatch give the same numbers
-# (tests/test_dispatch.py), so they may change on resume too.
+# (tests/training/test_dispatch.py), so they may change on resume too.
 SAFE_TO_CHANGE = ("num_epochs", "progress_bar", "keep_checkpoints", "eval_batch_size",
                   "resume_fallback", "new_run", "data_dir", "adopt_checkpoints", "download",
                   "data_on_device", "steps_per_dispatch", "log_every_steps", "profile_steps")

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A worker thread allocates, frees and re-allocates `size` bytes in two blocks, as XLA:CPU's
 # threads do with each step's buffers, and counts the minor page faults of the second round.

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENTRY_POINTS = ("one_jax.main", "one_jax.bench")   # define absl flags, by design
 
 _PROBE = textwrap.dedent("""

@@ -145,7 +145,7 @@ def test_baseline_counts_are_the_published_ones(kind, depth, options, classes, p
 TINY = {"wrn": (10, dict(width=2)), "vgg": (11, dict(width=4)),
         "densenet": (10, dict(growth_rate=4)), "resnext": (11, dict(width=1, cardinality=2,
                                                                      group_width=2)),
-        "imagenet_resnet": (10, dict())}   # ResNet-10 (tests/test_imagenet_resnet.py: 18-50)
+        "imagenet_resnet": (10, dict())}   # ResNet-10 (tests/architectures/test_imagenet_resnet.py: 18-50)
 ONE_CASES = [("wrn", 28, dict(width=10), wrn_counts(28, 10, 100)),
              ("vgg", 16, dict(), vgg16_counts(64, 100)),
              ("densenet", 40, dict(growth_rate=12, bottleneck=False),

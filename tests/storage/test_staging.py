@@ -19,7 +19,7 @@ from one_jax.architectures import model_spec
 from one_jax.storage import checkpoints, staging
 from one_jax.surgery import __main__ as surgery_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _dead_pid() -> int:

@@ -17,7 +17,7 @@ from one_jax.architectures import model_spec, models
 from one_jax.storage import checkpoints
 from one_jax.training import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(**changes):

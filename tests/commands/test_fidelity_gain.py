@@ -10,7 +10,7 @@ import numpy as np
 
 from one_jax.data import in_memory
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "benchmarks", "fidelity", "measure_gain.py")
 TRAINER = os.path.join(REPO, "benchmarks", "fidelity", "torch_train.py")
 

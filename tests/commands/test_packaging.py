@@ -8,7 +8,7 @@ import sys
 import tarfile
 import zipfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_a_wheel_built_from_the_sdist_contains_the_compiled_kernels(tmp_path):

@@ -456,7 +456,7 @@ def test_malicious_pickle_runs_nothing_and_converts_nothing(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "one_jax.convert", str(path), str(out)],
                         capture_output=True, text=True, check=False,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
   assert "posix.system" in lines[0] and "--allow_pickle" in lines[0]

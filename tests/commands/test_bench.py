@@ -11,7 +11,7 @@ import pytest
 from one_jax import bench
 from one_jax.architectures import model_spec
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIELDS = ("images_per_sec", "eval_images_per_sec", "step_ms", "eval_step_ms", "compile_s",
           "backend", "device_kind", "device_count", "flops_per_image", "gflops_per_sec",
           "model", "depth", "num_branches", "num_classes", "batch", "branch_impl",
@@ -80,7 +80,7 @@ def test_torch_vs_jax_script_runs_both_and_reports_ratios():
   import os
   import subprocess
   import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out = subprocess.run(
       [sys.executable, "benchmarks/torch_vs_jax.py", "--config=configs/step1.py:three_branch",
        "--config.depth=8", "--branches=1,2", "--steps=2", "--warmup=1", "--batch=8",

@@ -19,7 +19,7 @@ from one_jax import distributed
 from one_jax.storage import checkpoints
 from one_jax.training import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = os.path.join(ROOT, "launch")
 SCRIPTS = ("local.sh", "slurm.sbatch", "tpu_pod.sh")
 
