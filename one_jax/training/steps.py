@@ -6,7 +6,7 @@ run's compiler options. They are built from the run's ModelSpec and its method
 (training/methods.py), which gives the loss, the heads and the update mask.
 """
 import functools
-from typing import Dict, Tuple
+from typing import Dict
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ from one_jax import parallel
 from one_jax.architectures import model_spec, models
 from one_jax.cpu import xla_options
 from one_jax.data import device_data
-from one_jax.training import methods, optimizer
+from one_jax.training import methods, nonfinite, optimizer
 
 DATA = parallel.DATA_AXIS
 
@@ -36,7 +36,11 @@ def topk_correct(logits, labels, k):
 
 
 def train_step_fn(method, model, tx, state, batch, epoch):
-  """One SGD step on this device's slice of the global batch (run under shard_map)."""
+  """One SGD step on this device's slice of the global batch (run under shard_map).
+
+  Returns (new state, metrics, nonfinite.Flags). The update is applied whatever the flags say:
+  the loop stops at a bad step before its state can be saved (training/nonfinite.py). The
+  flags are the same on every device (the terms and gradients are averaged over 'data')."""
   def loss_fn(params):
     variables = dict(models.variables_in(state), params=params)
     output, new_vars = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
@@ -57,31 +61,8 @@ def train_step_fn(method, model, tx, state, batch, epoch):
   for head, logits in method.head_logits(output).items():
     metrics[f"train/top1/{head}"] = jnp.mean(topk_correct(logits, batch["label"], 1))
   metrics = jax.lax.pmean(metrics, DATA)
-  # Non-finite guard: the update is applied only when every loss term, the gradients and the
-  # updated state are finite (the same decision on every device: all are averaged over
-  # 'data'). The flags go back with the metrics (dispatch_fn keeps the first bad step's).
-  finite = {f"{FINITE}{k}": jnp.isfinite(metrics[f"train/{k}"]) for k in terms}
-  finite[f"{FINITE}gradients"] = _all_finite(grads)
-  finite[f"{FINITE}update"] = _all_finite(
-      {k: new_state[k] for k in ("params", "batch_stats", "opt_state")})
-  ok = jnp.all(jnp.stack(list(finite.values())))
-  new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-  metrics.update({k: v.astype(jnp.float32) for k, v in finite.items()})
-  metrics[FINITE_ALL] = ok.astype(jnp.float32)
-  return new_state, metrics
-
-
-FINITE = "finite/"             # per-step flags (1.0 finite, 0.0 not) of each loss term, ...
-
-
-FINITE_ALL = "finite/all"      # ... and of the whole step: the loop checks this one
-
-
-def _all_finite(tree) -> jax.Array:
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype,
-                                                                 jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else \
-      jnp.asarray(True)
+  flags = nonfinite.Flags.of_step({k: metrics[f"train/{k}"] for k in terms}, grads, updates)
+  return new_state, metrics, flags
 
 
 def dispatch_fn(method, model, tx, state, sums, batches, epoch, data=None):
@@ -89,10 +70,11 @@ def dispatch_fn(method, model, tx, state, sums, batches, epoch, data=None):
 
   `sums` (the epoch's metric sums so far) is carried through the steps, so that the sums are
   added in step order whatever the steps per dispatch. With `data` (the train set on the
-  device) the batches are device_data plans, augmented here. The non-finite guard carries the
-  index of the first step whose update was not applied: from there on every later step of the
-  dispatch leaves the state (and the sums) as they were. Returns (state, sums, guard) with
-  guard = {'first_bad': int32 (n when every step was finite), FINITE flags of that step}.
+  device) the batches are device_data plans, augmented here. The guard carries the index of
+  the first non-finite step and its flags; the sums keep only the steps before it. Returns
+  (state, sums, guard) with guard = {'first_bad': int32 (n when every step was finite),
+  'flags': nonfinite.Flags of that step}; the loop raises on a bad step, never saving the
+  state of this dispatch.
   """
   n = jax.tree.leaves(batches)[0].shape[0]
 
@@ -100,30 +82,22 @@ def dispatch_fn(method, model, tx, state, sums, batches, epoch, data=None):
     state, sums, guard, index = carry
     if data is not None:
       batch = device_data.augment(data, batch)
-    new_state, metrics = train_step_fn(method, model, tx, state, batch, epoch)
-    clean = guard["first_bad"] == n          # every step before this one was applied
-    bad_here = clean & (metrics[FINITE_ALL] < 1.0)
-    keep = clean & ~bad_here
-    state = jax.tree.map(lambda new, old: jnp.where(clean, new, old), new_state, state)
+    state, metrics, flags = train_step_fn(method, model, tx, state, batch, epoch)
+    clean, ok = guard["first_bad"] == n, flags.ok()   # clean: no bad step before this one
+    bad_here, keep = clean & ~ok, clean & ok
     sums = {k: jnp.where(keep, v + metrics[k], v) for k, v in sums.items()}
-    guard = {k: jnp.where(bad_here, index if k == "first_bad" else metrics[k], v)
-             for k, v in guard.items()}
+    guard = {"first_bad": jnp.where(bad_here, index, guard["first_bad"]),
+             "flags": jax.tree.map(lambda new, old: jnp.where(bad_here, new, old), flags,
+                                   guard["flags"])}
     return (state, sums, guard, index + 1), None
 
-  flags = {k: jnp.float32(1.0) for k in _finite_keys(sums)}
-  guard = dict(flags, first_bad=jnp.int32(n))
+  terms = [k[len("train/"):] for k in sums if not k.startswith("train/top")]
+  guard = {"first_bad": jnp.int32(n), "flags": nonfinite.Flags.clean(terms)}
   # One step: no loop at all (a one-trip while loop still costs its carried copies, and XLA
   # optimises a loop body less than straight-line code: benchmarks/NOTES.md entries 2 and 14).
   (state, sums, guard, _), _ = jax.lax.scan(body, (state, sums, guard, jnp.int32(0)), batches,
                                             unroll=n == 1)
   return state, sums, guard
-
-
-def _finite_keys(sums) -> Tuple[str, ...]:
-  """The FINITE flags of a step whose metric sums have these keys."""
-  terms = [k[len("train/"):] for k in sums if not k.startswith("train/top")]
-  return tuple(f"{FINITE}{t}" for t in terms) + (f"{FINITE}gradients", f"{FINITE}update",
-                                                  FINITE_ALL)
 
 
 def eval_step_fn(method, model, variables, batch):
@@ -143,8 +117,8 @@ def make_train_step(config, spec: model_spec.ModelSpec, tx, mesh):
   """jit(shard_map(train step)) over 'data': state replicated, batch split, state donated."""
   step = functools.partial(train_step_fn, methods.for_model(config, spec),
                            spec.build(axis_name=DATA), tx)
-  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA), P()), out_specs=(P(), P()),
-                          check_vma=False)
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA), P()),
+                          out_specs=(P(), P(), P()), check_vma=False)
   return jax.jit(sharded, donate_argnums=0, compiler_options=_compiler_options(config, mesh))
 
 
@@ -166,8 +140,9 @@ def zero_sums(config, spec: model_spec.ModelSpec, tx, mesh, state,
   """Zeros of every training metric (the keys a train step returns), host arrays."""
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size,) + tuple(image_shape), jnp.float32),
            "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
-  _, metrics = jax.eval_shape(make_train_step(config, spec, tx, mesh), state, batch, jnp.float32(0))
-  return {k: np.zeros(v.shape, v.dtype) for k, v in metrics.items() if not k.startswith(FINITE)}
+  _, metrics, _ = jax.eval_shape(make_train_step(config, spec, tx, mesh), state, batch,
+                                 jnp.float32(0))
+  return {k: np.zeros(v.shape, v.dtype) for k, v in metrics.items()}
 
 
 def make_eval_step(config, spec: model_spec.ModelSpec, mesh):

@@ -24,8 +24,8 @@ from one_jax import parallel
 from one_jax.architectures import model_spec, models
 from one_jax.data import common, device_data, in_memory, sources
 from one_jax.storage import checkpoints, workdirs
-from one_jax.training import (config_checks, evaluation, methods, metric_writers, optimizer,
-                              preemption, step_hooks, steps, train_state, two_stage)
+from one_jax.training import (config_checks, evaluation, methods, metric_writers, nonfinite,
+                              optimizer, preemption, step_hooks, steps, train_state, two_stage)
 
 def _host_info():
   return jax.process_index(), jax.process_count()
@@ -193,7 +193,7 @@ def _train_epoch(run: _Run, state, epoch: int, first: int, sums, stop,
     args = (batches, jnp.float32(epoch)) + ((run.device_data,) if run.device_data else ())
     state, sums, guard = run.dispatch_step(state, sums, *args)
     if pending is not None:  # the dispatch before, checked while this one runs
-      _check_finite(config, pending, spe, last_saved, run.ckpt_dir)
+      nonfinite.check(config, pending, spe, last_saved, run.ckpt_dir)
     pending = (epoch, n_steps, n, guard)
     n_steps += n
     if t_warm is None:
@@ -208,7 +208,7 @@ def _train_epoch(run: _Run, state, epoch: int, first: int, sums, stop,
   if hasattr(feed, "close"):
     feed.close()
   if pending is not None:
-    _check_finite(config, pending, spe, last_saved, run.ckpt_dir)
+    nonfinite.check(config, pending, spe, last_saved, run.ckpt_dir)
   t_end = time.time()
   timed_steps = n_steps - warm_steps
   images_per_sec = (timed_steps * config.batch_size / (t_end - t_warm) if timed_steps
@@ -339,35 +339,6 @@ def _stop_requested(stop: preemption.StopRequest, process_count: int,
     return False
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(np.max(multihost_utils.process_allgather(np.int32(stop.requested))))
-
-
-def _check_finite(config, pending, steps_per_epoch: int, last_saved: Optional[int],
-                  ckpt_dir: str) -> None:
-  """Raises FloatingPointError naming the step and what went non-finite (pending: a dispatch's
-  epoch, first step, step count and guard). That step's update and every later one of its
-  dispatch were not applied, and nothing after the last checkpoint is saved."""
-  epoch, start, n, guard = pending
-  first_bad = int(parallel.to_host(guard["first_bad"]))
-  if first_bad == n:
-    return
-  index = start + first_bad
-  flags = parallel.to_host({k: v for k, v in guard.items()
-                            if k.startswith(steps.FINITE) and k != steps.FINITE_ALL})
-  bad = [k[len(steps.FINITE):] for k, v in flags.items() if float(v) < 1.0]
-  terms = [b for b in bad if b not in ("gradients", "update")]
-  parts = ([f"loss term{'s' if len(terms) > 1 else ''} {', '.join(terms)}"] if terms else [])
-  parts += ["gradients"] * ("gradients" in bad)
-  parts += ["parameter update"] * ("update" in bad)
-  kept = (f"the last good checkpoint, step {last_saved} in {ckpt_dir}, is kept" if last_saved
-          else "no checkpoint had been written yet")
-  lr = optimizer.epoch_learning_rate(config, epoch, steps_per_epoch)
-  lr_now = f"--config.lr={config.lr}" + (f", {lr:.3g} in this epoch" if not np.isclose(lr, config.lr) else "")
-  raise FloatingPointError(
-      f"non-finite values at step {epoch * steps_per_epoch + index + 1} (epoch {epoch + 1}, step "
-      f"{index + 1} of {steps_per_epoch}) in: {'; '.join(parts)}. Training stopped without "
-      f"applying that update and {kept}: lower the learning rate ({lr_now}) or check the data, "
-      "then start again with a new --workdir or --config.new_run=True (this workdir keeps the "
-      "run's config)")
 
 
 def _brief(method, metrics) -> str:

@@ -20,7 +20,7 @@ TIMING_COLUMNS = ("epoch_time_s", "train_images_per_sec")
 TIMEOUT = 400
 
 
-def env(devices=1, **extra):
+def process_env(devices=1, **extra):
   env = dict(os.environ)
   env.pop("ONE_JAX_FAULT", None)
   env.update({
@@ -41,7 +41,7 @@ def main(args, *, fault=None, devices=1, cwd=ROOT, command=None, **env):
   prog = [sys.executable, FAULT_SCRIPT] if fault else [sys.executable, "-m", "one_jax.main"]
   extra = {"ONE_JAX_FAULT": fault} if fault else {}
   return subprocess.run((command or prog) + list(args), cwd=cwd, capture_output=True, text=True,
-                        timeout=TIMEOUT, env=env(devices, **extra, **env))
+                        timeout=TIMEOUT, env=process_env(devices, **extra, **env))
 
 
 def metrics_rows(workdir):

@@ -242,7 +242,7 @@ def bad_input_outcomes(reference_run, tmp_path_factory):
     name, command, _, _, devices = case
     cwd = str(empty_cwd) if "default workdir" in name else runs.ROOT
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=runs.TIMEOUT,
-                          env=runs.env(devices))
+                          env=runs.process_env(devices))
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
     results = list(pool.map(run, cases))

@@ -92,7 +92,7 @@ def _run_cases(cases, tmp_path):
   cwd.mkdir()
   proc = subprocess.run([sys.executable, CASES_SCRIPT], input=json.dumps([a for a, _ in cases]),
                         cwd=str(cwd), capture_output=True, text=True, timeout=runs.TIMEOUT,
-                        env=runs.env(PYTHONPATH=runs.ROOT))
+                        env=runs.process_env(PYTHONPATH=runs.ROOT))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.listdir(cwd) == []  # nothing written where the commands ran
   return json.loads(proc.stdout)

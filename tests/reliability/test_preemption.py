@@ -112,7 +112,7 @@ def test_sigkill_inside_a_save_keeps_the_previous_checkpoint(reference_run, tmp_
   with open(tmp_path / "log", "w") as log:
     proc = subprocess.Popen([sys.executable, runs.FAULT_SCRIPT] + args, cwd=runs.ROOT, stdout=log,
                             stderr=subprocess.STDOUT,
-                            env=runs.env(ONE_JAX_FAULT="block_in_save=8",
+                            env=runs.process_env(ONE_JAX_FAULT="block_in_save=8",
                                      ONE_JAX_FAULT_MARKER=str(marker)))
     try:
       deadline = time.time() + runs.TIMEOUT

@@ -47,7 +47,7 @@ def test_two_simultaneous_starts_give_one_run_and_one_refusal(tmp_path):
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "one_jax.main"] + runs.SMOKE + [f"--workdir={workdir}",
                                                           f"--config.lr={lr}"],
-        cwd=runs.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=runs.env()))
+        cwd=runs.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=runs.process_env()))
   results = [(p, *p.communicate(timeout=runs.TIMEOUT)) for p in procs]
   codes = sorted(p.returncode for p, _, _ in results)
   assert codes == [0, 1], [(p.returncode, err[-800:]) for p, _, err in results]
@@ -155,7 +155,7 @@ def test_surgery_into_a_run_is_refused_and_the_run_still_resumes(reference_run, 
   result = subprocess.run(
       [sys.executable, "-m", "one_jax.surgery", "expand", f"--src={workdir}",
        f"--dst={workdir}/checkpoints/99", "--branches=3"], cwd=runs.ROOT, capture_output=True,
-      text=True, timeout=runs.TIMEOUT, env=runs.env())
+      text=True, timeout=runs.TIMEOUT, env=runs.process_env())
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 1 and len(lines) == 1, result.stderr
   assert lines[0].startswith(f"error: --dst {workdir}/checkpoints/99 lies inside")

@@ -28,7 +28,7 @@ def _states_after_steps(config, devices, num_steps):
   batches = in_memory.train_batches(train_source, global_batch=config.batch_size,
                                          seed=config.seed, epoch=0)
   for _, batch in zip(range(num_steps), batches):
-    state, metrics = step(state, parallel.shard_batch(batch, mesh), jnp.float32(3.0))
+    state, metrics, _ = step(state, parallel.shard_batch(batch, mesh), jnp.float32(3.0))
   return parallel.to_host(state), parallel.to_host(metrics)
 
 

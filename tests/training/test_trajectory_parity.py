@@ -143,12 +143,12 @@ def _run_both(model_kind: str):
       torch_terms = _torch_terms(tr.train_step_terms(
           torch_model, torch_opt, torch.from_numpy(images.transpose(0, 3, 1, 2)).double(),
           torch.from_numpy(labels.astype(np.int64)), epoch, RAMPUP))
-      state, metrics = step_fn(state, parallel.shard_batch(
+      state, metrics, flags = step_fn(state, parallel.shard_batch(
           {"image": images.astype(np.float64), "label": labels}, mesh), jnp.float32(epoch))
       host = parallel.to_host({"params": state["params"], "batch_stats": state["batch_stats"],
                                "trace": optax.tree_utils.tree_get(state["opt_state"], "trace"),
                                "metrics": metrics})
-      assert float(host["metrics"][steps.FINITE_ALL]) == 1.0, f"step {step + 1} was not applied"
+      assert bool(flags.ok()), f"step {step + 1} was not finite"
       jax_terms = {k: float(host["metrics"][f"train/{k}"]) for k in torch_terms}
       jax_vars = _export(spec, host["params"], host["batch_stats"])
       jax_trace = _export(spec, host["trace"], host["batch_stats"])
