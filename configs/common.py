@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.resume_fallback = False       # resume from the checkpoint before an unreadable latest one
   c.new_run = False               # WORKDIR holds a run: start a fresh one in WORKDIR-2, -3, ...
   c.adopt_checkpoints = False     # resume checkpoints of a workdir without any stored config
+  # Compiled programs kept on disk and reused by later runs, resumes and benchmarks: 'auto'
+  # ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/one_jax/xla), a directory, or '' (off).
+  c.compilation_cache_dir = "auto"
   return c
 
 

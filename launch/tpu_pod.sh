@@ -25,6 +25,8 @@
 #   SPOT              1: create a Spot TPU VM (default 0)
 #   INSTALL           0: skip copying and installing (the workers are set up already; default 1)
 #   JAX_SPEC          the JAX requirement installed for TPUs (default "jax[tpu]")
+#   XLA_CACHE         the compilation cache, on storage every worker sees (only process 0
+#                     writes it; default: one_jax_xla_cache beside RUN_DIR)
 #   Data: TFDS data under --config.data_dir (or an --config.npz_path) readable on every worker.
 set -euo pipefail
 
@@ -87,6 +89,7 @@ tar -xzf ~/one_jax_src.tgz -C ~/one_jax && python3 -m venv ~/one_jax_venv && \
 fi
 
 # --- the run: the same command on every worker
-run_args=$(printf ' %q' "--workdir=$RUN_DIR" "$@")
+XLA_CACHE=${XLA_CACHE:-$(dirname "$RUN_DIR")/one_jax_xla_cache}
+run_args=$(printf ' %q' "--workdir=$RUN_DIR" "--config.compilation_cache_dir=$XLA_CACHE" "$@")
 on_all_workers "set -e; mkdir -p $(printf '%q' "$RUN_DIR") && cd ~/one_jax && \
 ~/one_jax_venv/bin/python -m one_jax.main$run_args"

@@ -43,7 +43,7 @@ from one_jax import cli, parallel, validate
 from one_jax.architectures import model_spec, models
 from one_jax.cpu import host_memory, kernels, xla_options
 from one_jax.data import device_data, in_memory, sources
-from one_jax.training import optimizer, steps, train_state
+from one_jax.training import compile_cache, optimizer, steps, train_state
 
 IMAGE_SHAPE = (32, 32, 3)   # CIFAR's; a config with image_size (ImageNet: 224) sets its own
 
@@ -143,9 +143,11 @@ class StepTimer:
 
     t0 = time.perf_counter()
     step = steps.make_dispatch_step(config, self.spec, tx, self.mesh, on_device=data is not None)
-    self.train_compiled = step.lower(self.state, self.sums, self.inputs[0], self.epoch,
-                                     *self._data).compile(options)
+    with compile_cache.Lookups() as lookups:
+      self.train_compiled = step.lower(self.state, self.sums, self.inputs[0], self.epoch,
+                                       *self._data).compile(options)
     self.compile_s = time.perf_counter() - t0
+    self.compile_cache = ("hit" if lookups.hits else "miss" if lookups.misses else "off")
     host_batch = synthetic_batch(config, config.batch_size, config.seed)
     one_batch = parallel.shard_batch({k: host_batch[k] for k in ("image", "label")}, self.mesh)
     self.flops = step_flops(config, self.spec, tx, self.mesh, self.state, one_batch, self.epoch)
@@ -208,7 +210,8 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
   if not np.isfinite(loss):
     raise FloatingPointError(f"non-finite loss {loss} in the benchmark's train step")
   result = dict(images_per_sec=batch_size / step_s, step_ms=1e3 * step_s,
-                compile_s=timer.compile_s, flops_per_image=timer.flops / batch_size,
+                compile_s=timer.compile_s, compile_cache=timer.compile_cache,
+                flops_per_image=timer.flops / batch_size,
                 gflops_per_sec=timer.flops / step_s / 1e9)
   if eval_too:
     time_calls(timer.eval_once, max(warmup, 1))
@@ -264,6 +267,7 @@ def main(argv, cli_flags: Flags):
                      "--config.FIELD=VALUE, --steps, --warmup, --batch and --[no]eval")
   config = cli_flags.config.value
   reused = host_memory.apply_for_cpu(cli_flags.reuse_host_memory.value)  # before JAX's threads
+  compile_cache.enable(config.get("compilation_cache_dir", "auto"))     # before any compilation
   warning = kernels.off_warning(config.get("conv_impl", "auto"), jax.default_backend())
   if warning:
     print(warning, file=sys.stderr, flush=True)

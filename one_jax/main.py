@@ -64,6 +64,8 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   from one_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from one_jax.training import compile_cache  # pylint: disable=g-import-not-at-top
+  compile_cache.enable(config.get("compilation_cache_dir", "auto"))  # before any compilation
   from one_jax.storage import checkpoints, run_lock, workdirs  # pylint: disable=g-import-not-at-top
   from one_jax.training import train
   from one_jax.cpu import kernels  # pylint: disable=g-import-not-at-top

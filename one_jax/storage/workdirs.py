@@ -33,7 +33,8 @@ CONFIG_NAME = "config.json"
 # (tests/training/test_dispatch.py), so they may change on resume too.
 SAFE_TO_CHANGE = ("num_epochs", "progress_bar", "keep_checkpoints", "eval_batch_size",
                   "resume_fallback", "new_run", "data_dir", "adopt_checkpoints", "download",
-                  "data_on_device", "steps_per_dispatch", "log_every_steps", "profile_steps")
+                  "data_on_device", "steps_per_dispatch", "log_every_steps", "profile_steps",
+                  "compilation_cache_dir")
 _MAX_LISTED = 6
 # Config fields that name files or directories: stored absolute, compared as absolute paths
 # (a relative one in an older run's config.json is read from the current directory).

@@ -255,6 +255,7 @@ RULES: Sequence[Rule] = (
     Rule("eval_only", Flag()),
     Rule("vote", Flag()),
     Rule("progress_bar", Flag()),
+    Rule("compilation_cache_dir", Text()),
     Rule("steps_per_dispatch", _POSITIVE_INT,
          why="it must be a positive integer: the train steps of one jitted call (1 = one each)"),
     Rule("log_every_steps", _COUNT, why="it must be 0 (off) or the period >= 1 in steps"),
