@@ -33,14 +33,8 @@ def check(spec) -> None:
   check_depth(spec.depth)
 
 
-def details(spec):
-  """The derived field checkpoint meta records: the block type of the depth."""
-  return {"block": block_type(spec.depth)}
-
-
-def args(spec):
-  """(trunk, branch) keyword arguments of a ModelSpec (model_spec.family)."""
-  return {"depth": spec.depth}, {"depth": spec.depth, "num_classes": spec.num_classes}
+details = resnet_blocks.block_details(block_type)
+args = resnet_blocks.depth_args
 
 
 def _stage(x, name, depth, planes, stride, conv, norm):

@@ -3,6 +3,8 @@
 One definition, so both families name their parameters the same way ('conv1', 'bn1', ...,
 'downsample_conv', 'downsample_bn') and the converter reads both with one table.
 """
+from typing import Any, Callable, Dict, Tuple
+
 import flax.linen as nn
 
 from one_jax.architectures.layers import ModuleDef
@@ -50,3 +52,15 @@ class Bottleneck(_Block):
                                         copy_input=False)(out)))
     out = norm(name="bn3")(conv(self.planes * 4, 1, 1, "conv3", copy_input=False)(out))
     return nn.relu(out + self.shortcut(x))
+
+
+def depth_args(spec) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """(trunk, branch) keyword arguments of a ResNet family (model_spec.family): the depth, and
+  the class count for the branch's classifier."""
+  return {"depth": spec.depth}, {"depth": spec.depth, "num_classes": spec.num_classes}
+
+
+def block_details(block_type: Callable[[int], str]):
+  """The registry's details function of a ResNet family: the block type its depth implies,
+  which checkpoint meta records (and ModelSpec.from_dict checks)."""
+  return lambda spec: {"block": block_type(spec.depth)}

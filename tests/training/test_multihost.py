@@ -222,6 +222,7 @@ def test_tpu_pod_script_creates_installs_and_runs_on_all_workers(tmp_path):
   assert "tpu-vm scp" in calls[2] and "--worker=all" in calls[2]
   assert "--worker=all" in calls[-1] and calls[-1].endswith(
       "python -m one_jax.main --workdir=/mnt/shared/runs/a\\ b "
+      "--config.compilation_cache_dir=/mnt/shared/runs/one_jax_xla_cache "
       "--config=configs/step1.py:five_branch --config.batch_size=512")
 
 
@@ -234,6 +235,7 @@ def test_slurm_script_runs_one_process_per_node_on_all_its_gpus(tmp_path):
                  check=True, capture_output=True, timeout=60)
   calls = (tmp_path / "log.txt").read_text().splitlines()
   assert calls == [f"srun --kill-on-bad-exit=1 python3 -m one_jax.main --workdir={tmp_path}/run "
+                   f"--config.compilation_cache_dir={tmp_path}/one_jax_xla_cache "
                    "--config=c.py:x", "ids=0,1,2,3"]
   env.update(SLURM_NTASKS_PER_NODE="3")   # neither one per GPU nor one per node
   result = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch")], env=env,
