@@ -38,16 +38,9 @@ args = resnet_blocks.depth_args
 
 
 def _stage(x, name, depth, planes, stride, conv, norm):
-  """One ResNet stage of n blocks, named '{name}_{i}' like the reference's Sequential."""
-  n = check_depth(depth)
-  block = (resnet_blocks.Bottleneck if block_type(depth) == "bottleneck"
-           else resnet_blocks.BasicBlock)
-  for i in range(n):
-    in_ch = x.shape[-1]
-    s = stride if i == 0 else 1
-    down = i == 0 and (s != 1 or in_ch != planes * block.expansion)
-    x = block(planes, s, down, conv, norm, name=f"{name}_{i}")(x)
-  return x
+  """One stage of the depth's n blocks."""
+  return resnet_blocks.stage(x, name, block_type(depth), check_depth(depth), planes, stride,
+                             conv, norm)
 
 
 class Trunk(nn.Module):

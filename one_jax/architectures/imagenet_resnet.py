@@ -52,13 +52,8 @@ args = resnet_blocks.depth_args
 def _stage(x, index: int, depth: int, conv, norm):
   """Stage `index` (1-4) of blocks named 'layer{index}_{i}', torchvision's _make_layer."""
   kind, counts = check_depth(depth)
-  block = resnet_blocks.Bottleneck if kind == "bottleneck" else resnet_blocks.BasicBlock
-  planes, stride = PLANES[index - 1], 1 if index == 1 else 2
-  for i in range(counts[index - 1]):
-    s = stride if i == 0 else 1
-    down = i == 0 and (s != 1 or x.shape[-1] != planes * block.expansion)
-    x = block(planes, s, down, conv, norm, name=f"layer{index}_{i}")(x)
-  return x
+  return resnet_blocks.stage(x, f"layer{index}", kind, counts[index - 1], PLANES[index - 1],
+                             1 if index == 1 else 2, conv, norm)
 
 
 class Trunk(nn.Module):

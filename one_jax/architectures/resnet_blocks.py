@@ -54,6 +54,18 @@ class Bottleneck(_Block):
     return nn.relu(out + self.shortcut(x))
 
 
+def stage(x, name: str, block_kind: str, num_blocks: int, planes: int, stride: int, conv, norm):
+  """One stage of num_blocks blocks ('basic' or 'bottleneck') named '{name}_{i}', as the
+  reference's and torchvision's Sequential: the first block takes the stride and, where the
+  shape changes, the projection shortcut."""
+  block = Bottleneck if block_kind == "bottleneck" else BasicBlock
+  for i in range(num_blocks):
+    s = stride if i == 0 else 1
+    down = i == 0 and (s != 1 or x.shape[-1] != planes * block.expansion)
+    x = block(planes, s, down, conv, norm, name=f"{name}_{i}")(x)
+  return x
+
+
 def depth_args(spec) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """(trunk, branch) keyword arguments of a ResNet family (model_spec.family): the depth, and
   the class count for the branch's classifier."""
