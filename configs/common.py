@@ -23,6 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.group_width = 0               # resnext: channels per group in stage 1 (8x64d: 64)
   c.growth_rate = 0               # densenet: k, channels each layer adds (BC-100-12: 12)
   c.bottleneck = True             # densenet: DenseNet-BC (False: the original, DenseNet-40-12)
+  c.depth_rule = ""               # cifar resnet: 'one' (6n+2; '' = it) | 'peers' (9n+2
+                                  # bottleneck depths: OKDDip/PCL's ResNet-110)
   c.num_branches = 3
   c.branch_impl = "auto"          # 'auto' | 'loop' | 'vmap': same parameters, same numbers
   c.cpu_conv_library = "auto"     # 'auto' (= 'eigen') | 'eigen' | 'ynnpack': XLA:CPU kernels

@@ -17,6 +17,9 @@ by 10 at epochs 150 and 225); its reported errors are in its Table 1.
 OKDDip (Chen et al., AAAI 2020) and PCL (Wu & Gong, AAAI 2021) re-run ONE on VGG-16 and
 DenseNet-40-12 (CIFAR-10, CIFAR-100) with SGD, Nesterov momentum 0.9, weight decay 5e-4,
 batch 128, 300 epochs, lr 0.1 divided by 10 at 150 and 225; their tables give the numbers.
+Their ResNet-110 is not the ONE code's: 12 bottleneck blocks a stage (1,147,738 parameters at
+10 classes), where the ONE code builds 18 (1,704,154): `resnet110_peers_*` rows
+(`depth_rule='peers'`, configs/common.py) beside the reference's `resnet110_*`.
 Their 'WRN-20-8' is a bottleneck CIFAR ResNet with 2 blocks a stage and 8x wide bottlenecks,
 not Zagoruyko's Wide ResNet; here `wrn16_4` and `wrn28_10` are the latter (WRN-d-k: depth
 6n+4, pre-activation), with the peers' recipe.
@@ -31,6 +34,8 @@ from configs import common  # noqa: E402  (configs/ is loaded by path, not as a 
 ARCHS = {
     "resnet32": ("one_resnet", 32, {}, "one"),
     "resnet110": ("one_resnet", 110, {}, "one"),
+    # The peers' ResNet-110: 12 bottlenecks a stage (the same network as the above at depth 74).
+    "resnet110_peers": ("one_resnet", 110, dict(depth_rule="peers"), "peers"),
     "resnext29_8x64d": ("one_resnext", 29, dict(width=4, cardinality=8, group_width=64), "one"),
     "densenet_bc190_40": ("one_densenet", 190, dict(growth_rate=40, bottleneck=True), "one"),
     "vgg16": ("one_vgg", 16, dict(width=64), "peers"),
@@ -50,7 +55,8 @@ SMOKE = {"one_resnet": (8, {}), "one_wrn": (10, dict(width=1)),
 
 def get_config(arg=None):
   variant, flags = common.parse_arg(arg or "resnet32_cifar10", VARIANTS)
-  arch, dataset = next((a, variant[len(a) + 1:]) for a in ARCHS if variant.startswith(a + "_"))
+  arch = max((a for a in ARCHS if variant.startswith(a + "_")), key=len)  # resnet110_peers
+  dataset = variant[len(arch) + 1:]
   kind, depth, options, recipe = ARCHS[arch]
   c = common.base_config()
   c.variant = variant

@@ -70,6 +70,7 @@ class ModelSpec:
   group_width: Optional[int] = None   # resnext: channels per group in the first stage (8x64d: 64)
   growth_rate: Optional[int] = None   # densenet: k, the channels each layer adds
   bottleneck: Optional[bool] = None   # densenet: DenseNet-BC (1x1 bottlenecks, compression 0.5)
+  depth_rule: Optional[str] = None    # cifar_resnet: how depth gives blocks ('one' or 'peers')
 
   def __post_init__(self):
     arch = architecture(self.kind)
@@ -124,13 +125,18 @@ class ModelSpec:
     """The architecture options of this model's family ({} for the CIFAR ResNet)."""
     return {name: getattr(self, name) for name, _ in architecture(self.kind).options}
 
+  def recorded_options(self) -> Dict[str, Any]:
+    """options() less those at a default that checkpoints written before the option existed
+    imply (OMITTED_DEFAULTS): the meta and describe() of such a model stay as they were."""
+    return {k: v for k, v in self.options().items() if OMITTED_DEFAULTS.get(k, ()) != v}
+
   def to_dict(self) -> Dict[str, Any]:
     """The checkpoint meta's 'model' entry: the stored fields and the derived ones (block)."""
     arch = architecture(self.kind)
     info = {"kind": self.kind, "depth": self.depth, "num_classes": self.num_classes}
     if arch.branched:
       info["num_branches"] = self.num_branches
-    info.update(self.options())
+    info.update(self.recorded_options())
     info.update(arch.details(self))
     return info
 
@@ -196,7 +202,8 @@ class ModelSpec:
   def describe(self) -> str:
     """One line for people: what `inspect` and error messages say about the model."""
     arch = architecture(self.kind)
-    details = "".join(f", {k.replace('_', ' ')} {v}" for k, v in self.options().items())
+    details = "".join(f", {k.replace('_', ' ')} {v}"
+                      for k, v in self.recorded_options().items())
     details += "".join(f", {v} {k}s" for k, v in arch.details(self).items())
     branches = f"{self.num_branches} branch{'es' if self.num_branches != 1 else ''}"
     return (f"{arch.title} ({self.kind}), depth {self.depth}{details}, {branches}, "
@@ -204,11 +211,14 @@ class ModelSpec:
 
 
 # The architecture options: ModelSpec fields, config fields of the same names, meta entries.
-OPTIONS = ("width", "cardinality", "group_width", "growth_rate", "bottleneck")
+OPTIONS = ("width", "cardinality", "group_width", "growth_rate", "bottleneck", "depth_rule")
 # A config's value for an option it leaves to the family's default (bottleneck: a bool, so
 # 'unset' is its default, True: DenseNet-BC).
 CONFIG_UNSET = {"width": 0, "cardinality": 0, "group_width": 0, "growth_rate": 0,
-                "bottleneck": True}
+                "bottleneck": True, "depth_rule": ""}
+# Options added after checkpoints of their family existed, with the value those imply: left out
+# of the meta and the description at that value.
+OMITTED_DEFAULTS = {"depth_rule": "one"}
 
 
 def check_architecture(kind: str, depth, config) -> None:

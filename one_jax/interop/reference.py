@@ -12,6 +12,11 @@ flax variable tree, so both directions are the same table:
   weight (conv OIHW, linear [out, in]) <-> kernel (HWIO, [in, out]); BN weight <-> scale;
   running_mean / running_var           <-> batch_stats mean / var
 
+The names depend only on the blocks a stage, so a model of either depth rule (cifar_resnet.py)
+exports; a file's blocks give its depth under the reference's rule (6n+2), or under the peers'
+(9n+2) for the 5 or 6 Bottlenecks a stage no 6n+2 depth builds. So the peers' ResNet-110 (12
+Bottlenecks a stage) comes back as the same network at depth 74.
+
 Torch branches are numbered from 1, one_jax branches from 0. `num_batches_tracked` has no
 one_jax counterpart: the imported values are kept in the checkpoint metadata so that export
 reproduces the original state dict exactly.
@@ -73,8 +78,11 @@ def infer_model(state_dict, source: str):
     raise torch_common.ConversionError(f"{source}: no 'layer1.<i>.' keys, so this is not a CIFAR ResNet or "
                           f"ONE ResNet checkpoint (keys: {torch_common.list_keys(keys)})")
   n = max(blocks) + 1
-  depth = 6 * n + 2
+  depth, rule = 6 * n + 2, "one"
   bottleneck = any(re.fullmatch(r"layer1\.\d+\.conv3\.weight", k) for k in keys)
+  if bottleneck and depth < 44 <= 9 * n + 2:
+    # No 6n+2 depth builds so few Bottlenecks; the peers' rule does (cifar_resnet).
+    depth, rule = 9 * n + 2, "peers"
   if bottleneck != (cifar_resnet.block_type(depth) == "bottleneck"):
     have, want = ("Bottleneck", "BasicBlock") if bottleneck else ("BasicBlock", "Bottleneck")
     raise torch_common.ConversionError(f"{source}: {n} blocks per stage (depth {depth}) built from {have} "
@@ -92,8 +100,9 @@ def infer_model(state_dict, source: str):
                           "from it)")
   num_classes = int(weight.shape[0])
   if not is_one:
-    return model_spec.ModelSpec("cifar_resnet", depth, num_classes), spelling
-  return model_spec.ModelSpec("one_resnet", depth, num_classes, max(branches)), spelling
+    return model_spec.ModelSpec("cifar_resnet", depth, num_classes, depth_rule=rule), spelling
+  return model_spec.ModelSpec("one_resnet", depth, num_classes, max(branches),
+                              depth_rule=rule), spelling
 
 
 def import_state_dict(state_dict, source: str, prefixed: bool) -> torch_common.TorchImport:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from one_jax import validate
-from one_jax.architectures import model_spec, models
+from one_jax.architectures import cifar_resnet, model_spec, models
 from one_jax.cpu import kernels, xla_options
 from one_jax.data import device_data, sources
 from one_jax.surgery import operations
@@ -198,6 +198,9 @@ RULES: Sequence[Rule] = (
          why="it must be 0 (the default) or ResNeXt's channels per group >= 1"),
     Rule("growth_rate", _COUNT, why="it must be 0 (the default) or DenseNet's k >= 1"),
     Rule("bottleneck", Flag()),  # DenseNet: True = DenseNet-BC, False = the original DenseNet
+    Rule("depth_rule", OneOf(("",) + cifar_resnet.DEPTH_RULES),
+         why="it must be '' (the default, 'one'), 'one' (the ONE code's 6n+2) or 'peers' "
+         "(9n+2 bottleneck depths, as OKDDip and PCL count)"),
     Rule("num_branches", _POSITIVE_INT,
          why="a model has at least one branch (--config.num_branches=1 or more)"),
     Rule("branch_impl", OneOf(tuple(models.BRANCH_IMPLS))),

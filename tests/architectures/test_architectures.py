@@ -13,6 +13,8 @@ from one_jax.interop import reference, torch_common
 from one_jax.storage import checkpoints
 from one_jax.training import train, voting
 
+from configs import paper
+
 S = model_spec.ModelSpec
 
 
@@ -322,3 +324,19 @@ def test_smoke_train_resume_expand_extract_vote(smoke_run):
   everything = next(r for r in rows if r["size"] == 5)
   predicted = np.argmax(np.asarray(out.ensemble_logits), axis=-1) == batch["label"]
   assert everything["gate"] == pytest.approx(predicted.mean())
+
+
+@pytest.mark.parametrize("variant,params,baseline_params", [
+    ("resnet110_cifar10", 4_294_263, 1_704_154),        # the ONE code's: 18 bottlenecks a stage
+    ("resnet110_peers_cifar10", 2_893_047, 1_147_738),  # OKDDip's, PCL's: 12 a stage
+])
+def test_paper_rows_of_the_two_resnet_110s(variant, params, baseline_params):
+  """Each configs/paper.py ResNet-110 row builds its paper's network, and so does its baseline
+  (--config.model=cifar_resnet); the peers' row has the peers' recipe."""
+  config = paper.get_config(variant)
+  spec = model_spec.ModelSpec.from_config(config)
+  assert (spec.depth, spec.num_params()) == (110, params)
+  config.model = "cifar_resnet"
+  assert model_spec.ModelSpec.from_config(config).num_params() == baseline_params
+  assert (config.weight_decay, config.nesterov) == (
+      (5e-4, True) if "peers" in variant else (1e-4, False))

@@ -24,8 +24,8 @@ def test_from_config_builds_the_configured_model(tiny_config, variant):
   if variant == "baseline":
     assert spec.num_branches == 1 and not spec.branched
     assert spec.build(axis_name="data") == models.Baseline(
-        cifar_resnet.Trunk, cifar_resnet.Branch, (("depth", 8),),
-        (("depth", 8), ("num_classes", 10)), axis_name="data")
+        cifar_resnet.Trunk, cifar_resnet.Branch, (("depth", 8), ("depth_rule", "one")),
+        (("depth", 8), ("depth_rule", "one"), ("num_classes", 10)), axis_name="data")
   else:
     assert spec.num_branches == config.num_branches and spec.branched
     assert spec.active_branches == (True,) + (False,) * (config.num_branches - 1)
@@ -123,3 +123,26 @@ def test_a_new_architecture_is_one_registry_entry(monkeypatch):
   assert model_spec.ModelSpec.from_dict(spec.to_dict()) == spec
   assert spec.abstract_variables()["params"]["head"]["kernel"].shape == (3, 4)
   assert spec.describe() == "Tiny net (tiny_net), depth 1, 1 branch, 4 classes"
+
+
+def test_depth_rules_name_the_two_resnet_110s():
+  """'one' (the ONE code, 6n+2) and 'peers' (OKDDip, PCL: 9n+2 for bottlenecks) agree below
+  depth 44; the peers' ResNet-110 is the ONE code's depth-74 network, and theirs is ours at 164."""
+  def shapes(depth, rule):
+    spec = model_spec.ModelSpec("cifar_resnet", depth, 10, depth_rule=rule)
+    return jax.tree.map(lambda a: a.shape, spec.abstract_variables())
+  peers_110 = model_spec.ModelSpec("cifar_resnet", 110, 10, depth_rule="peers")
+  assert peers_110.num_params() == 1_147_738
+  assert model_spec.ModelSpec("cifar_resnet", 110, 10).num_params() == 1_704_154
+  assert shapes(110, "peers") == shapes(74, "one") and shapes(164, "peers") == shapes(110, "one")
+  assert shapes(32, "peers") == shapes(32, "one")
+  # Recorded (and described) only when not the rule older checkpoints imply.
+  assert peers_110.to_dict()["depth_rule"] == "peers" and "depth rule peers" in peers_110.describe()
+  assert "depth_rule" not in BASE.to_dict() and "depth rule" not in BASE.describe()
+  assert model_spec.ModelSpec.from_dict(peers_110.to_dict()) == peers_110
+  for depth, rule, needle in ((44, "peers", "use 9n.2"), (47, "one", "depth=47"),
+                              (32, "resnet", "depth_rule='resnet' is unknown")):
+    with pytest.raises(ValueError, match=needle):
+      model_spec.ModelSpec("one_resnet", depth, 10, 3, depth_rule=rule)
+  with pytest.raises(ValueError, match="depth_rule='peers' is not an option of one_wrn"):
+    model_spec.ModelSpec("one_wrn", 16, 10, 3, depth_rule="peers")

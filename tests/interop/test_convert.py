@@ -493,3 +493,14 @@ def test_allow_pickle_reads_other_types_with_a_warning(tmp_path, capsys):
   assert err.startswith("warning: --allow_pickle") and "runs any code" in err
   model, _ = pytorch.load_torch_checkpoint(str(path), allow_pickle=True)
   assert model.num_branches == 3
+
+
+def test_peers_depth_rule_exports_and_imports_by_its_blocks():
+  """Names depend only on the blocks a stage: 5 bottlenecks a stage come back as the peers'
+  depth 47 (no 6n+2 depth builds them), 12 as the reference's depth 74."""
+  for depth, back_as in ((47, ("peers", 47)), (110, ("one", 74))):
+    spec = model_spec.ModelSpec("cifar_resnet", depth, NUM_CLASSES, depth_rule="peers")
+    variables = spec.init(jax.random.key(0), (8, 8, 3))
+    result = pytorch.import_state_dict(pytorch.export_torch_state_dict(spec, variables))
+    assert (result.spec.depth_rule, result.spec.depth) == back_as
+    chex.assert_trees_all_equal(result.variables, variables)
