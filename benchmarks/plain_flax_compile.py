@@ -2,9 +2,10 @@
 
 A textbook ResNet of basic blocks (flax.linen.Conv, BatchNorm, unrolled Python loops; no
 one_jax code), one value_and_grad + optax SGD-with-momentum step, jitted, lowered and compiled
-at the given batch; prints one JSON line per depth with compile_s. Compare with
-`python -m one_jax.bench ... --batch=B --steps=1 --noeval`'s compile_s on the same machine
-(benchmarks/NOTES.md entry 18).
+at the given batch; prints one JSON line per depth with lower_s (tracing and lowering) and
+compile_s (XLA alone). Compare their sum with `python -m one_jax.bench ... --batch=B --steps=1
+--noeval`'s compile_s (which includes lowering) on the same machine (benchmarks/NOTES.md
+entries 18 and 19).
 
   python benchmarks/plain_flax_compile.py --depths=20,56,110 --batch=8
 """
@@ -47,7 +48,8 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
-def compile_seconds(depth: int, batch: int) -> float:
+def compile_seconds(depth: int, batch: int):
+  """(lower_s, compile_s): tracing + lowering, then XLA's compile alone."""
   model = ResNet(depth)
   images = jnp.zeros((batch, 32, 32, 3))
   labels = jnp.zeros((batch,), jnp.int32)
@@ -64,11 +66,12 @@ def compile_seconds(depth: int, batch: int) -> float:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), new["batch_stats"], opt_state, loss
 
+  t0 = time.perf_counter()
   lowered = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
       variables["params"], variables["batch_stats"], opt_state, images, labels)
-  t0 = time.perf_counter()
+  t1 = time.perf_counter()
   lowered.compile()
-  return time.perf_counter() - t0
+  return t1 - t0, time.perf_counter() - t1
 
 
 def main():
@@ -77,8 +80,9 @@ def main():
   parser.add_argument("--batch", type=int, default=8)
   args = parser.parse_args()
   for depth in (int(d) for d in args.depths.split(",")):
+    lower_s, compile_s = compile_seconds(depth, args.batch)
     print(json.dumps({"model": "plain_flax_resnet_basic", "depth": depth, "batch": args.batch,
-                      "compile_s": round(compile_seconds(depth, args.batch), 2),
+                      "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2),
                       "backend": jax.default_backend()}), flush=True)
 
 

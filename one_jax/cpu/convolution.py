@@ -154,17 +154,56 @@ def conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_C
   """
   if x.dtype != jnp.float32:
     return _conv2d_forward(x, kernel, stride, padding, groups)
+  return _platform_conv2d(x, kernel, stride, padding, chunk, copy_input, impl, groups)
 
+
+def _split_groups(groups: int, *arrays):
+  """[(each array's slice) of each group] along the channel axis (x's channels, the kernel's
+  and dy's outputs): the CPU runs a grouped convolution as `groups` ordinary ones."""
+  if groups == 1:
+    return [arrays]
+  return list(zip(*(jnp.split(a, groups, axis=-1) for a in arrays)))
+
+
+def _join_groups(parts):
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+# The platform choice sits inside one custom VJP (its value, its forward and its backward each
+# choose), not around a differentiated cpu_conv2d: differentiating through
+# lax.platform_dependent linearises and transposes both platforms' branches of every
+# convolution, which cost a ResNet-110 train step 2.3 s of its 7.7 s tracing
+# (benchmarks/NOTES.md entry 19). Same programs once lowered for a platform.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _platform_conv2d(x, kernel, stride, padding, chunk, copy_input, impl, groups):
   def on_cpu(x, k):
-    if groups == 1:
-      return cpu_conv2d(x, k, stride, padding, chunk, copy_input, impl)
-    parts = zip(jnp.split(x, groups, axis=-1), jnp.split(k, groups, axis=-1))
-    return jnp.concatenate([cpu_conv2d(xg, kg, stride, padding, chunk, copy_input, impl)
-                            for xg, kg in parts], axis=-1)
+    return _join_groups([_conv2d_value(xg, kg, stride, padding, impl)
+                         for xg, kg in _split_groups(groups, x, k)])
 
   return jax.lax.platform_dependent(
       x, kernel, cpu=on_cpu,
       default=lambda x, k: _conv2d_forward(x, k, stride, padding, groups))
+
+
+def _platform_conv2d_fwd(x, kernel, stride, padding, chunk, copy_input, impl, groups):
+  return (_platform_conv2d(x, kernel, stride, padding, chunk, copy_input, impl, groups),
+          (x, kernel))
+
+
+def _platform_conv2d_bwd(stride, padding, chunk, copy_input, impl, groups, residuals, dy):
+  def on_cpu(x, k, dy):
+    grads = [_conv2d_bwd(stride, padding, chunk, copy_input, impl, (xg, kg), dyg)
+             for xg, kg, dyg in _split_groups(groups, x, k, dy)]
+    return tuple(_join_groups(parts) for parts in zip(*grads))
+
+  def default(x, k, dy):
+    _, vjp = jax.vjp(lambda x, k: _conv2d_forward(x, k, stride, padding, groups), x, k)
+    return vjp(dy)
+
+  return jax.lax.platform_dependent(*residuals, dy, cpu=on_cpu, default=default)
+
+
+_platform_conv2d.defvjp(_platform_conv2d_fwd, _platform_conv2d_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))

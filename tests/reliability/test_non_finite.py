@@ -114,3 +114,17 @@ def test_train_step_flags_a_non_finite_loss_and_an_overflowing_update():
   config.lr = 3e38   # finite, but times the first step's gradients it overflows
   metrics, flags = _one_step(config, images)
   assert all(flags.terms.values()) and flags.gradients and not flags.update
+
+
+def test_a_nan_anywhere_in_a_large_leaf_is_seen():
+  """XLA:CPU's vectorised max reduction drops NaN in large arrays; the flag must not."""
+  tree = {"big": jnp.ones(300_000), "conv": jnp.ones((64, 64, 3, 3)), "bias": jnp.ones(10)}
+  check = jax.jit(nonfinite.all_finite)
+  assert bool(check(tree))
+  for leaf in tree:
+    for position in (0, 7, -1):
+      for bad in (np.nan, np.inf, -np.inf):
+        broken = dict(tree)
+        flat = tree[leaf].ravel().at[position].set(bad)
+        broken[leaf] = flat.reshape(tree[leaf].shape)
+        assert not bool(check(broken)), (leaf, position, bad)
