@@ -58,12 +58,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.geo_lr_max = 20.0
   c.geo_lr_ema = 0.9
   c.steps_per_epoch = -1          # > 0 caps the steps of an epoch (smoke runs)
-  # ONE loss (DESIGN.md section 3).
+  # The method (DESIGN.md section 3): 'one' | 'cl_ilr' (branched models; a baseline: 'one').
+  c.method = "one"
+  # ONE's loss.
   c.temperature = 3.0
   c.rampup_epochs = 80.0          # epochs, a float as the reference's --consistency_rampup
+                                  # (every method's KL ramp-up w(e))
   c.kl_scale = 1.0
   c.ensemble_ce = True
-  c.stop_gradient = True
+  c.stop_gradient = True          # ONE's teacher is a constant in its KL terms
+  # CL-ILR's loss (defaults: the OKDDip code's CL; MCL-OKD's: T 2, 0.5 / 0.5, detached).
+  c.cl_ilr_temperature = 3.0
+  c.cl_ilr_kl_scale = 1.0         # alpha, times w(e)
+  c.cl_ilr_ce_weight = 1.0
+  c.cl_ilr_detach = False         # True: each target (the others' mean) is a constant
+  c.cl_ilr_backprop_scale = True  # ILR: the gradient from the branches into the trunk / B
   # Run.
   c.seed = 0
   c.deterministic = False         # deterministic XLA kernels (GPU): one seed, one result

@@ -222,6 +222,115 @@ def one_loss(branch_logits, ensemble, targets, epoch, rampup=80.0) -> Tuple[torc
                 "kl_weight": weight, "loss": loss}
 
 
+# ----------------------------------------------------------------------------- CL-ILR
+# The OKDDip code's CL (DefangChen/OKDDip: models/model_cifar/resnet_one.py with avg=True,
+# bpscale; train_one.py --avg; utils.KL_Loss), transcribed with its tensors as it lays them
+# out: `pro` [N, C, B], the targets x_m [N, C, B]. MCL-OKD's variant: detach, weights 0.5.
+
+
+class ILR(torch.autograd.Function):  # pylint: disable=abstract-method
+  """Identity forward, gradient / B backward (resnet_one.py's ILR)."""
+
+  @staticmethod
+  def forward(ctx, x, num_branches):  # pylint: disable=arguments-differ
+    ctx.num_branches = num_branches
+    return x
+
+  @staticmethod
+  def backward(ctx, grad_output):  # pylint: disable=arguments-differ
+    return grad_output / ctx.num_branches, None
+
+
+class KLLossT(nn.Module):
+  """utils.KL_Loss: T^2 * KLDiv(log_softmax(s/T), softmax(t/T) + 1e-7), batchmean; the
+  target is NOT detached."""
+
+  def __init__(self, temperature):
+    super().__init__()
+    self.T = temperature
+
+  def forward(self, output_batch, teacher_outputs):
+    output_batch = F.log_softmax(output_batch / self.T, dim=1)
+    teacher_outputs = F.softmax(teacher_outputs / self.T, dim=1) + TEACHER_EPS
+    return self.T * self.T * nn.KLDivLoss(reduction="batchmean")(output_batch, teacher_outputs)
+
+
+def cl_targets(pro):
+  """resnet_one.py's avg branch: x_m[:, :, i] = sum_{j != i} 1/(B-1) * pro[:, :, j]."""
+  num_branches = pro.shape[2]
+  x_m = 0
+  for i in range(1, num_branches):
+    x_m += 1 / (num_branches - 1) * pro[:, :, i]
+  x_m = x_m.unsqueeze(-1)
+  for i in range(1, num_branches):
+    temp = 0
+    for j in range(0, num_branches):
+      if j != i:
+        temp += 1 / (num_branches - 1) * pro[:, :, j]
+    x_m = torch.cat([x_m, temp.unsqueeze(-1)], -1)
+  return x_m
+
+
+class CL_ResNet(_Trunk):  # pylint: disable=invalid-name
+  """The OKDDip code's CL ResNet (resnet_one.py with avg=True, bpscale=True): the reference
+  trunk, ILR at the branch point, B branches without a gate, the reference's module names.
+
+  forward -> `pro` [N, C, B], as resnet_one.py returns it (its targets come from cl_targets).
+  """
+
+  def __init__(self, depth, num_classes=10, num_branches=3, bpscale=True):
+    super().__init__()
+    block, n, inplanes = self._build_trunk(depth)
+    self.num_branches, self.bpscale = num_branches, bpscale
+    for b in range(1, num_branches + 1):
+      setattr(self, f"layer3_{b}", _make_layer(block, inplanes, 64, n, stride=2)[0])
+    self.avgpool = nn.AvgPool2d(8)
+    for b in range(1, num_branches + 1):
+      setattr(self, f"classfier3_{b}", nn.Linear(64 * block.expansion, num_classes))
+    _reference_init(self)
+    self._layer3 = [getattr(self, f"layer3_{b}") for b in range(1, num_branches + 1)]
+    self._classifiers = [getattr(self, f"classfier3_{b}") for b in range(1, num_branches + 1)]
+
+  def forward(self, x):
+    x = self.trunk(x)
+    if self.bpscale:
+      x = ILR.apply(x, self.num_branches)
+    return torch.stack([fc(self.avgpool(layer(x)).flatten(1))
+                        for layer, fc in zip(self._layer3, self._classifiers)], dim=-1)
+
+
+def cl_loss_terms(pro, labels, consistency_weight, temperature=3.0, alpha=1.0, ce_weight=1.0,
+                  detach=False):
+  """(loss, terms) of train_one.py's loop with --avg: per branch CE(z_i) into loss_true and
+  KL_T(z_i, x_m_i) into loss_group; loss = c * loss_true + alpha * w * loss_group."""
+  x_m = cl_targets(pro)
+  if detach:
+    x_m = x_m.detach()
+  criterion_t = KLLossT(temperature)
+  ces, loss_group = [], 0
+  for i in range(pro.shape[2]):
+    ces.append(F.cross_entropy(pro[:, :, i], labels))
+    loss_group += criterion_t(pro[:, :, i], x_m[:, :, i])
+  loss = ce_weight * sum(ces) + alpha * consistency_weight * loss_group
+  return loss, {"ce_branches": [c.detach() for c in ces], "kl": loss_group.detach(),
+                "kl_weight": consistency_weight}
+
+
+def cl_loss(pro, labels, consistency_weight, temperature=3.0, alpha=1.0, ce_weight=1.0,
+            detach=False):
+  """train_one.py's loss with --avg: sum_i CE(z_i) + alpha * w * sum_i KL_T(z_i, x_m_i)
+  (ce_weight and detach for MCL-OKD's form)."""
+  x_m = cl_targets(pro)
+  if detach:
+    x_m = x_m.detach()
+  criterion_t = KLLossT(temperature)
+  loss_true, loss_group = 0, 0
+  for i in range(pro.shape[2]):
+    loss_true += F.cross_entropy(pro[:, :, i], labels)
+    loss_group += criterion_t(pro[:, :, i], x_m[:, :, i])
+  return ce_weight * loss_true + alpha * consistency_weight * loss_group
+
+
 def sgd(model, lr=0.1, momentum=0.9, weight_decay=5e-4):
   """The reference optimizer: coupled L2 decay on every parameter."""
   return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -249,7 +358,9 @@ def train_step_terms(model, optimizer, images, targets, epoch, rampup=80.0) -> D
   'ce' and 'loss' for the baseline.
   """
   model.train()
-  if isinstance(getattr(model, "_orig_mod", model), ONE_ResNet):   # torch.compile'd too
+  if isinstance(model, CL_ResNet):
+    loss, terms = cl_loss_terms(model(images), targets, sigmoid_rampup(epoch, rampup))
+  elif isinstance(getattr(model, "_orig_mod", model), ONE_ResNet):   # torch.compile'd too
     logits, _, ensemble = model(images)
     ces = [F.cross_entropy(z, targets) for z in logits]
     ce_ensemble = F.cross_entropy(ensemble, targets)

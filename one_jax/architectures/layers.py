@@ -24,6 +24,26 @@ def torch_linear_kernel_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def scale_gradient(x, scale: float):
+  """x, whose gradient is multiplied by `scale` on the way back (CL-ILR's backpropagation
+  rescaling at the branch point: identity forward, grad * scale backward)."""
+  del scale
+  return x
+
+
+def _scale_gradient_fwd(x, scale):
+  del scale
+  return x, None
+
+
+def _scale_gradient_bwd(scale, _, g):
+  return (g * jnp.asarray(scale, g.dtype),)
+
+
+scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+
+
 def at_least_float32(x):
   """x in float32, or as it is when wider (float64 runs): what mixed precision keeps exact."""
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))

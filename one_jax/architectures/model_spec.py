@@ -51,8 +51,12 @@ class ModelSpec:
   kind names a registry entry (ARCHITECTURES); num_branches is 1 for unbranched kinds.
   The architecture options (OPTIONS: width, cardinality, ...) are None for a family that does
   not take them and are set (to the family's default where not given) for one that does.
-  branch_impl, active_branches, conv_impl and compute_dtype choose how the model runs and
-  trains (same float32 parameters): they come from the config and are not stored with the
+  method (branched kinds only; None for a baseline) is the online-distillation method whose
+  model this is: it decides the parts besides trunk and branches (ONE's gate, or none: CL-ILR's
+  ensemble is the branches' mean; models.ENSEMBLES). It is stored with the weights (in the meta
+  only when not 'one', which every earlier checkpoint implies).
+  branch_impl, active_branches, conv_impl, compute_dtype and trunk_grad_scale (CL-ILR's
+  backpropagation rescaling, 1/B) choose how the model runs and trains (same float32 parameters): they come from the config and are not stored with the
   weights, so a checkpoint of a bfloat16 run is read, evaluated and edited as any other.
   """
   kind: str
@@ -63,6 +67,8 @@ class ModelSpec:
   active_branches: Optional[Tuple[bool, ...]] = None
   conv_impl: str = "auto"
   compute_dtype: str = "float32"
+  method: Optional[str] = None        # models.ENSEMBLES' methods; None (unbranched) or 'one'
+  trunk_grad_scale: float = 1.0
   # Architecture options (OPTIONS), each read by the families that list it.
   width: Optional[int] = None         # wrn: widening factor k (WRN-28-10: 10); vgg: channels of
                                       # block 1 (64); resnext: stage-1 output / 64 (4)
@@ -89,6 +95,17 @@ class ModelSpec:
     if not arch.branched and self.num_branches != 1:
       raise ValueError(f"num_branches={self.num_branches} is invalid for {self.kind}, which "
                        "has one branch: use a branched kind (e.g. one_resnet)")
+    if arch.branched and self.method is None:
+      object.__setattr__(self, "method", "one")
+    if self.method is not None and self.method not in models.ENSEMBLES:
+      raise ValueError(f"method={self.method!r} is unknown: use one of "
+                       f"{', '.join(models.ENSEMBLES)}")
+    if not arch.branched and self.method not in (None, "one"):
+      raise ValueError(f"method={self.method!r} trains several branches, and {self.kind} has "
+                       "one: use a branched kind (e.g. one_resnet), or method='one' for a "
+                       "baseline (cross-entropy)")
+    if not arch.branched:
+      object.__setattr__(self, "method", None)
     models.resolve_branch_impl(self.branch_impl)
     kernels.resolve_conv_impl(self.conv_impl)
     models.resolve_compute_dtype(self.compute_dtype, self.conv_impl)
@@ -103,22 +120,28 @@ class ModelSpec:
 
   @classmethod
   def from_config(cls, config) -> "ModelSpec":
-    """The model of an experiment config (config.model, depth, num_classes, ...)."""
+    """The model of an experiment config (config.model, depth, num_classes, method, ...)."""
     arch = architecture(config.model)
     branches = config.num_branches if arch.branched else 1
+    method = config.get("method", "one")
+    backprop_scale = (arch.branched and method == "cl_ilr"
+                      and config.get("cl_ilr_backprop_scale", True))
     return cls(kind=config.model, depth=config.depth, num_classes=config.num_classes,
                num_branches=branches, branch_impl=config.get("branch_impl", "auto"),
                active_branches=parse_active_branches(config.get("active_branches", ""),
                                                      branches),
                conv_impl=config.get("conv_impl", "auto"),
                compute_dtype=config.get("compute_dtype", "float32"),
+               method=method if arch.branched or method != "one" else None,
+               trunk_grad_scale=1.0 / branches if backprop_scale else 1.0,
                **_config_options(config, arch))
 
   def config_fields(self) -> Dict[str, Any]:
     """The config fields that describe this model's architecture (e.g. one restored from disk):
     config.update(spec.config_fields()) makes a config train or evaluate exactly it."""
     fields = {"model": self.kind, "depth": self.depth, "num_classes": self.num_classes,
-              "num_branches": self.num_branches, "active_branches": ""}
+              "num_branches": self.num_branches, "active_branches": "",
+              "method": self.method or "one"}
     return {**fields, **{name: CONFIG_UNSET[name] for name in OPTIONS}, **self.options()}
 
   def options(self) -> Dict[str, Any]:
@@ -136,6 +159,8 @@ class ModelSpec:
     info = {"kind": self.kind, "depth": self.depth, "num_classes": self.num_classes}
     if arch.branched:
       info["num_branches"] = self.num_branches
+      if self.method != "one":
+        info["method"] = self.method
     info.update(self.recorded_options())
     info.update(arch.details(self))
     return info
@@ -155,7 +180,8 @@ class ModelSpec:
       raise ValueError(f"model info {dict(info)} lacks num_branches")
     options = {name: info[name] for name, _ in arch.options if name in info}
     spec = cls(kind=info["kind"], depth=info["depth"], num_classes=info["num_classes"],
-               num_branches=info["num_branches"] if arch.branched else 1, **options, **runtime)
+               num_branches=info["num_branches"] if arch.branched else 1,
+               method=info.get("method") if arch.branched else None, **options, **runtime)
     for field, value in arch.details(spec).items():
       if field in info and info[field] != value:
         raise ValueError(f"claims {info[field]} {field}s at depth {spec.depth}, which uses "
@@ -166,8 +192,13 @@ class ModelSpec:
 
   @property
   def branched(self) -> bool:
-    """ONE-style: stacked 'branches' and a 'gate' (else one 'branch', logits out)."""
+    """ONE-style: stacked 'branches' (else one 'branch', logits out)."""
     return architecture(self.kind).branched
+
+  @property
+  def has_gate(self) -> bool:
+    """Whether the branches are combined by ONE's gate ('gate', 'gate_offset'), not a mean."""
+    return self.branched and models.ENSEMBLES[self.method] == "gate"
 
   def with_branches(self, num_branches: Optional[int]) -> "ModelSpec":
     """The model of the same family with num_branches (the unbranched kind for None)."""
@@ -177,8 +208,11 @@ class ModelSpec:
     if not kinds:
       raise ValueError(f"{self.kind} has no {'branched' if num_branches else 'single-branch'} "
                        "counterpart")
+    method = None if num_branches is None else self.method or "one"
     return dataclasses.replace(self, kind=kinds[0], num_branches=num_branches or 1,
-                               active_branches=None)
+                               active_branches=None, method=method,
+                               trunk_grad_scale=1.0 if num_branches is None
+                               else self.trunk_grad_scale)
 
   def build(self, axis_name: Optional[str] = None, **overrides) -> nn.Module:
     """The Flax module (axis_name: synchronised BatchNorm over that mapped axis)."""
@@ -206,6 +240,8 @@ class ModelSpec:
                       for k, v in self.recorded_options().items())
     details += "".join(f", {v} {k}s" for k, v in arch.details(self).items())
     branches = f"{self.num_branches} branch{'es' if self.num_branches != 1 else ''}"
+    if self.branched and self.method != "one":
+      branches += f" ({self.method}: no gate)" if not self.has_gate else f" ({self.method})"
     return (f"{arch.title} ({self.kind}), depth {self.depth}{details}, {branches}, "
             f"{self.num_classes} classes")
 
@@ -309,7 +345,8 @@ def family(name: str, title: str, trunk: type, branch: type,
   def one(spec, axis_name):
     return models.OneModel(**module_args(spec), num_branches=spec.num_branches,
                            branch_impl=spec.branch_impl, active_branches=spec.active_branches,
-                           axis_name=axis_name)
+                           axis_name=axis_name, gated=spec.has_gate,
+                           trunk_grad_scale=spec.trunk_grad_scale)
 
   def baseline(spec, axis_name):
     return models.Baseline(**module_args(spec), axis_name=axis_name)

@@ -4,6 +4,7 @@ Parameter tree (the contract that checkpoints, surgery and conversion rely on):
 
   Baseline:  {'trunk': T, 'branch': Br}
   OneModel:  {'trunk': T, 'branches': Br stacked on a leading axis of size B, 'gate': G}
+             (no 'gate' for the methods whose ensemble is the branches' mean: ENSEMBLES)
 
 T and Br are the family's trunk and branch modules (the CIFAR ResNet's T: the stem 'conv1',
 'bn1' and stages 1-2 'layer1_0', ..., 'layer2_{n-1}'; its Br: stage 3 'layer3_0', ... and the
@@ -25,6 +26,10 @@ from one_jax.architectures import layers
 from one_jax.architectures.layers import ModuleDef
 
 BRANCH_IMPLS = ("auto", "loop", "vmap")
+# How a branched model combines its branches, by method (ModelSpec.method): ONE's learned gate
+# (parameters 'gate', the 'gate_offset' collection), or the plain mean of the branches' logits
+# (no parameters: CL-ILR).
+ENSEMBLES = {"one": "gate", "cl_ilr": "mean"}
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -125,21 +130,35 @@ def one_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef
 
   trunk(conv=, norm=, name=) and branch(conv=, norm=, name=) make the family's modules (x ->
   features, features -> logits); `module` gives num_branches, branch_impl, active_branches,
-  axis_name, conv_impl and compute_dtype. The tree: 'trunk', 'branches' (stacked), 'gate', and
-  the gate's log-weight offset in the 'gate_offset' collection. The layers compute in the
+  axis_name, conv_impl, compute_dtype, gated (ONE's gate, else the branches' mean) and
+  trunk_grad_scale (what the gradient from the branches into the trunk is multiplied by: CL-ILR's
+  1/B). The tree: 'trunk', 'branches' (stacked), and when gated 'gate' and the gate's log-weight
+  offset in the 'gate_offset' collection. The layers compute in the
   images' dtype (compute_dtype); logits and gate come out in (at least) float32.
   """
   conv, norm = layers.conv_and_norm(train, module.axis_name, module.conv_impl)
   images = _in_compute_dtype(images, module.compute_dtype)  # the layers follow x's dtype
   x = trunk(conv=conv, norm=norm, name="trunk")(images)
+  branch_input = x if module.trunk_grad_scale == 1.0 else layers.scale_gradient(
+      x, module.trunk_grad_scale)
   branch_logits = layers.at_least_float32(stacked_branches(
       functools.partial(branch, conv=conv, norm=norm), module.num_branches,
-      resolve_branch_impl(module.branch_impl), name="branches")(x))
-  offset = module.variable("gate_offset", "log_weight",
-                           lambda: jnp.zeros((module.num_branches,), jnp.float32))
-  gate = Gate(module.num_branches, norm, module.active_branches, name="gate")(x, offset.value)
+      resolve_branch_impl(module.branch_impl), name="branches")(branch_input))
+  if module.gated:
+    offset = module.variable("gate_offset", "log_weight",
+                             lambda: jnp.zeros((module.num_branches,), jnp.float32))
+    gate = Gate(module.num_branches, norm, module.active_branches, name="gate")(x, offset.value)
+  else:
+    gate = mean_weights(branch_logits.shape[1], module.num_branches, module.active_branches)
   ensemble = jnp.einsum("nb,bnc->nc", gate, branch_logits)
   return OneOutput(branch_logits=branch_logits, gate=gate, ensemble_logits=ensemble)
+
+
+def mean_weights(batch: int, num_branches: int, active_branches=None) -> jax.Array:
+  """[N, B] equal weights over the (active) branches: the ensemble of a gate-less model."""
+  active = jnp.ones((num_branches,)) if active_branches is None else jnp.asarray(
+      active_branches, jnp.float32)
+  return jnp.broadcast_to(active / jnp.sum(active), (batch, num_branches)).astype(jnp.float32)
 
 
 def baseline_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef):
@@ -173,6 +192,8 @@ class OneModel(nn.Module):
   axis_name: Optional[str] = None
   conv_impl: str = "auto"
   compute_dtype: str = "float32"   # COMPUTE_DTYPES: what the layers compute in
+  gated: bool = True               # ONE's gate; False: the ensemble is the branches' mean
+  trunk_grad_scale: float = 1.0    # the gradient entering the trunk from the branches, times
 
   @nn.compact
   def __call__(self, images, train: bool = False) -> OneOutput:

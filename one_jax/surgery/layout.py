@@ -164,7 +164,7 @@ class Model:
 
   @property
   def has_gate(self) -> bool:
-    return self.spec.branched
+    return self.spec.has_gate
 
   def slot(self, key, b):
     """Branch slot b of a leaf, keeping the slot axis (a [1, ...] copy)."""
@@ -190,7 +190,7 @@ def view(state, info, what: str) -> Model:
     raise SurgeryError(f"{what} has no 'params' and 'batch_stats': it is not a model checkpoint")
   variables = {tree: _flatten(state[tree[0]]) for tree in (PARAMS, STATS)}
   num_branches = spec.num_branches
-  if spec.branched:
+  if spec.has_gate:
     offset = state.get("gate_offset", {"log_weight": np.zeros([num_branches], np.float32)})
     variables[OFFSET] = _flatten(offset)
   expected = {key: tuple(s.shape) for key, s in _template(spec).items()}

@@ -4,6 +4,7 @@ Each is a pure function on checkpoint states (the `state` item of a one_jax chec
 {'params', 'batch_stats', ['gate_offset'], ['opt_state'], 'step'}) and model infos
 (meta['model']), returning the new (state, info); files.py writes them.
 """
+import dataclasses
 import collections
 import functools
 from typing import List, Mapping, Optional, Sequence, Union
@@ -28,7 +29,9 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
   ensemble output is unchanged on every input. fresh: new slots from a fresh initialisation
   (rng: a PRNG key or an int seed, default 0), with fresh gate columns and zero momentum.
   A baseline is expanded as a 1-branch model with fresh gate columns (in copy mode all equal,
-  so its output is kept). fresh_gate: 'zero' or 'init' (see layout.FRESH_GATE).
+  so its output is kept). fresh_gate: 'zero' or 'init' (see layout.FRESH_GATE). A model
+  without a gate (CL-ILR: the ensemble is the branches' mean) keeps its branches exactly; its
+  ensemble then counts each copy as a branch.
   """
   model = layout.view(state, info, "the model")
   m = model.num_branches
@@ -63,6 +66,8 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
   slots = kept + [(model, s) for s in sources]  # a copy takes its source's gate column too
   gate = slots if model.has_gate else [column(0)] * n  # a baseline's copies: equal columns
   state = layout.assemble(out, trunk=model, slots=slots, gate=gate, reset_optimizer=reset_optimizer)
+  if not out.has_gate:   # a mean ensemble (CL-ILR) now weighs each copy as a branch
+    return state, out.to_dict()
   # Each source and its copies share its gate weight: a - log(k + 1) on k + 1 equal activations.
   origin = list(range(m)) + sources
   uses = collections.Counter(origin)
@@ -76,7 +81,8 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
 def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
           slots: Optional[Sequence[int]] = None, trunk_from: Union[int, str] = 0,
           fresh_gate: str = "zero", rng=None, reset_optimizer: bool = False):
-  """k models (baselines or ONE models, all their branches in order) -> one ONE model.
+  """k models (baselines or branched models of one method, all their branches in order) ->
+  one branched model of that method (ONE for baselines alone).
 
   slots[i] is the output slot of the i-th source branch (default: in order). The trunk
   (params, batch_stats, momentum) comes from source trunk_from, or 'mean' averages all
@@ -91,6 +97,11 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
   whats = [f"source {i}" for i in range(len(states))]
   layout.check_same_architecture([layout.check_info(i, w) for i, w in zip(infos, whats)], whats, "merge")
   views = [layout.view(s, i, w) for s, i, w in zip(states, infos, whats)]
+  methods = sorted({v.spec.method for v in views if v.spec.branched})
+  if len(methods) > 1:
+    raise layout.SurgeryError(f"merge: the sources are models of different methods "
+                              f"({' and '.join(methods)}), whose parts besides the branches "
+                              "differ: merge models of one method, or baselines")
   branches = [(v, b) for v in views for b in range(v.num_branches)]
   total = len(branches)
   order = list(range(total)) if slots is None else list(slots)
@@ -107,7 +118,7 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
   if not reset_optimizer:
     layout.check_opt_compatible("merge", views, whats)
   plan = [branches[order.index(slot)] for slot in range(total)]
-  out = views[0].spec.with_branches(total)
+  out = dataclasses.replace(views[0].spec.with_branches(total), method=(methods or ["one"])[0])
   fresh = layout.fresh_model(out, rng) if fresh_gate == "init" else None
   gate = [(m, b) if m.has_gate else _fresh_column(fresh, fresh_gate, k)
           for k, (m, b) in enumerate(plan)]
@@ -153,7 +164,7 @@ def transplant(dst_state, dst_info, src_state, src_info, *, branch: int, slot: i
   layout.check_same_architecture([layout.check_info(dst_info, whats[0]), layout.check_info(src_info, whats[1])],
                            whats, "transplant")
   dst, src = layout.view(dst_state, dst_info, whats[0]), layout.view(src_state, src_info, whats[1])
-  if not dst.has_gate:
+  if not dst.spec.branched:
     raise layout.SurgeryError("transplant: the destination model (--into) is a baseline with one branch: "
                        "transplant into a ONE model, or merge the two models instead")
   layout.check_index("transplant", "--branch", branch, src.num_branches, "the source model (--src)")
@@ -169,7 +180,7 @@ def transplant(dst_state, dst_info, src_state, src_info, *, branch: int, slot: i
 def extract(state, info, *, branch: int, reset_optimizer: bool = False):
   """Branch `branch` with the trunk as its family's baseline state (the deployable student)."""
   model = layout.view(state, info, "the model")
-  if not model.has_gate:
+  if not model.spec.branched:
     raise layout.SurgeryError(f"extract: the model is already a single-branch baseline "
                        f"({model.spec.describe()}): use it as it is")
   layout.check_index("extract", "--branch", branch, model.num_branches, "the model")

@@ -143,6 +143,16 @@ def _depth(value, config) -> None:
   model_spec.check_architecture(config.get("model", "one_resnet"), value, config)
 
 
+def _method(value, config) -> None:
+  """A method other than ONE needs a branched model (a baseline trains with cross-entropy)."""
+  kind = config.get("model", "one_resnet")
+  if value != "one" and kind in model_spec.ARCHITECTURES and not model_spec.ARCHITECTURES[
+      kind].branched:
+    raise ValueError(f"method={value!r} trains several branches, and model={kind!r} has one: "
+                     "use its branched kind (e.g. one_resnet for cifar_resnet), or "
+                     "method='one' for a baseline")
+
+
 def _active_branches(value, config) -> None:
   model_spec.parse_active_branches(value, config.num_branches)
 
@@ -241,7 +251,8 @@ RULES: Sequence[Rule] = (
     Rule("geo_lr_ema", _RATIO),
     Rule("steps_per_epoch", Number(integer=True, low=1, also=(-1,)),
          why="it must be -1 (every step of the data) or a positive cap"),
-    # ONE loss.
+    # The method and its loss.
+    Rule("method", OneOf(tuple(models.ENSEMBLES)), extra=_method),
     Rule("temperature", Number(integer=False, low=0, low_open=True),
          why="it must be > 0 (the logits are divided by it; the reference uses 3)"),
     Rule("rampup_epochs", Number(integer=False, low=0),
@@ -249,6 +260,12 @@ RULES: Sequence[Rule] = (
     Rule("kl_scale", Number(integer=False, low=0)),
     Rule("ensemble_ce", Flag()),
     Rule("stop_gradient", Flag()),
+    Rule("cl_ilr_temperature", Number(integer=False, low=0, low_open=True),
+         why="it must be > 0 (the logits are divided by it; the OKDDip code uses 3)"),
+    Rule("cl_ilr_kl_scale", Number(integer=False, low=0)),
+    Rule("cl_ilr_ce_weight", Number(integer=False, low=0)),
+    Rule("cl_ilr_detach", Flag()),
+    Rule("cl_ilr_backprop_scale", Flag()),
     # Run.
     Rule("seed", Number(integer=True, low=0, high=2**32 - 1)),
     Rule("deterministic", Flag()),

@@ -1,4 +1,4 @@
-"""The ONE loss (DESIGN.md section 3) and the baseline's cross-entropy.
+"""The methods' losses (DESIGN.md section 3): ONE's, CL-ILR's and the baseline's cross-entropy.
 
     L = sum_b CE(z_b, y) + CE(e, y) + w(epoch) * sum_b T^2 KL(softmax(sg(e)/T) || softmax(z_b/T))
 
@@ -95,6 +95,49 @@ def one_loss(output, labels, *, epoch, temperature: float = 3.0, rampup_epochs: 
   if ensemble_ce:
     loss = loss + ce_ens
   terms.update(ce_branches=ce_sum, ce_ensemble=ce_ens, kl=kl_sum, kl_weight=weight, loss=loss)
+  return loss, terms
+
+
+def cl_ilr_loss(output, labels, *, epoch, temperature: float = 3.0, rampup_epochs: float = 80.0,
+                kl_scale: float = 1.0, ce_weight: float = 1.0, detach: bool = False,
+                active_branches: Optional[Sequence[bool]] = None,
+                teacher_eps: float = REFERENCE_TEACHER_EPS,
+                weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """Collaborative learning (Song & Chai, 2018): each branch distilled from the mean of the
+  OTHER branches' logits; no cross-entropy on an ensemble.
+
+    L = ce_weight * sum_b CE(z_b) + kl_scale * w(epoch) * sum_b KL_T(z_b, t_b),
+    t_b = mean_{j != b} z_j
+
+  With the defaults (T = 3, kl_scale 1, ce_weight 1, targets not detached) it is the OKDDip
+  code's CL (`train_one.py --avg`); MCL-OKD's is ce_weight 0.5, kl_scale 0.5, T = 2, detach.
+  Not detached, a branch's KL term also trains the branches its target is made of. Inactive
+  branches (active_branches False) are left out of every term and of the others' targets.
+
+  Terms: 'ce_branch_b', 'ce_branches' (their sum), 'kl' (the unweighted sum over branches),
+  'kl_weight' (w(epoch) * kl_scale) and 'loss'.
+  """
+  num_branches = output.branch_logits.shape[0]
+  active = [True] * num_branches if active_branches is None else list(active_branches)
+  members = [b for b in range(num_branches) if active[b]]
+  terms = {}
+  ce_sum = jnp.zeros((), jnp.float32)  # promoted to float64 by float64 terms
+  kl_sum = jnp.zeros((), jnp.float32)
+  for b in members:
+    ce_b = cross_entropy(output.branch_logits[b], labels, weights)
+    terms[f"ce_branch_{b}"] = ce_b
+    ce_sum = ce_sum + ce_b
+    others = [j for j in members if j != b]
+    if not others:
+      continue
+    target = sum(output.branch_logits[j] for j in others) / len(others)
+    if detach:
+      target = jax.lax.stop_gradient(target)
+    kl_sum = kl_sum + distillation_kl(output.branch_logits[b], target, temperature, teacher_eps,
+                                      weights)
+  weight = kl_weight(epoch, rampup_epochs) * kl_scale
+  loss = ce_weight * ce_sum + weight * kl_sum
+  terms.update(ce_branches=ce_sum, kl=kl_sum, kl_weight=weight, loss=loss)
   return loss, terms
 
 

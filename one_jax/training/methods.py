@@ -11,9 +11,11 @@ Training never branches on the kind of model. It asks the run's `Method` for:
   update_mask                           the branches that are updated (None: all)
   votes                                 whether voting over branches applies
 
-`for_model(config, spec)` picks the method of a model; it is the one place that knows which
-model kind learns how. A new method is a class here (its loss in one_jax.training.losses) and
-one line in `for_model`.
+`for_model(config, spec)` picks the method of a model (spec.method, which the config's
+`method` field sets); it is the one place that knows which model learns how. A new method is a
+class here (its loss in one_jax.training.losses), its entry in METHODS (its options and the
+config fields that set them), and what its model has besides trunk and branches
+(architectures/models.py ENSEMBLES).
 """
 import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
@@ -51,38 +53,28 @@ class CrossEntropy:
     return {"kl_weight": 0.0}
 
 
-@dataclasses.dataclass(frozen=True)
-class One:
-  """ONE (Lan et al., 2018): B branches on a shared trunk, each distilled from the gated
-  ensemble (losses.one_loss); heads 'branch_b', 'ensemble' and the branches' mean."""
-  spec: model_spec.ModelSpec
-  temperature: float = 3.0
-  rampup_epochs: float = 80.0
-  kl_scale: float = 1.0
-  ensemble_ce: bool = True
-  stop_gradient: bool = True
-
-  best_metric = "test/top1/ensemble"
+class _Branches:
+  """What every branched method shares: heads 'branch_b', the method's ensemble head, and the
+  branches' mean accuracy 'mean_branch'; the active-branch update mask; voting."""
+  ensemble_head = "ensemble"
   votes = True
+
+  @property
+  def best_metric(self) -> str:
+    return f"test/top1/{self.ensemble_head}"
 
   @property
   def heads(self) -> Tuple[str, ...]:
     return tuple(f"branch_{b}" for b in range(self.spec.num_branches)) + (
-        "ensemble", "mean_branch")
+        self.ensemble_head, "mean_branch")
 
   @property
   def update_mask(self) -> Optional[Tuple[bool, ...]]:
     return self.spec.active_branches
 
-  def loss(self, output, labels, epoch, weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    return losses.one_loss(output, labels, epoch=epoch, temperature=self.temperature,
-                           rampup_epochs=self.rampup_epochs, kl_scale=self.kl_scale,
-                           ensemble_ce=self.ensemble_ce, stop_gradient=self.stop_gradient,
-                           active_branches=self.spec.active_branches, weights=weights)
-
   def head_logits(self, output) -> Dict[str, jax.Array]:
     named = {f"branch_{b}": output.branch_logits[b] for b in range(self.spec.num_branches)}
-    named["ensemble"] = output.ensemble_logits
+    named[self.ensemble_head] = output.ensemble_logits
     return named
 
   def with_derived(self, metrics: Dict[str, float], split: str) -> Dict[str, float]:
@@ -99,13 +91,65 @@ class One:
     return {"kl_weight": float(losses.kl_weight(epoch, self.rampup_epochs) * self.kl_scale)}
 
 
-Method = Any  # CrossEntropy | One: the interface of the module docstring
+@dataclasses.dataclass(frozen=True)
+class One(_Branches):
+  """ONE (Lan et al., 2018): B branches on a shared trunk, each distilled from the gated
+  ensemble (losses.one_loss); heads 'branch_b', 'ensemble' (deployed) and the branches' mean."""
+  spec: model_spec.ModelSpec
+  temperature: float = 3.0
+  rampup_epochs: float = 80.0
+  kl_scale: float = 1.0
+  ensemble_ce: bool = True
+  stop_gradient: bool = True
+
+  def loss(self, output, labels, epoch, weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    return losses.one_loss(output, labels, epoch=epoch, temperature=self.temperature,
+                           rampup_epochs=self.rampup_epochs, kl_scale=self.kl_scale,
+                           ensemble_ce=self.ensemble_ce, stop_gradient=self.stop_gradient,
+                           active_branches=self.spec.active_branches, weights=weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClIlr(_Branches):
+  """CL-ILR (Song & Chai, 2018): B branches on a shared trunk, each distilled from the mean of
+  the others (losses.cl_ilr_loss); no gate. Heads 'branch_b' and 'peers_mean' (the mean of all
+  branches' logits: deployed, picks the best checkpoint). ILR, the 1/B gradient into the trunk,
+  is the model's (ModelSpec.trunk_grad_scale)."""
+  spec: model_spec.ModelSpec
+  temperature: float = 3.0
+  rampup_epochs: float = 80.0
+  kl_scale: float = 1.0
+  ce_weight: float = 1.0
+  detach: bool = False
+
+  ensemble_head = "peers_mean"
+
+  def loss(self, output, labels, epoch, weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    return losses.cl_ilr_loss(output, labels, epoch=epoch, temperature=self.temperature,
+                              rampup_epochs=self.rampup_epochs, kl_scale=self.kl_scale,
+                              ce_weight=self.ce_weight, detach=self.detach,
+                              active_branches=self.spec.active_branches, weights=weights)
+
+
+Method = Any  # CrossEntropy | One | ClIlr: the interface of the module docstring
+
+# config.method -> (its class, {its option: the config field that sets it}). ONE's fields keep
+# their historical names; every other method's carry its name.
+METHODS = {
+    "one": (One, dict(temperature="temperature", rampup_epochs="rampup_epochs",
+                      kl_scale="kl_scale", ensemble_ce="ensemble_ce",
+                      stop_gradient="stop_gradient")),
+    "cl_ilr": (ClIlr, dict(temperature="cl_ilr_temperature", rampup_epochs="rampup_epochs",
+                           kl_scale="cl_ilr_kl_scale", ce_weight="cl_ilr_ce_weight",
+                           detach="cl_ilr_detach")),
+}
 
 
 def for_model(config, spec: model_spec.ModelSpec) -> Method:
-  """The method that trains and evaluates `spec` under `config`'s loss settings."""
+  """The method that trains and evaluates `spec` (its spec.method) under `config`'s settings;
+  a field the config lacks keeps the method's default."""
   if not spec.branched:
     return CrossEntropy(spec)
-  return One(spec, temperature=config.temperature, rampup_epochs=config.rampup_epochs,
-             kl_scale=config.kl_scale, ensemble_ce=config.ensemble_ce,
-             stop_gradient=config.stop_gradient)
+  cls, fields = METHODS[spec.method]
+  return cls(spec, **{option: config[field] for option, field in fields.items()
+                      if field in config})

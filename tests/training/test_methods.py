@@ -50,3 +50,28 @@ def test_the_one_method_computes_the_one_loss_and_names_its_heads():
                               "test/top1/branch_2": 0.6, "test/top5/branch_0": 1.0}, "test")
   np.testing.assert_allclose(derived["test/top1/mean_branch"], 0.6)
   assert derived["test/top5/mean_branch"] == 1.0
+
+
+def test_methods_configs_put_each_method_on_any_paper_row():
+  """configs/methods.py: METHOD[:ROW] at the peers' recipe; only the method differs."""
+  from configs import methods as method_configs, paper  # pylint: disable=g-import-not-at-top
+  one, cl = method_configs.get_config("one"), method_configs.get_config("cl_ilr")
+  assert (cl.method, cl.model, cl.depth, cl.dataset) == ("cl_ilr", "one_resnet", 32, "cifar100")
+  assert (cl.weight_decay, cl.nesterov, cl.momentum, cl.milestones, cl.num_epochs,
+          cl.batch_size, cl.num_branches) == (5e-4, True, 0.9, (150, 225), 300, 128, 3)
+  differ = {k for k in cl.keys() if cl[k] != one[k]}
+  assert differ == {"method", "variant"}
+  row = method_configs.get_config("cl_ilr:resnet110_peers_cifar100")
+  assert (row.depth, row.depth_rule) == (110, "peers")
+  smoke = method_configs.get_config("cl_ilr:vgg16_cifar10,smoke")
+  assert smoke.model == paper.get_config("vgg16_cifar10,smoke").model and smoke.method == "cl_ilr"
+  assert smoke.dataset == "synthetic"
+  model = model_spec.ModelSpec.from_config(smoke)
+  assert model.method == "cl_ilr" and not model.has_gate
+  for bad in ("dml", "cl_ilr:resnet20_cifar10"):
+    try:
+      method_configs.get_config(bad)
+    except ValueError as e:
+      assert "\n" not in str(e)
+    else:
+      raise AssertionError(bad)

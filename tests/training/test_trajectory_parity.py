@@ -1,4 +1,5 @@
-"""Many SGD steps of one_jax's real train step against the PyTorch reference, in float64.
+"""Many SGD steps of one_jax's real train step against the PyTorch reference, in float64: ONE,
+CL-ILR (against the OKDDip code's CL with ILR, tests/torch_reference.py) and the baseline.
 
 One set of initial weights (one_jax's init, converted with one_jax.convert), one fixed
 sequence of batches (the real input pipeline without augmentation), then EPOCHS x
@@ -46,7 +47,10 @@ RTOL = 1e-10
 
 
 def _config(model: str):
+  """'one_resnet' (ONE), 'cl_ilr' (the OKDDip code's CL with ILR) or 'cifar_resnet'."""
   c = common.base_config()
+  c.method = "cl_ilr" if model == "cl_ilr" else "one"
+  model = "one_resnet" if model == "cl_ilr" else model
   c.model = model
   c.num_branches = BRANCHES if model == "one_resnet" else 1
   c.depth, c.num_classes, c.batch_size = DEPTH, CLASSES, BATCH
@@ -91,8 +95,10 @@ def _torch_terms(terms):
   if "ce_branches" not in terms:
     return {"ce": float(terms["ce"]), "loss": float(terms["loss"])}
   out = {f"ce_branch_{b}": float(c) for b, c in enumerate(terms["ce_branches"])}
-  out.update(ce_ensemble=float(terms["ce_ensemble"]), kl=float(terms["kl"]),
-             kl_weight=float(terms["kl_weight"]), loss=float(terms["loss"]))
+  out.update(kl=float(terms["kl"]), kl_weight=float(terms["kl_weight"]),
+             loss=float(terms["loss"]))
+  if "ce_ensemble" in terms:
+    out["ce_ensemble"] = float(terms["ce_ensemble"])
   return out
 
 
@@ -124,8 +130,9 @@ def _run_both(model_kind: str):
     state = dict(variables, opt_state=_to_float64(tx.init(variables["params"])))
     initial = _export(spec, state["params"], state["batch_stats"])
 
-    torch_model = (tr.ONE_ResNet(DEPTH, CLASSES, BRANCHES) if model_kind == "one_resnet"
-                   else tr.ResNet(DEPTH, CLASSES)).double()
+    torch_model = {"one_resnet": lambda: tr.ONE_ResNet(DEPTH, CLASSES, BRANCHES),
+                   "cl_ilr": lambda: tr.CL_ResNet(DEPTH, CLASSES, BRANCHES),
+                   "cifar_resnet": lambda: tr.ResNet(DEPTH, CLASSES)}[model_kind]().double()
     missing, unexpected = torch_model.load_state_dict(
         {k: torch.from_numpy(v) for k, v in initial.items()}, strict=False)
     assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
@@ -177,7 +184,7 @@ def one_torch_thread():
   torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("model_kind", ["one_resnet", "cifar_resnet"])
+@pytest.mark.parametrize("model_kind", ["one_resnet", "cl_ilr", "cifar_resnet"])
 def test_trajectory_matches_reference_in_float64(model_kind, one_torch_thread):
   worst, moved = _run_both(model_kind)
   assert len(worst) == EPOCHS * STEPS_PER_EPOCH
