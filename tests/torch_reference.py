@@ -97,7 +97,8 @@ def _reference_init(module):
 
 
 class _Trunk(nn.Module):
-  """Stem + layer1 + layer2, shared by ResNet and ONE_ResNet (names as in the reference)."""
+  """Stem + layer1 + layer2, shared by ResNet, ONE_ResNet and CL_ResNet (names as in the
+  reference), and the branches of the two branched ones."""
 
   def _build_trunk(self, depth):
     block, n = _block_and_n(depth)
@@ -111,6 +112,28 @@ class _Trunk(nn.Module):
   def trunk(self, x):
     x = self.relu(self.bn1(self.conv1(x)))
     return self.layer2(self.layer1(x))  # 16x16
+
+  def _build_branches(self, depth, num_classes, num_branches, between=None):
+    """Trunk, then 'layer3_b' (b = 1..B), what `between(inplanes)` registers (ONE's gate), the
+    'avgpool' and 'classfier3_b': the reference's registration order, so its key order."""
+    block, n, inplanes = self._build_trunk(depth)
+    self.num_branches = num_branches
+    for b in range(1, num_branches + 1):
+      setattr(self, f"layer3_{b}", _make_layer(block, inplanes, 64, n, stride=2)[0])
+    if between is not None:
+      between(inplanes)
+    self.avgpool = nn.AvgPool2d(8)
+    for b in range(1, num_branches + 1):
+      setattr(self, f"classfier3_{b}", nn.Linear(64 * block.expansion, num_classes))
+    _reference_init(self)
+    # Plain lists (not registered again) so forward has no getattr-by-name per call.
+    self._layer3 = [getattr(self, f"layer3_{b}") for b in range(1, num_branches + 1)]
+    self._classifiers = [getattr(self, f"classfier3_{b}") for b in range(1, num_branches + 1)]
+
+  def _branch_logits(self, x, dim=0):
+    """Every branch's logits of the trunk output x, stacked on `dim`."""
+    return torch.stack([fc(self.avgpool(layer(x)).flatten(1))
+                        for layer, fc in zip(self._layer3, self._classifiers)], dim=dim)
 
 
 class ResNet(_Trunk):
@@ -138,27 +161,18 @@ class ONE_ResNet(_Trunk):  # pylint: disable=invalid-name
 
   def __init__(self, depth, num_classes=10, num_branches=3):
     super().__init__()
-    block, n, inplanes = self._build_trunk(depth)
-    self.num_branches = num_branches
-    for b in range(1, num_branches + 1):
-      setattr(self, f"layer3_{b}", _make_layer(block, inplanes, 64, n, stride=2)[0])
-    self.control_v1 = nn.Linear(inplanes, num_branches)
-    self.bn_v1 = nn.BatchNorm1d(num_branches)
-    self.avgpool = nn.AvgPool2d(8)
+
+    def gate(inplanes):
+      self.control_v1 = nn.Linear(inplanes, num_branches)
+      self.bn_v1 = nn.BatchNorm1d(num_branches)
+    self._build_branches(depth, num_classes, num_branches, between=gate)
     self.avgpool_c = nn.AvgPool2d(16)
-    for b in range(1, num_branches + 1):
-      setattr(self, f"classfier3_{b}", nn.Linear(64 * block.expansion, num_classes))
-    _reference_init(self)
-    # Plain lists (not registered again) so forward has no getattr-by-name per call.
-    self._layer3 = [getattr(self, f"layer3_{b}") for b in range(1, num_branches + 1)]
-    self._classifiers = [getattr(self, f"classfier3_{b}") for b in range(1, num_branches + 1)]
 
   def forward(self, x):
     x = self.trunk(x)
     gate = self.avgpool_c(x).flatten(1)
     gate = F.softmax(F.relu(self.bn_v1(self.control_v1(gate))), dim=1)
-    logits = torch.stack([fc(self.avgpool(layer(x)).flatten(1))
-                          for layer, fc in zip(self._layer3, self._classifiers)])
+    logits = self._branch_logits(x)
     ensemble = torch.einsum("nb,bnc->nc", gate, logits)
     return logits, gate, ensemble
 
@@ -280,23 +294,14 @@ class CL_ResNet(_Trunk):  # pylint: disable=invalid-name
 
   def __init__(self, depth, num_classes=10, num_branches=3, bpscale=True):
     super().__init__()
-    block, n, inplanes = self._build_trunk(depth)
-    self.num_branches, self.bpscale = num_branches, bpscale
-    for b in range(1, num_branches + 1):
-      setattr(self, f"layer3_{b}", _make_layer(block, inplanes, 64, n, stride=2)[0])
-    self.avgpool = nn.AvgPool2d(8)
-    for b in range(1, num_branches + 1):
-      setattr(self, f"classfier3_{b}", nn.Linear(64 * block.expansion, num_classes))
-    _reference_init(self)
-    self._layer3 = [getattr(self, f"layer3_{b}") for b in range(1, num_branches + 1)]
-    self._classifiers = [getattr(self, f"classfier3_{b}") for b in range(1, num_branches + 1)]
+    self._build_branches(depth, num_classes, num_branches)
+    self.bpscale = bpscale
 
   def forward(self, x):
     x = self.trunk(x)
     if self.bpscale:
       x = ILR.apply(x, self.num_branches)
-    return torch.stack([fc(self.avgpool(layer(x)).flatten(1))
-                        for layer, fc in zip(self._layer3, self._classifiers)], dim=-1)
+    return self._branch_logits(x, dim=-1)
 
 
 def cl_loss_terms(pro, labels, consistency_weight, temperature=3.0, alpha=1.0, ce_weight=1.0,
