@@ -274,14 +274,14 @@ def heads_from_keys(keys: Sequence[str]) -> List[str]:
   return [k[len(prefix):] for k in keys if k.startswith(prefix)]
 
 
-def _percent_scale(rows: Sequence[dict]) -> float:
+def percent_scale(rows: Sequence[dict]) -> float:
   """100 if accuracies are fractions (all <= 1), else 1 (already percentages)."""
   values = [v for r in rows for k, v in r.items()
             if ("/top1/" in k or "/top5/" in k) and isinstance(v, (int, float)) and math.isfinite(v)]
   return 1.0 if values and max(values) > 1.0 else 100.0
 
 
-def _final_and_best(rows: Sequence[dict], key: str):
+def final_and_best(rows: Sequence[dict], key: str):
   """(final value, best value, epoch of the first best) of `key`; None where never logged."""
   final = best = best_epoch = None
   for i, row in enumerate(rows):
@@ -296,13 +296,13 @@ def _final_and_best(rows: Sequence[dict], key: str):
 
 def summary_table(rows: List[dict], heads: List[str]) -> str:
   """Final vs best test top-1/top-5 per head, as percentages with 2 decimals."""
-  scale = _percent_scale(rows)
+  scale = percent_scale(rows)
   fmt = lambda v: "-" if v is None else f"{v * scale:.2f}%"
   header = ["head", "final top-1", "best top-1 (epoch)", "final top-5", "best top-5"]
   lines = []
   for head in heads:
-    f1, b1, e1 = _final_and_best(rows, f"test/top1/{head}")
-    f5, b5, _ = _final_and_best(rows, f"test/top5/{head}")
+    f1, b1, e1 = final_and_best(rows, f"test/top1/{head}")
+    f5, b5, _ = final_and_best(rows, f"test/top5/{head}")
     best1 = "-" if b1 is None else f"{fmt(b1)} ({e1})"
     lines.append([head, fmt(f1), best1, fmt(f5), fmt(b5)])
   widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
@@ -328,7 +328,7 @@ def plot_curves(rows: Sequence[dict], path: str) -> None:
   keys = []
   for row in rows:
     keys.extend(k for k in row if k not in keys)
-  scale = _percent_scale(rows)
+  scale = percent_scale(rows)
   panels = []  # (title, ylabel, [(key, label, style)], yscale factor)
   losses = [(k, k[len("train/"):], "-") for k in keys if _is_loss_key(k)]
   losses += [(k, k, "--") for k in keys if k == "test/loss"]
