@@ -7,7 +7,8 @@ flax variable tree, so both directions are the same table:
   conv1 / bn1 / layer{1,2}.{i}.*       <-> trunk/conv1, trunk/bn1, trunk/layer{1,2}_{i}/*
   layer3_{b}.{i}.*, classfier3_{b}     <-> branches/layer3_{i}/*, branches/classifier [b-1]
   layer3.{i}.*, fc (baseline)          <-> branch/layer3_{i}/*, branch/classifier
-  control_v1, bn_v1                    <-> gate/dense, gate/bn
+  control_v1, bn_v1                    <-> gate/dense, gate/bn (absent: a CL-ILR model, as
+                                           the OKDDip code's CL ResNet, resnet_one.py avg=True)
   {..}.downsample.0 / .downsample.1    <-> {..}/downsample_conv / {..}/downsample_bn
   weight (conv OIHW, linear [out, in]) <-> kernel (HWIO, [in, out]); BN weight <-> scale;
   running_mean / running_var           <-> batch_stats mean / var
@@ -101,8 +102,10 @@ def infer_model(state_dict, source: str):
   num_classes = int(weight.shape[0])
   if not is_one:
     return model_spec.ModelSpec("cifar_resnet", depth, num_classes, depth_rule=rule), spelling
-  return model_spec.ModelSpec("one_resnet", depth, num_classes, max(branches),
-                              depth_rule=rule), spelling
+  # Branches without ONE's gate: the OKDDip code's CL model (resnet_one.py with avg=True).
+  gated = any(k.startswith(("control_v1.", "bn_v1.")) for k in keys)
+  return model_spec.ModelSpec("one_resnet", depth, num_classes, max(branches), depth_rule=rule,
+                              method="one" if gated else "cl_ilr"), spelling
 
 
 def import_state_dict(state_dict, source: str, prefixed: bool) -> torch_common.TorchImport:

@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--fresh_gate", default="zero", choices=surgery.FRESH_GATES,
                  help="gate columns of baseline sources: zero (no gradient) or init (random)")
   p.add_argument("--seed", type=int, default=0, help="seed of fresh gate columns (init)")
+  p.add_argument("--method", default=None,
+                 help="the merged model's method (default: the sources', ONE for baselines): "
+                      "e.g. cl_ilr to merge baselines into a CL-ILR model")
   p.add_argument("--reset_optimizer", action="store_true")
   p = sub.add_parser("transplant", help="branch I of X into slot J of Y")
   p.add_argument("--src", required=True)
@@ -88,7 +91,7 @@ def _run(argv) -> None:
   elif args.command == "merge":
     out = surgery.run_merge(args.src, args.dst, slots=args.slots, trunk_from=args.trunk_from,
                             fresh_gate=args.fresh_gate, seed=args.seed,
-                    reset_optimizer=args.reset_optimizer)
+                            reset_optimizer=args.reset_optimizer, method=args.method)
   elif args.command == "transplant":
     out = surgery.run_transplant(args.src, args.branch, args.into, args.slot, args.dst,
                                  reset_optimizer=args.reset_optimizer)

@@ -67,17 +67,18 @@ def run_expand(src: str, dst: str, num_branches: int, *, mode: str = "copy",
 
 def run_merge(srcs: Sequence[str], dst: str, *, slots: Optional[Sequence[int]] = None,
               trunk_from: Union[int, str] = 0, fresh_gate: str = "zero", seed: int = 0,
-              reset_optimizer: bool = False, into_run: bool = False, check=None) -> str:
+              reset_optimizer: bool = False, into_run: bool = False, check=None,
+              method: Optional[str] = None) -> str:
   """into_run: see _check_dst. check(state, info): raises to refuse the merged model before
-  anything is written."""
+  anything is written. method: the output's (operations.merge)."""
   dst = _check_dst(dst, srcs, into_run=into_run)
   restored = [_restore(s) for s in srcs]
   new_state, info = operations.merge([s for s, _ in restored], [m["model"] for _, m in restored],
                                      slots=slots, trunk_from=trunk_from, fresh_gate=fresh_gate,
-                                     rng=seed, reset_optimizer=reset_optimizer)
+                                     rng=seed, reset_optimizer=reset_optimizer, method=method)
   trunk_meta = restored[0 if trunk_from == "mean" else int(trunk_from)][1]
   return _save(dst, new_state, info, trunk_meta, {
-      "operation": "merge", "trunk_from": trunk_from,
+      "operation": "merge", "trunk_from": trunk_from, "method": info.get("method", "one"),
       "slots": None if slots is None else [int(s) for s in slots], "fresh_gate": fresh_gate,
       "seed": int(seed),
       "reset_optimizer": bool(reset_optimizer),

@@ -12,6 +12,7 @@ from typing import List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from one_jax import validate
+from one_jax.architectures import models
 from one_jax.surgery import layout
 
 
@@ -80,7 +81,8 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
 
 def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
           slots: Optional[Sequence[int]] = None, trunk_from: Union[int, str] = 0,
-          fresh_gate: str = "zero", rng=None, reset_optimizer: bool = False):
+          fresh_gate: str = "zero", rng=None, reset_optimizer: bool = False,
+          method: Optional[str] = None):
   """k models (baselines or branched models of one method, all their branches in order) ->
   one branched model of that method (ONE for baselines alone).
 
@@ -90,18 +92,23 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
   comes from its source where that has a gate, else is fresh (fresh_gate 'zero': zero dense
   column and initial BatchNorm; 'init': from a fresh initialisation with rng, see layout.FRESH_GATE).
   Step counters of the optimizer state and 'step' come from the trunk's source
-  (source 0 for 'mean').
+  (source 0 for 'mean'). method: the output's method (default: the branched sources', else
+  'one'); baselines merge into any method, a branched source only into its own.
   """
   if not states or len(states) != len(infos):
     raise layout.SurgeryError("merge: give at least one source (--src), each with its model info")
   whats = [f"source {i}" for i in range(len(states))]
   layout.check_same_architecture([layout.check_info(i, w) for i, w in zip(infos, whats)], whats, "merge")
   views = [layout.view(s, i, w) for s, i, w in zip(states, infos, whats)]
-  methods = sorted({v.spec.method for v in views if v.spec.branched})
+  if method is not None and method not in models.ENSEMBLES:
+    raise layout.SurgeryError(f"merge: --method={method!r} is unknown: use one of "
+                              f"{', '.join(models.ENSEMBLES)}")
+  methods = sorted({v.spec.method for v in views if v.spec.branched} | ({method} - {None}))
   if len(methods) > 1:
-    raise layout.SurgeryError(f"merge: the sources are models of different methods "
-                              f"({' and '.join(methods)}), whose parts besides the branches "
-                              "differ: merge models of one method, or baselines")
+    raise layout.SurgeryError(f"merge: {'the sources and --method' if method else 'the sources'}"
+                              f" name different methods ({' and '.join(methods)}), whose parts "
+                              "besides the branches differ: merge models of one method, or "
+                              "baselines into any (--method)")
   branches = [(v, b) for v in views for b in range(v.num_branches)]
   total = len(branches)
   order = list(range(total)) if slots is None else list(slots)

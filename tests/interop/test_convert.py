@@ -504,3 +504,23 @@ def test_peers_depth_rule_exports_and_imports_by_its_blocks():
     result = pytorch.import_state_dict(pytorch.export_torch_state_dict(spec, variables))
     assert (result.spec.depth_rule, result.spec.depth) == back_as
     chex.assert_trees_all_equal(result.variables, variables)
+
+
+def test_a_gateless_cl_model_converts_both_ways():
+  """The OKDDip code's CL ResNet (branches, no control_v1/bn_v1) imports as a CL-ILR model and
+  its export reproduces the state dict."""
+  torch_model = tr.CL_ResNet(8, NUM_CLASSES, 3)
+  original = {k: v.clone() for k, v in torch_model.state_dict().items()}
+  result = pytorch.import_state_dict(original)
+  assert (result.spec.method, result.spec.num_branches, result.spec.has_gate) == ("cl_ilr", 3, False)
+  assert "gate" not in result.variables["params"]
+  back = pytorch.export_torch_state_dict(result.spec, result.variables, module_prefix=False,
+                                         num_batches_tracked=result.num_batches_tracked)
+  assert list(back) == list(original)
+  assert all(torch.equal(back[k], v) for k, v in original.items())
+  images = torch.randn(2, 3, 32, 32)
+  torch_model.eval()
+  with torch.no_grad():
+    want = torch_model(images).numpy()             # [N, C, B]
+  got = result.spec.build().apply(result.variables, _nhwc(images)).branch_logits
+  np.testing.assert_allclose(np.moveaxis(np.asarray(got), 0, -1), want, atol=ATOL)

@@ -131,10 +131,21 @@ def test_merging_models_of_two_methods_is_refused():
   one = model_spec.ModelSpec("one_resnet", 8, C, 2)
   cl = model_spec.ModelSpec("one_resnet", 8, C, 2, method="cl_ilr")
   states = [jax.tree.map(np.asarray, dict(s.init(jax.random.key(0), (8, 8, 3)))) for s in (one, cl)]
-  with pytest.raises(layout.SurgeryError, match="models of different methods"):
+  with pytest.raises(layout.SurgeryError, match="the sources name different methods"):
     operations.merge(states, [one.to_dict(), cl.to_dict()])
+  with pytest.raises(layout.SurgeryError, match="the sources and --method name different"):
+    operations.merge(states[:1], [one.to_dict()], method="cl_ilr")
   merged, info = operations.merge([states[1], states[1]], [cl.to_dict(), cl.to_dict()])
   assert info["method"] == "cl_ilr" and "gate" not in merged["params"]
+  # Baselines merge into any method: three 1-branch models -> a CL-ILR group.
+  base = model_spec.ModelSpec("cifar_resnet", 8, C)
+  base_state = jax.tree.map(np.asarray, dict(base.init(jax.random.key(1), (8, 8, 3))))
+  merged, info = operations.merge([base_state] * 3, [base.to_dict()] * 3, method="cl_ilr")
+  assert (info["method"], info["num_branches"]) == ("cl_ilr", 3) and "gate" not in merged["params"]
+  np.testing.assert_array_equal(merged["params"]["branches"]["classifier"]["kernel"][2],
+                                base_state["params"]["branch"]["classifier"]["kernel"])
+  with pytest.raises(layout.SurgeryError, match="--method='dml' is unknown"):
+    operations.merge([base_state], [base.to_dict()], method="dml")
 
 
 def _main(*args):
