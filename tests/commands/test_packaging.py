@@ -9,6 +9,8 @@ import tarfile
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COMMANDS = ("one-jax-train", "one-jax-surgery", "one-jax-convert", "one-jax-bench",
+            "one-jax-report")   # pyproject.toml's console scripts
 
 
 def test_a_wheel_built_from_the_sdist_contains_the_compiled_kernels(tmp_path):
@@ -41,7 +43,7 @@ def test_a_wheel_built_from_the_sdist_contains_the_compiled_kernels(tmp_path):
     assert not any(n.endswith((".cc", ".inc")) for n in names)   # sources stay in the sdist
     entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     zf.extract(libraries[0], tmp_path / "unpacked")
-  for command in ("one-jax-train", "one-jax-surgery", "one-jax-convert", "one-jax-bench"):
+  for command in COMMANDS:
     assert command in entry_points
   library = ctypes.CDLL(str(tmp_path / "unpacked" / libraries[0]))
   assert library.OneJaxConvForward and library.OneJaxConvWeightGrad   # the FFI handlers
@@ -63,7 +65,7 @@ def test_console_scripts_are_the_python_m_entry_points():
     project = tomllib.load(f)["project"]
   assert project["optional-dependencies"]["torch"] == ["torch>=2.4,<3"]
   scripts = project["scripts"]
-  assert set(scripts) == {"one-jax-train", "one-jax-surgery", "one-jax-convert", "one-jax-bench"}
+  assert set(scripts) == set(COMMANDS)
   for target in scripts.values():
     module, function = target.split(":")
     with open(os.path.join(ROOT, *module.split(".")) + ".py", encoding="utf-8") as f:
