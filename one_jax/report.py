@@ -209,11 +209,12 @@ def plot(runs: Sequence[Run], path: str, metric: str = "top1") -> None:
   epoch (the last head of its method: 'ensemble', 'peers_mean' or a baseline's 'model')."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fields, _, _ = table(runs, metric)
+  groups = group_runs(runs)
+  fields = _label_fields(groups)
   fig = Figure(figsize=(7.0, 4.5), dpi=100)
   FigureCanvasAgg(fig)
   ax = fig.add_subplot(1, 1, 1)
-  for group in group_runs(runs):
+  for group in groups:
     heads = [h for h in metric_writers.heads_from_keys(list(group[0].rows[-1]))
              if h != "mean_branch"]
     head = heads[-1]

@@ -100,11 +100,11 @@ class ModelSpec:
     if self.method is not None and self.method not in models.ENSEMBLES:
       raise ValueError(f"method={self.method!r} is unknown: use one of "
                        f"{', '.join(models.ENSEMBLES)}")
-    if not arch.branched and self.method not in (None, "one"):
-      raise ValueError(f"method={self.method!r} trains several branches, and {self.kind} has "
-                       "one: use a branched kind (e.g. one_resnet), or method='one' for a "
-                       "baseline (cross-entropy)")
-    if not arch.branched:
+    if not arch.branched:   # a baseline trains with cross-entropy: 'one' means no method
+      if self.method not in (None, "one"):
+        raise ValueError(f"method={self.method!r} trains several branches, and {self.kind} "
+                         "has one: use a branched kind (e.g. one_resnet), or method='one' for "
+                         "a baseline (cross-entropy)")
       object.__setattr__(self, "method", None)
     models.resolve_branch_impl(self.branch_impl)
     kernels.resolve_conv_impl(self.conv_impl)
@@ -132,7 +132,7 @@ class ModelSpec:
                                                      branches),
                conv_impl=config.get("conv_impl", "auto"),
                compute_dtype=config.get("compute_dtype", "float32"),
-               method=method if arch.branched or method != "one" else None,
+               method=method,
                trunk_grad_scale=1.0 / branches if backprop_scale else 1.0,
                **_config_options(config, arch))
 
@@ -208,9 +208,10 @@ class ModelSpec:
     if not kinds:
       raise ValueError(f"{self.kind} has no {'branched' if num_branches else 'single-branch'} "
                        "counterpart")
-    method = None if num_branches is None else self.method or "one"
+    # __post_init__ gives a baseline no method and a model from a baseline ONE's.
     return dataclasses.replace(self, kind=kinds[0], num_branches=num_branches or 1,
-                               active_branches=None, method=method,
+                               active_branches=None,
+                               method=None if num_branches is None else self.method,
                                trunk_grad_scale=1.0 if num_branches is None
                                else self.trunk_grad_scale)
 

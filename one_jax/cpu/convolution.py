@@ -5,7 +5,7 @@ The choice is made by the platform a computation is lowered for (lax.platform_de
 by the process's default backend, so a step exported for 'cuda' or 'tpu' from a CPU host carries
 the accelerator form: on GPU and TPU, and for data other than float32 (bfloat16 compute), the
 convolution and its gradients are exactly lax.conv_general_dilated's and jax.grad's. In float32
-on the CPU the custom VJP `cpu_conv2d` takes faster paths to the same numbers: the weight
+on the CPU the custom VJP `_platform_conv2d` takes faster paths to the same numbers: the weight
 gradient over 16-image slices through an opaque copy and, with the kernels
 (one_jax/cpu/kernels.py), the forward and stride-1 input gradient too (benchmarks/NOTES.md,
 entries 3, 4 and 10).
@@ -147,8 +147,9 @@ def conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_C
   The platform the computation is lowered for chooses (lax.platform_dependent, so a step
   exported for 'cuda' or 'tpu' from a CPU host gets the accelerator form): on GPU and TPU, and
   for data other than float32 everywhere, exactly lax.conv_general_dilated (with
-  feature_group_count=groups) differentiated by JAX; in float32 on the CPU, `cpu_conv2d`'s
-  faster forms of the same numbers, one per group: XLA:CPU's convolution library has no
+  feature_group_count=groups) differentiated by JAX (its gradient taken with jax.vjp); in
+  float32 on the CPU, the faster forms of the same numbers below (`_conv2d_value`,
+  `_conv2d_bwd`), one per group: XLA:CPU's convolution library has no
   grouped convolution and compiles one as a plain loop nest, about 50x slower than the same
   work as `groups` ordinary convolutions (benchmarks/NOTES.md entry 14).
   """
@@ -170,7 +171,7 @@ def _join_groups(parts):
 
 
 # The platform choice sits inside one custom VJP (its value, its forward and its backward each
-# choose), not around a differentiated cpu_conv2d: differentiating through
+# choose), not around a differentiated CPU custom VJP: differentiating through
 # lax.platform_dependent linearises and transposes both platforms' branches of every
 # convolution, which cost a ResNet-110 train step 2.3 s of its 7.7 s tracing
 # (benchmarks/NOTES.md entry 19). Same programs once lowered for a platform.
@@ -206,25 +207,20 @@ def _platform_conv2d_bwd(stride, padding, chunk, copy_input, impl, groups, resid
 _platform_conv2d.defvjp(_platform_conv2d_fwd, _platform_conv2d_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def cpu_conv2d(x, kernel, stride: int, padding, chunk: Optional[int] = WEIGHT_GRAD_CHUNK,
-               copy_input: bool = True, impl: str = "xla"):
-  """conv2d's forms for XLA:CPU (only lowered for the CPU; conv2d picks them).
-
-  impl='kernel' (resolved by kernels.resolve_conv_impl): the compiled kernels of
-  one_jax/cpu/csrc compute the output, the weight gradient and (stride 1) the input gradient,
-  reading NHWC data in place (float32, output channels a multiple of 16); outside that scope,
-  XLA's forms below. impl='xla':
-  - forward and input gradient: XLA's (the input gradient is a convolution with the flipped
-    kernel);
-  - weight gradient: `weight_grad` over `chunk`-image slices, reading x through
-    `_opaque_copy`: XLA lowers each slice with x transposed to [C, H, W, N], and without the
-    copy it fuses the producers of x into that transpose, recomputing residual chains with a
-    transpose's strided access pattern. `copy_input=False` skips the copy where x is one
-    element-wise fusion away from a library op (nothing long to recompute), e.g. the second
-    convolution of a residual block.
-  """
-  return _conv2d_value(x, kernel, stride, padding, impl)
+# conv2d's forms for XLA:CPU (only lowered for the CPU; _platform_conv2d picks them).
+#
+# impl='kernel' (resolved by kernels.resolve_conv_impl): the compiled kernels of
+# one_jax/cpu/csrc compute the output, the weight gradient and (stride 1) the input gradient,
+# reading NHWC data in place (float32, output channels a multiple of 16); outside that scope,
+# XLA's forms below. impl='xla':
+# - forward and input gradient: XLA's (the input gradient is a convolution with the flipped
+#   kernel);
+# - weight gradient: `weight_grad` over `chunk`-image slices, reading x through
+#   `_opaque_copy`: XLA lowers each slice with x transposed to [C, H, W, N], and without the
+#   copy it fuses the producers of x into that transpose, recomputing residual chains with a
+#   transpose's strided access pattern. `copy_input=False` skips the copy where x is one
+#   element-wise fusion away from a library op (nothing long to recompute), e.g. the second
+#   convolution of a residual block.
 
 
 def _conv2d_value(x, kernel, stride, padding, impl):
@@ -233,11 +229,8 @@ def _conv2d_value(x, kernel, stride, padding, impl):
                  lambda x, k: _conv2d_forward(x, k, stride, padding), x, kernel)
 
 
-def _conv2d_fwd(x, kernel, stride, padding, chunk, copy_input, impl):
-  return _conv2d_value(x, kernel, stride, padding, impl), (x, kernel)
-
-
 def _conv2d_bwd(stride, padding, chunk, copy_input, impl, residuals, dy):
+  """(input gradient, kernel gradient) of one group's convolution on the CPU."""
   x, kernel = residuals
 
   def xla_weight_grad(x, dy):
@@ -253,6 +246,3 @@ def _conv2d_bwd(stride, padding, chunk, copy_input, impl, residuals, dy):
       lambda dy, k: _kernel_input_grad(dy, k, padding),
       lambda dy, k: _xla_input_grad(dy, k, x.shape, stride, padding), dy, kernel)
   return input_grad, kernel_grad
-
-
-cpu_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
