@@ -32,12 +32,12 @@ from one_jax.training import metric_writers
 # Config fields that never tell two runs' results apart: the seed (what a group spans), the
 # fields a run may change on resume but num_epochs (workdirs.SAFE_TO_CHANGE: the same numbers
 # whatever their value), and paths (where the data or sources lie, which differ by seed in
-# step-2 runs), and the variant's name.
+# step-2 runs). The variant does tell them apart: two step-2 variants may differ only in what
+# their sources are (merge_baselines and merge_one_branch: baselines or 1-branch models).
 GROUPING_IGNORES = frozenset(
-    {"seed", "variant"} | (set(workdirs.SAFE_TO_CHANGE) - {"num_epochs"})
-    | set(workdirs.PATH_FIELDS))
+    {"seed"} | (set(workdirs.SAFE_TO_CHANGE) - {"num_epochs"}) | set(workdirs.PATH_FIELDS))
 # Always in a row's label, in this order; then whatever else differs between the groups.
-LABEL_FIELDS = ("model", "method", "depth", "num_branches", "dataset", "num_epochs")
+LABEL_FIELDS = ("variant", "model", "method", "depth", "num_branches", "dataset", "num_epochs")
 FORMATS = ("markdown", "csv", "latex")
 
 

@@ -44,10 +44,11 @@ def _final(workdir, key):
 def test_groups_by_everything_but_the_seed_and_averages_per_head(smoke_runs):
   picked = [report.read_run(smoke_runs[n]) for n in ("one-s0", "base-s0", "one-s1", "base-s1")]
   fields, heads, rows = report.table(picked)
-  assert fields[:6] == list(report.LABEL_FIELDS)
+  assert fields[:7] == list(report.LABEL_FIELDS)
   assert heads == ["branch_0", "branch_1", "branch_2", "ensemble", "mean_branch", "model"]
   (one_labels, one, one_status), (base_labels, base, _) = rows
-  assert one_labels[0] == "one_resnet" and base_labels[0] == "cifar_resnet" and not one_status
+  assert one_labels[:2] == ["three_branch", "one_resnet"] and not one_status
+  assert base_labels[:2] == ["baseline", "cifar_resnet"]
   want = [_final(smoke_runs[n], "test/top1/ensemble") for n in ("one-s0", "one-s1")]
   assert one["ensemble"].values == tuple(want)
   np.testing.assert_allclose(one["ensemble"].sd, np.std(want, ddof=1))
@@ -61,7 +62,20 @@ def test_runs_that_differ_in_more_than_the_seed_are_not_merged(smoke_runs):
   picked = [report.read_run(smoke_runs[n]) for n in ("one-s0", "one-s1", "one-3ep")]
   _, _, rows = report.table(picked)
   assert [len(cells["ensemble"].values) for _, cells, _ in rows] == [2, 1]
-  assert [labels[5] for labels, _, _ in rows] == ["2", "3"]   # num_epochs tells them apart
+  assert [labels[6] for labels, _, _ in rows] == ["2", "3"]   # num_epochs tells them apart
+
+
+def test_runs_of_two_variants_are_two_rows_even_with_equal_fields(smoke_runs, tmp_path):
+  """merge_baselines and merge_one_branch differ only in their variant and sources (a path)."""
+  renamed = tmp_path / "one-s1-renamed"
+  renamed.mkdir()
+  for name in ("config.json", "metrics.csv"):
+    text = open(os.path.join(smoke_runs["one-s1"], name)).read()
+    (renamed / name).write_text(text.replace('"three_branch"', '"other_variant"')
+                                if name == "config.json" else text)
+  picked = [report.read_run(p) for p in (smoke_runs["one-s0"], str(renamed))]
+  _, _, rows = report.table(picked)
+  assert [labels[0] for labels, _, _ in rows] == ["three_branch", "other_variant"]
 
 
 def test_best_epoch_and_top5(smoke_runs):
@@ -85,7 +99,7 @@ def test_command_line_formats_and_plot(smoke_runs, tmp_path):
   dirs = [smoke_runs[n] for n in ("one-s0", "one-s1", "base-s0", "base-s1")]
   markdown = runs.main(dirs, command=REPORT)
   assert markdown.returncode == 0, markdown.stderr
-  assert markdown.stdout.startswith("| model | method | depth |")
+  assert markdown.stdout.startswith("| variant | model | method | depth |")
   as_csv = runs.main(dirs + ["--format=csv", "--epoch=best"],
                      command=REPORT)
   table = list(csv.DictReader(io.StringIO(as_csv.stdout)))
