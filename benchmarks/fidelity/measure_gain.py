@@ -7,7 +7,9 @@ reference's training (benchmarks/fidelity/torch_train.py), for several seeds.
 For every seed and implementation it trains the baseline ResNet and ONE with 3 branches with
 the same recipe (defaults: ResNet-20, batch 128, SGD 0.1 / 0.9 / wd 1e-4, 10 epochs, lr x 0.1
 at epochs 5 and 7, KL ramp-up over 80/300 of the run, T = 3), each run in its own process,
-then writes OUT_DIR/results.json (every run) and OUT_DIR/results.md: per implementation the
+then writes OUT_DIR/results.json (every run) and OUT_DIR/results.md: the table of
+`python -m one_jax.report OUT_DIR/*-seed*` (each run directory is a run the report reads: its
+config.json and metrics.csv, with the field `implementation`), then per implementation the
 mean and standard deviation over seeds of the baseline, the branch mean, the ensemble and the
 gains (branch mean - baseline, ensemble - baseline, paired by seed). A run whose result file
 exists is not repeated, and a run that was stopped continues from its last finished epoch
@@ -15,6 +17,7 @@ exists is not repeated, and a run that was stopped continues from its last finis
 hours can be spread over several sittings.
 """
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -73,6 +76,45 @@ def _run(cmd, log_path):
     raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {proc.returncode}): see {log_path}")
 
 
+def recipe(args, seed, milestones) -> dict:
+  """The run's one_jax config fields beyond its step1.py variant: the same recipe for both
+  implementations (PyTorch's record states it in one_jax's terms)."""
+  return {"npz_path": os.path.abspath(args.npz), "num_classes": args.num_classes,
+          "depth": args.depth, "batch_size": args.batch, "num_epochs": args.epochs,
+          "milestones": tuple(milestones), "rampup_epochs": args.epochs * args.rampup_fraction,
+          "steps_per_epoch": args.steps_per_epoch, "seed": seed, "progress_bar": False}
+
+
+def _variant(model):
+  return "baseline" if model == "baseline" else "three_branch"
+
+
+def _write_record(run_dir, config, rows):
+  """RUN_DIR/config.json and metrics.csv: the run as python -m one_jax.report reads it."""
+  from one_jax.storage import workdirs  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(run_dir, workdirs.CONFIG_NAME), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2)
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  with open(os.path.join(run_dir, workdirs.CSV_NAME), "w", encoding="utf-8", newline="") as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def pytorch_record(args, model, seed, milestones, top1) -> tuple:
+  """(config, metrics rows) of a PyTorch run: one_jax's config of the same recipe marked
+  `implementation: pytorch`, and one row per epoch, the last with the test top-1 of every head
+  (the PyTorch trainer evaluates once, after its last epoch)."""
+  from configs import step1  # pylint: disable=g-import-not-at-top
+  from one_jax.storage import workdirs  # pylint: disable=g-import-not-at-top
+  config = step1.get_config(_variant(model))
+  config.update(recipe(args, seed, milestones))
+  stored = dict(workdirs.as_json(config), implementation="pytorch")
+  rows = [{"epoch": e} for e in range(1, args.epochs + 1)]
+  rows[-1].update({f"test/top1/{head}": value / 100.0 for head, value in top1.items()})
+  return stored, rows
+
+
 def run_pytorch(args, model, seed, milestones, run_dir) -> dict:
   out = os.path.join(run_dir, "result.json")
   cmd = [sys.executable, os.path.join(REPO, "benchmarks", "fidelity", "torch_train.py"),
@@ -85,23 +127,24 @@ def run_pytorch(args, model, seed, milestones, run_dir) -> dict:
          f"--checkpoint={os.path.join(run_dir, 'resume.pt')}"]
   _run(cmd, os.path.join(run_dir, "log.txt"))
   with open(out, encoding="utf-8") as f:
-    return json.load(f)["top1"]
+    top1 = json.load(f)["top1"]
+  _write_record(run_dir, *pytorch_record(args, model, seed, milestones, top1))
+  return top1
 
 
 def run_one_jax(args, model, seed, milestones, run_dir) -> dict:
   from one_jax.training import metric_writers  # pylint: disable=g-import-not-at-top
+  from one_jax.storage import workdirs  # pylint: disable=g-import-not-at-top
   workdir = os.path.join(run_dir, "workdir")
-  variant = "baseline" if model == "baseline" else "three_branch"
-  cmd = [sys.executable, "-m", "one_jax.main", f"--config=configs/step1.py:{variant}",
-         f"--workdir={workdir}", f"--config.npz_path={os.path.abspath(args.npz)}",
-         f"--config.num_classes={args.num_classes}", f"--config.depth={args.depth}",
-         f"--config.batch_size={args.batch}", f"--config.num_epochs={args.epochs}",
-         f"--config.milestones={tuple(milestones)!r}",
-         f"--config.rampup_epochs={args.epochs * args.rampup_fraction}",
-         f"--config.steps_per_epoch={args.steps_per_epoch}", f"--config.seed={seed}",
-         "--config.progress_bar=False"]
+  cmd = [sys.executable, "-m", "one_jax.main", f"--config=configs/step1.py:{_variant(model)}",
+         f"--workdir={workdir}"] + [f"--config.{k}={v!r}" if isinstance(v, tuple) else
+                                    f"--config.{k}={v}"
+                                    for k, v in recipe(args, seed, milestones).items()]
   _run(cmd, os.path.join(run_dir, "log.txt"))
-  last = metric_writers.load_history(workdir)[-1]
+  history = metric_writers.load_history(workdir)
+  _write_record(run_dir, dict(workdirs.stored_config(workdir), implementation="one_jax"),
+                history)
+  last = history[-1]
   return {k[len("test/top1/"):]: 100.0 * float(v) for k, v in last.items()
           if k.startswith("test/top1/")}
 
@@ -160,7 +203,10 @@ def main(argv=None) -> int:
           with open(done, "w", encoding="utf-8") as f:
             json.dump(top1, f)
         rows.append({"implementation": impl, "model": model, "seed": seed, "top1": top1})
-  table = results_table(rows)
+  from one_jax import report  # pylint: disable=g-import-not-at-top
+  records = [report.read_run(os.path.join(args.out_dir, f"{r['implementation']}-{r['model']}-"
+                                                        f"seed{r['seed']}")) for r in rows]
+  table = report.render(records) + "\n" + results_table(rows)
   with open(os.path.join(args.out_dir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(rows, f, indent=1)
   with open(os.path.join(args.out_dir, "results.md"), "w", encoding="utf-8") as f:

@@ -52,8 +52,20 @@ def test_measure_gain_trains_both_implementations_and_writes_the_table(tmp_path)
     assert heads <= set(r["top1"]), r
     assert all(0.0 <= r["top1"][h] <= 100.0 for h in heads), r
   table = (out / "results.md").read_text()
-  assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["pytorch", "one_jax"]
+  runs_table, gains = table.split("\n\n| implementation |")
+  assert [line.split("|")[1].strip() for line in gains.splitlines()[2:]] == ["pytorch", "one_jax"]
   assert table in proc.stdout
+  # Every record is a run of the report, which makes the first table.
+  records = sorted(str(p) for p in out.glob("*-seed0"))
+  assert len(records) == 4
+  reported = subprocess.run([sys.executable, "-m", "one_jax.report", *records], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+  assert reported.returncode == 0, reported.stderr
+  assert set(reported.stdout.splitlines()) == set((runs_table + "\n").splitlines())
+  implementations = [line.split("|")[8].strip() for line in runs_table.splitlines()[2:6]]
+  assert sorted(implementations) == ["one_jax", "one_jax", "pytorch", "pytorch"]
+  pytorch_one = next(r for r in rows if r["implementation"] == "pytorch" and r["model"] == "one")
+  assert f"{pytorch_one['top1']['ensemble']:.2f} (1)" in runs_table
   # A rerun reuses every finished run (nothing is trained again).
   again = _measure(*args)
   assert again.returncode == 0 and "training" not in again.stdout
