@@ -13,7 +13,8 @@ steps, divided by the steps per call. FLOPs come from XLA's cost analysis of one
 Fields: images_per_sec, eval_images_per_sec, step_ms, eval_step_ms, compile_s, backend,
 device_kind, device_count, flops_per_image (train step), forward_flops_per_image (inference:
 `forward_flops_per_image`), gflops_per_sec (achieved, train step), and the
-model fields (model, depth, its architecture options, num_branches, num_classes, num_params:
+model fields (model, method: the online-distillation method of --config.method, null for
+a baseline; depth, its architecture options, num_branches, num_classes, num_params:
 every parameter of the timed model, batch, branch_impl, compute_dtype: 'float32' or
 'bfloat16', set with --config.compute_dtype), cpu_conv_library,
 conv_impl ('kernel': one_jax's compiled CPU convolutions, 'xla': XLA's), steps_per_dispatch,
@@ -222,8 +223,8 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
   c = timer.config
   result.update(
       backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
-      device_count=jax.device_count(), model=timer.spec.kind, depth=timer.spec.depth,
-      **timer.spec.options(), num_branches=timer.spec.num_branches,
+      device_count=jax.device_count(), model=timer.spec.kind, method=timer.spec.method,
+      depth=timer.spec.depth, **timer.spec.options(), num_branches=timer.spec.num_branches,
       num_classes=timer.spec.num_classes, num_params=timer.spec.num_params(),
       forward_flops_per_image=forward_flops_per_image(timer.spec, image_shape(c)),
       image_size=image_shape(c)[0], batch=batch_size,

@@ -38,6 +38,7 @@ def test_bench_command_prints_json():
   assert (result["compute_dtype"], result["conv_impl"]) == ("bfloat16", "xla")
   assert result["device_count"] == jax.device_count()
   assert (result["depth"], result["num_branches"], result["batch"]) == (8, 3, 8)
+  assert result["method"] == "one"
   # Every parameter of the timed model: trunk, 3 branches and gate of ONE-ResNet-8 (10 classes).
   assert result["num_params"] == model_spec.ModelSpec("one_resnet", 8, 10, 3).num_params()
   for field in ("images_per_sec", "eval_images_per_sec", "step_ms", "compile_s",
@@ -57,6 +58,18 @@ def test_bench_times_host_batches_when_the_data_stays_on_the_host():
   result = bench.run_benchmark(config, steps=1, warmup=0, batch=8, eval_too=False)
   assert (result["data_placement"], result["steps_per_dispatch"]) == ("host", 1)
   assert result["images_per_sec"] > 0 and math.isfinite(result["loss"])
+
+
+def test_bench_times_the_configured_method():
+  """--config.method picks the step's method: CL-ILR's model is ONE's without the gate."""
+  from configs import step1  # pylint: disable=g-import-not-at-top
+  config = step1.get_config("three_branch,smoke")
+  config.method = "cl_ilr"
+  result = bench.run_benchmark(config, steps=1, warmup=0, batch=8, eval_too=False)
+  assert result["method"] == "cl_ilr" and math.isfinite(result["loss"])
+  assert result["num_params"] == model_spec.ModelSpec(
+      "one_resnet", 8, 10, 3, method="cl_ilr").num_params()
+  assert result["num_params"] < model_spec.ModelSpec("one_resnet", 8, 10, 3).num_params()
 
 
 def test_image_size_follows_the_config():
