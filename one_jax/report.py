@@ -8,7 +8,7 @@ Each RUN is a workdir of `python -m one_jax.main` (its config.json and metrics).
 configs differ only by the seed (and by fields that do not change what is computed: the
 resume-safe ones and paths, `GROUPING_IGNORES`) form one group, one row of the table: the fields
 that tell the groups apart, then per head (each branch, the method's ensemble head, the
-branches' mean) the mean +- sample sd over the group's runs and their number, of the final
+branches' mean, and `deployed`: each run's deployed head, one column across methods) the mean +- sample sd over the group's runs and their number, of the final
 epoch's test accuracy (`--epoch=best`: each run's best epoch of that head). A run with fewer
 epochs than its config asks for is marked unfinished in its group's row. The protocol (metric,
 epoch rule, what +- means) is printed under the table.
@@ -27,7 +27,7 @@ import numpy as np
 from one_jax import cli
 from one_jax.architectures import model_spec
 from one_jax.storage import workdirs
-from one_jax.training import metric_writers
+from one_jax.training import methods, metric_writers
 
 # Config fields that never tell two runs' results apart: the seed (what a group spans), the
 # fields a run may change on resume but num_epochs (workdirs.SAFE_TO_CHANGE: the same numbers
@@ -39,6 +39,9 @@ GROUPING_IGNORES = frozenset(
 # Always in a row's label, in this order; then whatever else differs between the groups.
 LABEL_FIELDS = ("variant", "model", "method", "depth", "num_branches", "dataset", "num_epochs")
 FORMATS = ("markdown", "csv", "latex")
+# The last column: each run's deployed head (ONE's ensemble, CL-ILR's peers' mean, a
+# baseline's model), so that methods compare in one column.
+DEPLOYED = "deployed"
 
 
 class ReportError(ValueError):
@@ -55,8 +58,21 @@ class Run:
   def finished(self) -> bool:
     return len(self.rows) >= int(self.config.get("num_epochs", 0))
 
+  @property
+  def deployed(self) -> str:
+    """The head this run deploys: its method's (methods.deployed_head)."""
+    kind = model_spec.ARCHITECTURES.get(self.config.get("model"))
+    method = None if kind is not None and not kind.branched else self.config.get("method", "one")
+    if method is not None and method not in methods.METHODS:
+      raise ReportError(f"{self.path} was trained with method {method!r}, which this one_jax "
+                        f"does not know ({', '.join(methods.METHODS)}): report it with the "
+                        "one_jax that trained it")
+    return methods.deployed_head(method)
+
   def value(self, head: str, metric: str, epoch: str) -> Optional[float]:
-    """The run's test `metric` of `head` in percent: the last epoch's, or its best epoch's."""
+    """The run's test `metric` of `head` in percent: the last epoch's, or its best epoch's;
+    head DEPLOYED is the run's deployed head."""
+    head = self.deployed if head == DEPLOYED else head
     final, best, _ = metric_writers.final_and_best(self.rows, f"test/{metric}/{head}")
     value = final if epoch == "final" else best
     return None if value is None else value * metric_writers.percent_scale(self.rows)
@@ -140,7 +156,7 @@ class Cell:
 def table(runs: Sequence[Run], metric: str = "top1", epoch: str = "final"):
   """(label fields, heads, rows): a row per group, (label values, {head: Cell}, status)."""
   groups = group_runs(runs)
-  fields, heads = _label_fields(groups), _heads(groups)
+  fields, heads = _label_fields(groups), _heads(groups) + [DEPLOYED]
   rows = []
   for group in groups:
     cells = {h: Cell(tuple(v for v in (r.value(h, metric, epoch) for r in group)
@@ -168,7 +184,8 @@ def _text(value) -> str:
 def protocol(metric: str, epoch: str) -> str:
   which = "the final epoch's" if epoch == "final" else "each run's best epoch's"
   return (f"Test {metric.replace('top', 'top-')} accuracy (%), {which} per run; mean ± sample sd "
-          "over the runs of a row (the seeds), their number in brackets.")
+          "over the runs of a row (the seeds), their number in brackets; deployed: the head "
+          "each run deploys (ONE's ensemble, CL-ILR's peers' mean, a baseline's model).")
 
 
 def render(runs: Sequence[Run], metric: str = "top1", epoch: str = "final",
@@ -205,8 +222,8 @@ def render(runs: Sequence[Run], metric: str = "top1", epoch: str = "final",
 
 
 def plot(runs: Sequence[Run], path: str, metric: str = "top1") -> None:
-  """Mean and band (+- sd) over each group's runs of its ensemble head's test metric per
-  epoch (the last head of its method: 'ensemble', 'peers_mean' or a baseline's 'model')."""
+  """Mean and band (+- sd) over each group's runs of its deployed head's test metric per
+  epoch ('ensemble', 'peers_mean' or a baseline's 'model')."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   groups = group_runs(runs)
@@ -215,9 +232,7 @@ def plot(runs: Sequence[Run], path: str, metric: str = "top1") -> None:
   FigureCanvasAgg(fig)
   ax = fig.add_subplot(1, 1, 1)
   for group in groups:
-    heads = [h for h in metric_writers.heads_from_keys(list(group[0].rows[-1]))
-             if h != "mean_branch"]
-    head = heads[-1]
+    head = group[0].deployed
     epochs = min(len(r.rows) for r in group)
     key = f"test/{metric}/{head}"
     values = np.array([[row.get(key, np.nan) * metric_writers.percent_scale(r.rows)

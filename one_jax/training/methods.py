@@ -145,6 +145,12 @@ METHODS = {
 }
 
 
+def deployed_head(method: Optional[str]) -> str:
+  """The head a model of `method` deploys and picks its best checkpoint by: ONE's ensemble,
+  CL-ILR's peers' mean, a baseline's (method None) model."""
+  return CrossEntropy.heads[0] if method is None else METHODS[method][0].ensemble_head
+
+
 def for_model(config, spec: model_spec.ModelSpec) -> Method:
   """The method that trains and evaluates `spec` (its spec.method) under `config`'s settings;
   a field the config lacks keeps the method's default."""

@@ -19,7 +19,8 @@ REPORT = [sys.executable, "-m", "one_jax.report"]
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
   """{name: workdir}: ONE and baseline smoke runs (2 epochs) with seeds 0 and 1, a ONE run of
-  seed 2 stopped by SIGTERM in its second epoch, and a ONE run of 3 epochs (another config)."""
+  seed 2 stopped by SIGTERM in its second epoch, a ONE run of 3 epochs (another config) and a
+  CL-ILR run of seed 0."""
   root = tmp_path_factory.mktemp("report")
   made = {}
   for name, variant, extra, fault in [
@@ -28,7 +29,8 @@ def smoke_runs(tmp_path_factory):
       ("base-s0", "baseline", ["--config.seed=0"], None),
       ("base-s1", "baseline", ["--config.seed=1"], None),
       ("one-s2-stopped", "three_branch", ["--config.seed=2"], "signal_at_step=SIGTERM:6"),
-      ("one-3ep", "three_branch", ["--config.seed=0", "--config.num_epochs=3"], None)]:
+      ("one-3ep", "three_branch", ["--config.seed=0", "--config.num_epochs=3"], None),
+      ("cl-s0", "three_branch", ["--config.seed=0", "--config.method=cl_ilr"], None)]:
     workdir = str(root / name)
     result = runs.main([f"--config={runs.STEP1}:{variant},smoke", "--config.progress_bar=False",
                         f"--workdir={workdir}", *extra], fault=fault)
@@ -45,7 +47,8 @@ def test_groups_by_everything_but_the_seed_and_averages_per_head(smoke_runs):
   picked = [report.read_run(smoke_runs[n]) for n in ("one-s0", "base-s0", "one-s1", "base-s1")]
   fields, heads, rows = report.table(picked)
   assert fields[:7] == list(report.LABEL_FIELDS)
-  assert heads == ["branch_0", "branch_1", "branch_2", "ensemble", "mean_branch", "model"]
+  assert heads == ["branch_0", "branch_1", "branch_2", "ensemble", "mean_branch", "model",
+                   "deployed"]
   (one_labels, one, one_status), (base_labels, base, _) = rows
   assert one_labels[:2] == ["three_branch", "one_resnet"] and not one_status
   assert base_labels[:2] == ["baseline", "cifar_resnet"]
@@ -53,6 +56,7 @@ def test_groups_by_everything_but_the_seed_and_averages_per_head(smoke_runs):
   assert one["ensemble"].values == tuple(want)
   np.testing.assert_allclose(one["ensemble"].sd, np.std(want, ddof=1))
   assert len(base["model"].values) == 2 and not base["ensemble"].values
+  assert one["deployed"] == one["ensemble"] and base["deployed"] == base["model"]
   text = report.render(picked)
   assert f"{np.mean(want):.2f} ± {np.std(want, ddof=1):.2f} (2)" in text
   assert "final epoch's per run; mean ± sample sd" in text
@@ -76,6 +80,15 @@ def test_runs_of_two_variants_are_two_rows_even_with_equal_fields(smoke_runs, tm
   picked = [report.read_run(p) for p in (smoke_runs["one-s0"], str(renamed))]
   _, _, rows = report.table(picked)
   assert [labels[0] for labels, _, _ in rows] == ["three_branch", "other_variant"]
+
+
+def test_the_deployed_column_is_each_methods_deployed_head(smoke_runs):
+  picked = [report.read_run(smoke_runs[n]) for n in ("one-s0", "cl-s0", "base-s0")]
+  assert [r.deployed for r in picked] == ["ensemble", "peers_mean", "model"]
+  _, heads, rows = report.table(picked)
+  assert heads[-1] == "deployed"
+  for (_, cells, _), head in zip(rows, ("ensemble", "peers_mean", "model")):
+    assert cells["deployed"] == cells[head] and len(cells["deployed"].values) == 1
 
 
 def test_best_epoch_and_top5(smoke_runs):
