@@ -33,10 +33,16 @@ sys.path.insert(0, REPO)
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
+  add_recipe_arguments(p)
+  return p.parse_args(argv)
+
+
+def add_recipe_arguments(p):
+  """The data, the record and the recipe (also benchmarks/methods/measure_methods.py's)."""
   p.add_argument("--npz", required=True, help="CIFAR-10 as an .npz (arrays or packed JPEGs)")
   p.add_argument("--out_dir", required=True, help="run directories and the results table")
   p.add_argument("--seeds", default="0,1")
-  p.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
   p.add_argument("--depth", type=int, default=20)
   p.add_argument("--num_classes", type=int, default=10)
   p.add_argument("--epochs", type=int, default=10)
@@ -46,11 +52,21 @@ def parse_args(argv=None):
                  help="KL ramp-up length as a fraction of the run (the reference: 80 of 300)")
   p.add_argument("--steps_per_epoch", type=int, default=-1, help="> 0: cap (smoke runs)")
   p.add_argument("--threads", type=int, default=0, help="PyTorch intra-op threads (0: default)")
-  return p.parse_args(argv)
 
 
 def _check(args):
   """One-line errors for bad arguments, before anything is written."""
+  seeds, milestones = check_recipe(args)
+  implementations = [s.strip() for s in args.implementations.split(",") if s.strip()]
+  bad = [s for s in implementations if s not in IMPLEMENTATIONS]
+  if bad or not implementations:
+    raise ValueError(f"--implementations={args.implementations!r}: use one or more of "
+                     f"{','.join(IMPLEMENTATIONS)}")
+  return seeds, milestones, implementations
+
+
+def check_recipe(args):
+  """(seeds, milestones) of add_recipe_arguments' arguments, or a one-line ValueError."""
   if not os.path.isfile(args.npz):
     raise ValueError(f"--npz={args.npz!r} does not exist: pass CIFAR-10 as an .npz file")
   try:
@@ -59,14 +75,9 @@ def _check(args):
   except ValueError:
     raise ValueError(f"--seeds={args.seeds!r} / --milestones={args.milestones!r} are invalid: "
                      "give comma-separated integers, e.g. --seeds=0,1,2") from None
-  implementations = [s.strip() for s in args.implementations.split(",") if s.strip()]
-  bad = [s for s in implementations if s not in IMPLEMENTATIONS]
-  if bad or not implementations:
-    raise ValueError(f"--implementations={args.implementations!r}: use one or more of "
-                     f"{','.join(IMPLEMENTATIONS)}")
   if not seeds:
     raise ValueError("--seeds is empty: give at least one seed, e.g. --seeds=0")
-  return seeds, milestones, implementations
+  return seeds, milestones
 
 
 def _run(cmd, log_path):
@@ -87,6 +98,11 @@ def recipe(args, seed, milestones) -> dict:
 
 def _variant(model):
   return "baseline" if model == "baseline" else "three_branch"
+
+
+def _method_overrides(model):
+  """A branched run's --config.method ('one': ONE; benchmarks/methods runs the others)."""
+  return {} if model == "baseline" else {"method": model}
 
 
 def _write_record(run_dir, config, rows):
@@ -133,13 +149,15 @@ def run_pytorch(args, model, seed, milestones, run_dir) -> dict:
 
 
 def run_one_jax(args, model, seed, milestones, run_dir) -> dict:
+  """MODEL: 'baseline', or a method of one_jax's ('one', 'cl_ilr', ...) with 3 branches."""
   from one_jax.training import metric_writers  # pylint: disable=g-import-not-at-top
   from one_jax.storage import workdirs  # pylint: disable=g-import-not-at-top
   workdir = os.path.join(run_dir, "workdir")
   cmd = [sys.executable, "-m", "one_jax.main", f"--config=configs/step1.py:{_variant(model)}",
          f"--workdir={workdir}"] + [f"--config.{k}={v!r}" if isinstance(v, tuple) else
                                     f"--config.{k}={v}"
-                                    for k, v in recipe(args, seed, milestones).items()]
+                                    for k, v in {**recipe(args, seed, milestones),
+                                                 **_method_overrides(model)}.items()]
   _run(cmd, os.path.join(run_dir, "log.txt"))
   history = metric_writers.load_history(workdir)
   _write_record(run_dir, dict(workdirs.stored_config(workdir), implementation="one_jax"),

@@ -118,3 +118,39 @@ def test_pytorch_trainer_drop_last_skips_the_partial_batch(tmp_path):
     assert result["drop_last"] == bool(flag)
     steps[bool(flag)] = result["steps"]
   assert steps == {False: 2, True: 1}
+
+
+METHODS_SCRIPT = os.path.join(REPO, "benchmarks", "methods", "measure_methods.py")
+
+
+def test_methods_table_trains_what_is_not_recorded_and_reports_the_deployed_heads(tmp_path):
+  """benchmarks/methods/measure_methods.py: the baseline recorded once (as the fidelity record
+  holds it) is reused; CL-ILR is trained; the table is the report's, then the paired gains."""
+  npz = _tiny_npz(tmp_path / "tiny.npz")
+  recipe = [f"--npz={npz}", "--seeds=0", "--depth=8", "--epochs=2", "--batch=16",
+            "--steps_per_epoch=2", "--milestones=1"]
+
+  def measure(*args):
+    return subprocess.run([sys.executable, METHODS_SCRIPT, *recipe, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+
+  first = measure("--methods=baseline", f"--out_dir={tmp_path / 'recorded'}")
+  assert first.returncode == 0, first.stderr[-3000:]
+  out = tmp_path / "methods"
+  proc = measure("--methods=baseline,cl_ilr", f"--out_dir={out}",
+                 f"--reuse={tmp_path / 'recorded'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "training cl_ilr, seed 0" in proc.stdout and "training baseline" not in proc.stdout
+  assert not (out / "one_jax-baseline-seed0").exists()
+  table = (out / "results.md").read_text()
+  assert table in proc.stdout
+  runs_table, summary = table.split("\n\n| method |")
+  assert "| three_branch | one_resnet | cl_ilr |" in runs_table
+  rows = {line.split("|")[1].strip(): line.split("|")[3].strip()
+          for line in summary.splitlines()[2:]}
+  assert rows == {"baseline": "model", "cl_ilr": "peers_mean"}
+  top1 = json.loads((out / "one_jax-cl_ilr-seed0" / "top1.json").read_text())
+  assert f"| {top1['peers_mean']:.2f} (" in summary
+  bad = measure("--methods=one,okdd", f"--out_dir={tmp_path / 'bad'}")
+  assert bad.returncode == 1 and bad.stderr.startswith("error: --methods=")
+  assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
