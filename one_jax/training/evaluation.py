@@ -76,7 +76,7 @@ def run_eval_only(config, workdir: str) -> Dict[str, float]:
       json.dump(metrics, f, indent=2)
   if config.vote:
     vote_rows = voting.vote_accuracies(spec.build(), variables, in_memory.eval_batches(
-        test_source, global_batch=config.eval_batch_size))
+        test_source, global_batch=config.eval_batch_size), voting.rules_for(spec.has_gate))
     if jax.process_index() == 0:
       print(voting.format_vote_table(vote_rows))
       voting.write_vote_csv(vote_rows, os.path.join(workdir, "voting.csv"))

@@ -9,6 +9,9 @@ subsets for B = 5), three top-1 accuracies:
   vote     the class predicted by most branches of S; among classes with equally many votes,
            the one with the largest summed logits over S, then the lowest class index
 
+A model without a gate (CL-ILR: its ensemble is the plain mean) has no 'gate' rule: it would
+repeat 'average' (rules_for).
+
 The model runs once per batch (a jitted apply in eval mode); every subset is scored from those
 outputs. Only real examples count (mask 1; padding rows have mask 0).
 """
@@ -21,6 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 RULES = ("gate", "average", "vote")
+
+
+def rules_for(has_gate: bool) -> Tuple[str, ...]:
+  """The rules that tell something about a model: 'gate' only where it has one."""
+  return RULES if has_gate else tuple(r for r in RULES if r != "gate")
+
+
+def _rules(rows: Sequence[Mapping[str, Any]]) -> List[str]:
+  return [rule for rule in RULES if rule in rows[0]]
 
 
 def branch_subsets(num_branches: int) -> List[Tuple[int, ...]]:
@@ -62,9 +74,10 @@ def subset_correct(branch_logits, gate, member, labels, mask):
   return jnp.sum(hits * (mask[None, None, :] > 0), axis=-1)
 
 
-def vote_accuracies(model, variables, batches: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
-  """One row per subset: {'branches': (0, 2), 'size': 2, 'gate', 'average', 'vote' (fractions
-  of the real examples), 'examples': their count}.
+def vote_accuracies(model, variables, batches: Iterable[Mapping[str, Any]],
+                    rules: Sequence[str] = RULES) -> List[Dict[str, Any]]:
+  """One row per subset: {'branches': (0, 2), 'size': 2, then each of `rules` ('gate',
+  'average', 'vote': fractions of the real examples), 'examples': their count}.
 
   model: a ONE model of any family, models.OneModel (or anything whose apply(variables,
   images, train=False) returns branch_logits [B, N, C] and gate [N, B]), without an
@@ -85,7 +98,8 @@ def vote_accuracies(model, variables, batches: Iterable[Mapping[str, Any]]) -> L
   if subsets is None or examples == 0:
     raise ValueError("voting evaluation got no examples: the batches are empty or all padding")
   return [{"branches": subset, "size": len(subset),
-           **{rule: float(correct[r, k]) / examples for r, rule in enumerate(RULES)},
+           **{rule: float(correct[r, k]) / examples for r, rule in enumerate(RULES)
+              if rule in rules},
            "examples": examples}
           for k, subset in enumerate(subsets)]
 
@@ -97,18 +111,21 @@ def _name(subset: Sequence[int]) -> str:
 def format_vote_table(rows: Sequence[Mapping[str, Any]]) -> str:
   """A fixed-width table, accuracies in percent."""
   width = max([len("branches")] + [len(_name(r["branches"])) for r in rows])
-  lines = [f"{'branches':<{width}}  size  {'gate':>7}  {'average':>7}  {'vote':>7}"]
+  rules = _rules(rows)
+  lines = [f"{'branches':<{width}}  size  " + "  ".join(f"{rule:>7}" for rule in rules)]
   for r in rows:
     lines.append(f"{_name(r['branches']):<{width}}  {r['size']:>4}  "
-                 + "  ".join(f"{100 * r[rule]:>7.2f}" for rule in RULES))
+                 + "  ".join(f"{100 * r[rule]:>7.2f}" for rule in rules))
   return "\n".join(lines)
 
 
 def write_vote_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
-  """CSV with columns branches ('0+2'), size, gate, average, vote (fractions), examples."""
+  """CSV with columns branches ('0+2'), size, the rules (gate, average, vote: fractions),
+  examples."""
+  rules = _rules(rows)
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["branches", "size", *RULES, "examples"])
+    writer.writerow(["branches", "size", *rules, "examples"])
     for r in rows:
-      writer.writerow([_name(r["branches"]), r["size"], *(f"{r[rule]:.6f}" for rule in RULES),
+      writer.writerow([_name(r["branches"]), r["size"], *(f"{r[rule]:.6f}" for rule in rules),
                        r["examples"]])

@@ -1,6 +1,7 @@
 """CL-ILR (--config.method=cl_ilr): its loss and gradients against a PyTorch transcription of
 the OKDDip code (tests/torch_reference.py), what is detached, ILR's 1/B into the trunk, and the
 commands on a CL-ILR model (train, resume, vote, inspect, extract)."""
+import csv
 import sys
 
 import chex
@@ -170,6 +171,12 @@ def test_train_resume_vote_inspect_extract(tmp_path):
   voted = _main(f"--workdir={vote}", "--config.eval_only=True", f"--config.init_from={run}",
                 "--config.vote=True")
   assert voted.returncode == 0, voted.stderr
+  # No gate, so no 'gate' rule (it would repeat 'average', the plain mean the method deploys).
+  with open(f"{vote}/voting.csv") as f:
+    table = list(csv.DictReader(f))
+  assert list(table[0]) == ["branches", "size", "average", "vote", "examples"]
+  assert len(table) == 7 and table[-1]["branches"] == "0+1+2"
+  assert " gate " not in voted.stdout and "average" in voted.stdout
   inspect = _surgery("inspect", run)
   assert "(cl_ilr: no gate)" in inspect.stdout, inspect.stderr
   extracted = _surgery("extract", f"--src={run}", "--branch=0", f"--dst={student}")
