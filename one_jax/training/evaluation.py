@@ -69,7 +69,8 @@ def run_eval_only(config, workdir: str) -> Dict[str, float]:
     raise ValueError(f"{path} holds a {spec.describe()}: voting needs a ONE model with branches")
   metrics = evaluate_checkpoint(config, spec, variables, test_source)
   os.makedirs(workdir, exist_ok=True)
-  table = metric_writers.summary_table([dict(metrics, epoch=1)], list(method.heads))
+  table = metric_writers.summary_table([dict(metrics, epoch=1)], list(method.heads),
+                                      method.deployed_head)
   if jax.process_index() == 0:
     print(f"Evaluation of {path} on {metrics['test/count']:.0f} test examples:\n{table}")
     with open(os.path.join(workdir, "eval.json"), "w") as f:

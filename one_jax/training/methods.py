@@ -33,6 +33,7 @@ class CrossEntropy:
   spec: model_spec.ModelSpec
 
   heads = ("model",)
+  deployed_head = "model"
   best_metric = "test/top1/model"
   update_mask = None
   votes = False
@@ -57,11 +58,12 @@ class _Branches:
   """What every branched method shares: heads 'branch_b', the method's ensemble head, and the
   branches' mean accuracy 'mean_branch'; the active-branch update mask; voting."""
   ensemble_head = "ensemble"
+  deployed_head = "ensemble"   # the head a trained model deploys; it picks the best checkpoint
   votes = True
 
   @property
   def best_metric(self) -> str:
-    return f"test/top1/{self.ensemble_head}"
+    return f"test/top1/{self.deployed_head}"
 
   @property
   def heads(self) -> Tuple[str, ...]:
@@ -122,7 +124,7 @@ class ClIlr(_Branches):
   ce_weight: float = 1.0
   detach: bool = False
 
-  ensemble_head = "peers_mean"
+  ensemble_head = deployed_head = "peers_mean"
 
   def loss(self, output, labels, epoch, weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     return losses.cl_ilr_loss(output, labels, epoch=epoch, temperature=self.temperature,
@@ -148,7 +150,7 @@ METHODS = {
 def deployed_head(method: Optional[str]) -> str:
   """The head a model of `method` deploys and picks its best checkpoint by: ONE's ensemble,
   CL-ILR's peers' mean, a baseline's (method None) model."""
-  return CrossEntropy.heads[0] if method is None else METHODS[method][0].ensemble_head
+  return (CrossEntropy if method is None else METHODS[method][0]).deployed_head
 
 
 def for_model(config, spec: model_spec.ModelSpec) -> Method:

@@ -236,8 +236,9 @@ class MetricWriter:
   def _write_jsonl_all(self):
     _atomic_write(self._jsonl_path, "".join(json.dumps(r) + "\n" for r in self._rows))
 
-  def finish(self, heads: Optional[Sequence[str]] = None) -> str:
-    """Writes curves.png and summary.txt; returns (and prints) the summary table."""
+  def finish(self, heads: Optional[Sequence[str]] = None, deployed: Optional[str] = None) -> str:
+    """Writes curves.png and summary.txt; returns (and prints) the summary table (naming the
+    `deployed` head when given)."""
     if not self.enabled:
       return ""
     if self._tb is not None:
@@ -250,7 +251,8 @@ class MetricWriter:
       heads = heads_from_keys(self._keys)
     plot_curves(self._rows, os.path.join(self.workdir, workdirs.PLOT_NAME))
     last = self._rows[-1]["epoch"] if self._rows else 0
-    table = f"Test accuracy after {last} epochs:\n" + summary_table(self._rows, list(heads))
+    table = f"Test accuracy after {last} epochs:\n" + summary_table(self._rows, list(heads),
+                                                                    deployed)
     _atomic_write(os.path.join(self.workdir, workdirs.SUMMARY_NAME), table + "\n")
     print(table, flush=True)
     return table
@@ -294,8 +296,9 @@ def final_and_best(rows: Sequence[dict], key: str):
   return final, best, best_epoch
 
 
-def summary_table(rows: List[dict], heads: List[str]) -> str:
-  """Final vs best test top-1/top-5 per head, as percentages with 2 decimals."""
+def summary_table(rows: List[dict], heads: List[str], deployed: Optional[str] = None) -> str:
+  """Final vs best test top-1/top-5 per head, as percentages with 2 decimals; then, given the
+  `deployed` head, a line naming it."""
   scale = percent_scale(rows)
   fmt = lambda v: "-" if v is None else f"{v * scale:.2f}%"
   header = ["head", "final top-1", "best top-1 (epoch)", "final top-5", "best top-5"]
@@ -309,6 +312,8 @@ def summary_table(rows: List[dict], heads: List[str]) -> str:
   just = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
   out = [just(header), "  ".join("-" * w for w in widths)] + [just(r) for r in lines]
+  if deployed is not None:
+    out.append(f"deployed head: {deployed} (it picks the best checkpoint)")
   return "\n".join(out)
 
 

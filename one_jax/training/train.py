@@ -313,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           _checkpoint_and_stop(run, mngr, stop, state, epoch, run.steps_per_epoch, None)
     mngr.wait_until_finished()
     if run.is_main:
-      writer.finish(list(run.method.heads))
+      writer.finish(list(run.method.heads), run.method.deployed_head)
   finally:
     hooks.stop_trace()
     mngr.wait_until_finished()

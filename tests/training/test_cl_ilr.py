@@ -164,7 +164,7 @@ def test_train_resume_vote_inspect_extract(tmp_path):
   assert first.returncode == 0, first.stderr
   second = _main(f"--workdir={run}")   # resumes for the second epoch
   assert second.returncode == 0 and "resuming" in second.stderr + second.stdout, second.stderr
-  assert "peers_mean" in open(f"{run}/summary.txt").read()
+  assert "deployed head: peers_mean" in open(f"{run}/summary.txt").read()
   header = open(f"{run}/metrics.csv").readline().strip().split(",")
   assert {"test/top1/branch_0", "test/top1/peers_mean", "train/kl"} <= set(header)
   assert "test/top1/ensemble" not in header

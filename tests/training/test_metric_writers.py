@@ -181,6 +181,12 @@ def test_summary_table_final_vs_best():
   assert ens == ["ensemble", "75.00%", "80.00%", "(3)", "96.00%", "97.00%"]
 
 
+def test_summary_table_names_the_deployed_head():
+  table = summary_table(_history(), ["branch_0", "ensemble"], deployed="ensemble")
+  assert table.splitlines()[-1] == "deployed head: ensemble (it picks the best checkpoint)"
+  assert "deployed" not in summary_table(_history(), ["branch_0", "ensemble"])
+
+
 def test_summary_table_percent_input_and_missing_head():
   rows = [{"epoch": 1, "test/top1/model": 71.234}, {"epoch": 2, "test/top1/model": 70.5}]
   table = summary_table(rows, ["model", "absent"])

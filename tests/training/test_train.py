@@ -68,6 +68,7 @@ def test_training_learns_a_learnable_task(tmp_path, tiny_config):
   for name in ("metrics.csv", "metrics.jsonl", "curves.png", "summary.txt", "config.json"):
     assert (tmp_path / name).exists(), name
   assert os.listdir(tmp_path / "tensorboard")
+  assert "deployed head: ensemble" in (tmp_path / "summary.txt").read_text()
 
 
 def _csv_rows(path):
