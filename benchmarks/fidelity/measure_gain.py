@@ -227,10 +227,15 @@ def main(argv=None) -> int:
   table = report.render(records) + "\n" + results_table(rows)
   with open(os.path.join(args.out_dir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(rows, f, indent=1)
-  with open(os.path.join(args.out_dir, "results.md"), "w", encoding="utf-8") as f:
+  write_table(args.out_dir, table)
+  return 0
+
+
+def write_table(out_dir, table):
+  """OUT_DIR/results.md, also printed."""
+  with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
     f.write(table)
   print(table)
-  return 0
 
 
 if __name__ == "__main__":

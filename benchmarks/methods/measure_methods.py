@@ -123,9 +123,7 @@ def main(argv=None) -> int:
   ordered = [records[(m, s)] for m in names for s in seeds]
   table = report.render(ordered) + "\n" + summary_table(
       {(m, s): records[(m, s)] for m in names for s in seeds})
-  with open(os.path.join(args.out_dir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(table)
-  print(table)
+  measure_gain.write_table(args.out_dir, table)
   return 0
 
 
