@@ -106,8 +106,12 @@ def _method_overrides(model):
 
 
 def _write_record(run_dir, config, rows):
-  """RUN_DIR/config.json and metrics.csv: the run as python -m one_jax.report reads it."""
+  """RUN_DIR/config.json and metrics.csv: the run as python -m one_jax.report reads it. Paths
+  keep only their file names: a record names no directory of the machine it was made on."""
   from one_jax.storage import workdirs  # pylint: disable=g-import-not-at-top
+  config = dict(config, **{field: ",".join(os.path.basename(p) for p in config[field].split(","))
+                           for field in workdirs.PATH_FIELDS
+                           if isinstance(config.get(field), str) and config[field]})
   with open(os.path.join(run_dir, workdirs.CONFIG_NAME), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)
   columns = list(dict.fromkeys(k for row in rows for k in row))
