@@ -8,10 +8,11 @@ Each RUN is a workdir of `python -m one_jax.main` (its config.json and metrics).
 configs differ only by the seed (and by fields that do not change what is computed: the
 resume-safe ones and paths, `GROUPING_IGNORES`) form one group, one row of the table: the fields
 that tell the groups apart, then per head (each branch, the method's ensemble head, the
-branches' mean, and `deployed`: each run's deployed head, one column across methods) the mean +- sample sd over the group's runs and their number, of the final
-epoch's test accuracy (`--epoch=best`: each run's best epoch of that head). A run with fewer
-epochs than its config asks for is marked unfinished in its group's row. The protocol (metric,
-epoch rule, what +- means) is printed under the table.
+branches' mean, and `deployed`: each run's deployed head, one column across methods) the mean
++- sample sd over the group's runs and their number, of the final epoch's test accuracy
+(`--epoch=best`: each run's best epoch of that head). A run with fewer epochs than its config
+asks for is marked unfinished in its group's row. The protocol (metric, epoch rule, what +-
+means) is printed under the table.
 """
 import csv
 import dataclasses
