@@ -34,7 +34,7 @@ class CrossEntropy:
 
   heads = ("model",)
   deployed_head = "model"
-  best_metric = "test/top1/model"
+  best_metric = f"test/top1/{deployed_head}"
   update_mask = None
   votes = False
 
