@@ -58,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.geo_lr_max = 20.0
   c.geo_lr_ema = 0.9
   c.steps_per_epoch = -1          # > 0 caps the steps of an epoch (smoke runs)
-  # The method (DESIGN.md section 3): 'one' | 'cl_ilr' (branched models; a baseline: 'one').
+  # The method (DESIGN.md section 3): 'one' | 'cl_ilr' | 'okddip' (branched models; a
+  # baseline: 'one').
   c.method = "one"
   # ONE's loss.
   c.temperature = 3.0
@@ -73,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.cl_ilr_ce_weight = 1.0
   c.cl_ilr_detach = False         # True: each target (the others' mean) is a constant
   c.cl_ilr_backprop_scale = True  # ILR: the gradient from the branches into the trunk / B
+  # OKDDip's loss (defaults: the OKDDip code's train_GL.py); its last branch is the leader.
+  c.okddip_temperature = 3.0
+  c.okddip_kl_scale = 1.0         # alpha, times w(e)
+  c.okddip_detach = False         # True: the attention targets and the peers' mean are constants
   # Run.
   c.seed = 0
   c.deterministic = False         # deterministic XLA kernels (GPU): one seed, one result

@@ -336,6 +336,36 @@ def cl_loss(pro, labels, consistency_weight, temperature=3.0, alpha=1.0, ce_weig
   return ce_weight * loss_true + alpha * consistency_weight * loss_group
 
 
+def okddip_heads(peer_features, peer_logits, leader_logits, query_weight, key_weight):
+  """resnet_GL.py's forward after the pooled features (en=False): peers' q and k by the shared
+  bias-free projections, energy = bmm(q, k^T), attention = softmax over the last axis,
+  x_m = bmm(pro, attention^T). peer_features / peer_logits: lists of [N, F] / [N, C];
+  query_weight, key_weight: nn.Linear(F, F // 8, bias=False). Returns (pro [N, C, P],
+  x_m [N, C, P], x_stu [N, C]) as the model does."""
+  proj_q = torch.cat([query_weight(h)[:, None, :] for h in peer_features], 1)
+  proj_k = torch.cat([key_weight(h)[:, None, :] for h in peer_features], 1)
+  pro = torch.cat([z.unsqueeze(-1) for z in peer_logits], -1)
+  energy = torch.bmm(proj_q, proj_k.permute(0, 2, 1))
+  attention = F.softmax(energy, dim=-1)
+  x_m = torch.bmm(pro, attention.permute(0, 2, 1))
+  return pro, x_m, leader_logits
+
+
+def okddip_loss(pro, x_m, x_stu, labels, consistency_weight, temperature=3.0, alpha=1.0,
+                detach=False):
+  """train_GL.py's loss: sum_i CE(peer i) + CE(leader) + alpha * w * (sum_i KL_T(peer i,
+  x_m_i) + KL_T(leader, mean of the peers)); nothing detached there (detach: every target a
+  constant, the option one_jax adds)."""
+  target = (lambda t: t.detach()) if detach else (lambda t: t)
+  criterion_t = KLLossT(temperature)
+  loss_true, loss_group = 0, 0
+  for i in range(pro.shape[2]):
+    loss_true += F.cross_entropy(pro[:, :, i], labels)
+    loss_group += criterion_t(pro[:, :, i], target(x_m[:, :, i]))
+  return (loss_true + F.cross_entropy(x_stu, labels) + alpha * consistency_weight
+          * (loss_group + criterion_t(x_stu, target(torch.mean(pro, dim=2)))))
+
+
 def sgd(model, lr=0.1, momentum=0.9, weight_decay=5e-4):
   """The reference optimizer: coupled L2 decay on every parameter."""
   return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)

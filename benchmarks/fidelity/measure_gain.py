@@ -100,9 +100,13 @@ def _variant(model):
   return "baseline" if model == "baseline" else "three_branch"
 
 
-def _method_overrides(model):
-  """A branched run's --config.method ('one': ONE; benchmarks/methods runs the others)."""
-  return {} if model == "baseline" else {"method": model}
+def _method_overrides(model, peers):
+  """A branched run's --config.method ('one': ONE; benchmarks/methods runs the others) and its
+  branch count for `peers` peers (OKDDip adds its leader)."""
+  if model == "baseline":
+    return {}
+  from one_jax.training import methods  # pylint: disable=g-import-not-at-top
+  return {"method": model, "num_branches": methods.branch_count(model, peers)}
 
 
 def _write_record(run_dir, config, rows):
@@ -153,7 +157,7 @@ def run_pytorch(args, model, seed, milestones, run_dir) -> dict:
 
 
 def run_one_jax(args, model, seed, milestones, run_dir) -> dict:
-  """MODEL: 'baseline', or a method of one_jax's ('one', 'cl_ilr', ...) with 3 branches."""
+  """MODEL: 'baseline', or a method of one_jax's ('one', 'cl_ilr', ...) with 3 peers."""
   from one_jax.training import metric_writers  # pylint: disable=g-import-not-at-top
   from one_jax.storage import workdirs  # pylint: disable=g-import-not-at-top
   workdir = os.path.join(run_dir, "workdir")
@@ -161,7 +165,7 @@ def run_one_jax(args, model, seed, milestones, run_dir) -> dict:
          f"--workdir={workdir}"] + [f"--config.{k}={v!r}" if isinstance(v, tuple) else
                                     f"--config.{k}={v}"
                                     for k, v in {**recipe(args, seed, milestones),
-                                                 **_method_overrides(model)}.items()]
+                                                 **_method_overrides(model, peers=3)}.items()]
   _run(cmd, os.path.join(run_dir, "log.txt"))
   history = metric_writers.load_history(workdir)
   _write_record(run_dir, dict(workdirs.stored_config(workdir), implementation="one_jax"),

@@ -2,13 +2,14 @@
 table of python -m one_jax.report.
 
     python benchmarks/methods/measure_methods.py --npz=cifar10.npz --seeds=2,3 \
-        --methods=baseline,one,cl_ilr --out_dir=benchmarks/methods/results \
+        --methods=baseline,one,cl_ilr,okddip --out_dir=benchmarks/methods/results \
         --reuse=benchmarks/fidelity/results
 
 The budget is benchmarks/fidelity's (`measure_gain.recipe`: ResNet-20, batch 128, SGD 0.1 /
 0.9 / wd 1e-4, 10 epochs, lr x 0.1 at epochs 5 and 7, the KL ramp-up over 80/300 of the run,
-3 branches): between two runs of one seed only `--config.method` differs (the baseline: one
-branch, cross-entropy), each method's options at their defaults. Every run trains in its own
+3 peers; OKDDip adds its leader, `methods.branch_count`): between two runs of one seed only
+`--config.method` differs (the baseline: one branch, cross-entropy), each method's options at
+their defaults. Every run trains in its own
 process into OUT_DIR/one_jax-METHOD-seedS, a run the report reads (config.json, metrics.csv,
 log.txt, top1.json: benchmarks/fidelity's record). A run already recorded under OUT_DIR or
 under a --reuse directory (the fidelity record holds the baseline's and ONE's) is not trained
@@ -37,7 +38,7 @@ BASELINE = "baseline"
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--methods", default="baseline,one,cl_ilr",
+  p.add_argument("--methods", default="baseline,one,cl_ilr,okddip",
                  help="'baseline' and one_jax's methods (--config.method), comma-separated")
   p.add_argument("--reuse", default="",
                  help="comma-separated records whose finished runs count (e.g. the fidelity's)")

@@ -91,25 +91,32 @@ def conv(features: int, kernel_size: int, stride: int = 1, name: Optional[str] =
 
 
 class Dense(nn.Module):
-  """nn.Linear with PyTorch's default init for both kernel and bias; computes in the dtype of
-  its input (float32 parameters, cast: mixed precision), as Conv and BatchNorm do."""
+  """nn.Linear with PyTorch's default init for both kernel and bias (no 'bias' without
+  use_bias); computes in the dtype of its input (float32 parameters, cast: mixed precision),
+  as Conv and BatchNorm do."""
   features: int
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
     fan_in = x.shape[-1]
     kernel = self.param("kernel", torch_linear_kernel_init, (fan_in, self.features))
+    y = x @ kernel.astype(x.dtype)
+    if not self.use_bias:
+      return y
     bound = 1.0 / jnp.sqrt(fan_in)
     bias = self.param("bias", lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound),
                       (self.features,))
-    return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
+    return y + bias.astype(x.dtype)
 
 
 def pooled_classifier(x, num_classes: int):
   """Global average pool over H and W, then the linear 'classifier': the head of every branch
-  and baseline. Called inside a compact module, whose child the Dense becomes; checkpoints,
-  conversion and surgery key on its name."""
-  return Dense(num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
+  and baseline. Returns (pooled features, logits): the features are what OKDDip's attention
+  reads (unused outputs cost nothing once jitted). Called inside a compact module, whose child
+  the Dense becomes; checkpoints, conversion and surgery key on its name."""
+  features = jnp.mean(x, axis=(1, 2))
+  return features, Dense(num_classes, name="classifier")(features)
 
 
 class BatchNorm(nn.Module):

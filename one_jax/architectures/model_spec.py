@@ -52,8 +52,9 @@ class ModelSpec:
   The architecture options (OPTIONS: width, cardinality, ...) are None for a family that does
   not take them and are set (to the family's default where not given) for one that does.
   method (branched kinds only; None for a baseline) is the online-distillation method whose
-  model this is: it decides the parts besides trunk and branches (ONE's gate, or none: CL-ILR's
-  ensemble is the branches' mean; models.ENSEMBLES). It is stored with the weights (in the meta
+  model this is: it decides the parts besides trunk and branches (ONE's gate; none: CL-ILR's
+  ensemble is the branches' mean; OKDDip's attention, its last branch the leader;
+  models.ENSEMBLES). It is stored with the weights (in the meta
   only when not 'one', which every earlier checkpoint implies).
   branch_impl, active_branches, conv_impl, compute_dtype and trunk_grad_scale (CL-ILR's
   backpropagation rescaling, 1/B) choose how the model runs and trains (same float32 parameters): they come from the config and are not stored with the
@@ -106,6 +107,10 @@ class ModelSpec:
                          "has one: use a branched kind (e.g. one_resnet), or method='one' for "
                          "a baseline (cross-entropy)")
       object.__setattr__(self, "method", None)
+    if self.method == "okddip" and self.num_branches < 2:
+      raise ValueError(f"num_branches={self.num_branches} is too few for method='okddip', whose "
+                       "last branch is the group leader of the peers before it: use 2 or more "
+                       "(its papers: 4, three peers and the leader)")
     models.resolve_branch_impl(self.branch_impl)
     kernels.resolve_conv_impl(self.conv_impl)
     models.resolve_compute_dtype(self.compute_dtype, self.conv_impl)
@@ -241,7 +246,9 @@ class ModelSpec:
                       for k, v in self.recorded_options().items())
     details += "".join(f", {v} {k}s" for k, v in arch.details(self).items())
     branches = f"{self.num_branches} branch{'es' if self.num_branches != 1 else ''}"
-    if self.branched and self.method != "one":
+    if self.branched and self.method == "okddip":
+      branches += f" (okddip: {self.num_branches - 1} peers and a leader)"
+    elif self.branched and self.method != "one":
       branches += f" ({self.method}: no gate)" if not self.has_gate else f" ({self.method})"
     return (f"{arch.title} ({self.kind}), depth {self.depth}{details}, {branches}, "
             f"{self.num_classes} classes")
@@ -346,7 +353,7 @@ def family(name: str, title: str, trunk: type, branch: type,
   def one(spec, axis_name):
     return models.OneModel(**module_args(spec), num_branches=spec.num_branches,
                            branch_impl=spec.branch_impl, active_branches=spec.active_branches,
-                           axis_name=axis_name, gated=spec.has_gate,
+                           axis_name=axis_name, ensemble=models.ENSEMBLES[spec.method],
                            trunk_grad_scale=spec.trunk_grad_scale)
 
   def baseline(spec, axis_name):

@@ -27,9 +27,13 @@ from one_jax.architectures.layers import ModuleDef
 
 BRANCH_IMPLS = ("auto", "loop", "vmap")
 # How a branched model combines its branches, by method (ModelSpec.method): ONE's learned gate
-# (parameters 'gate', the 'gate_offset' collection), or the plain mean of the branches' logits
-# (no parameters: CL-ILR).
-ENSEMBLES = {"one": "gate", "cl_ilr": "mean"}
+# (parameters 'gate', the 'gate_offset' collection), the plain mean of the branches' logits
+# (no parameters: CL-ILR), or OKDDip's: the last branch is the group leader, the others are
+# peers whose targets come from an attention over the peers ('attention': shared query and key
+# projections of the pooled features), the ensemble is the peers' mean.
+ENSEMBLES = {"one": "gate", "cl_ilr": "mean", "okddip": "attention"}
+# OKDDip's projections map C pooled channels to C // ATTENTION_FACTOR (its code's factor 8).
+ATTENTION_FACTOR = 8
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -81,9 +85,10 @@ class Gate(nn.Module):
 def stacked_branches(branch: ModuleDef, num_branches: int, impl: str, name: str):
   """B branches with parameters stacked on axis 0, computed by an unrolled loop or by vmap.
 
-  branch(name=...) makes one branch (any family's: x -> logits). Both implementations read and
-  write the same layout (the one nn.vmap with variable_axes={'params': 0, 'batch_stats': 0}
-  produces) and give the same numbers; returns a function x -> [B, N, C].
+  branch(name=...) makes one branch (any family's: x -> (pooled features, logits)). Both
+  implementations read and write the same layout (the one nn.vmap with
+  variable_axes={'params': 0, 'batch_stats': 0} produces) and give the same numbers; returns a
+  function x -> ([B, N, F] features, [B, N, C] logits).
   """
   axes = {"params": 0, "batch_stats": 0}
   module = branch(name=name)
@@ -104,8 +109,9 @@ def stacked_branches(branch: ModuleDef, num_branches: int, impl: str, name: str)
 @flax.struct.dataclass
 class OneOutput:
   branch_logits: jax.Array    # [B, N, C]
-  gate: jax.Array             # [N, B]
+  gate: jax.Array             # [N, B]: the ensemble's weights (ONE's gate, else equal)
   ensemble_logits: jax.Array  # [N, C]
+  peer_targets: Optional[jax.Array] = None  # OKDDip: [B - 1, N, C], each peer's attention target
 
 
 def resolve_branch_impl(impl: str) -> str:
@@ -129,29 +135,62 @@ def one_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef
   """The ONE forward pass, run in `module`'s scope, for any family's trunk and branch.
 
   trunk(conv=, norm=, name=) and branch(conv=, norm=, name=) make the family's modules (x ->
-  features, features -> logits); `module` gives num_branches, branch_impl, active_branches,
-  axis_name, conv_impl, compute_dtype, gated (ONE's gate, else the branches' mean) and
-  trunk_grad_scale (what the gradient from the branches into the trunk is multiplied by: CL-ILR's
-  1/B). The tree: 'trunk', 'branches' (stacked), and when gated 'gate' and the gate's log-weight
-  offset in the 'gate_offset' collection. The layers compute in the
-  images' dtype (compute_dtype); logits and gate come out in (at least) float32.
+  features, features -> (pooled features, logits)); `module` gives num_branches, branch_impl,
+  active_branches, axis_name, conv_impl, compute_dtype, ensemble (ENSEMBLES' values: ONE's
+  gate, the branches' mean, OKDDip's attention) and trunk_grad_scale (what the gradient from
+  the branches into the trunk is multiplied by: CL-ILR's 1/B). The tree: 'trunk', 'branches'
+  (stacked), with a gate 'gate' and the gate's log-weight offset in the 'gate_offset'
+  collection, with attention 'attention'. The layers compute in the images' dtype
+  (compute_dtype); logits and gate come out in (at least) float32.
   """
   conv, norm = layers.conv_and_norm(train, module.axis_name, module.conv_impl)
   images = _in_compute_dtype(images, module.compute_dtype)  # the layers follow x's dtype
   x = trunk(conv=conv, norm=norm, name="trunk")(images)
   branch_input = x if module.trunk_grad_scale == 1.0 else layers.scale_gradient(
       x, module.trunk_grad_scale)
-  branch_logits = layers.at_least_float32(stacked_branches(
+  features, branch_logits = stacked_branches(
       functools.partial(branch, conv=conv, norm=norm), module.num_branches,
-      resolve_branch_impl(module.branch_impl), name="branches")(branch_input))
-  if module.gated:
+      resolve_branch_impl(module.branch_impl), name="branches")(branch_input)
+  branch_logits = layers.at_least_float32(branch_logits)
+  targets = None
+  if module.ensemble == "gate":
     offset = module.variable("gate_offset", "log_weight",
                              lambda: jnp.zeros((module.num_branches,), jnp.float32))
     gate = Gate(module.num_branches, norm, module.active_branches, name="gate")(x, offset.value)
+  elif module.ensemble == "attention":
+    # Peers 0..B-2 attend to one another; the leader (B-1) learns from the peers' mean, which
+    # is the ensemble. Inactive peers leave both (all peers count when only the leader trains).
+    peers = module.num_branches - 1
+    active = None if module.active_branches is None else tuple(module.active_branches[:peers])
+    active = active if active and any(active) else None
+    targets = PeerAttention(active, name="attention")(features[:peers], branch_logits[:peers])
+    gate = mean_weights(branch_logits.shape[1], module.num_branches,
+                        (active or (True,) * peers) + (False,))
   else:
     gate = mean_weights(branch_logits.shape[1], module.num_branches, module.active_branches)
   ensemble = jnp.einsum("nb,bnc->nc", gate, branch_logits)
-  return OneOutput(branch_logits=branch_logits, gate=gate, ensemble_logits=ensemble)
+  return OneOutput(branch_logits=branch_logits, gate=gate, ensemble_logits=ensemble,
+                   peer_targets=targets)
+
+
+class PeerAttention(nn.Module):
+  """OKDDip's targets: peer i's is sum_j A_ij z_j, A = softmax_j(q_i . k_j) over the peers
+  (itself included), q = W_q h and k = W_k h the shared bias-free projections ('query', 'key':
+  C -> C // ATTENTION_FACTOR) of each peer's pooled features h. Inactive peers (mask False)
+  get attention exactly 0. Computed in float32; returns [P, N, C]."""
+  active_peers: Optional[Tuple[bool, ...]] = None
+
+  @nn.compact
+  def __call__(self, features, logits):
+    features = layers.at_least_float32(features)          # [P, N, F]
+    width = max(features.shape[-1] // ATTENTION_FACTOR, 1)
+    query = layers.Dense(width, use_bias=False, name="query")(features)
+    key = layers.Dense(width, use_bias=False, name="key")(features)
+    energy = jnp.einsum("ind,jnd->nij", query, key)        # [N, P, P]
+    if self.active_peers is not None:
+      energy = jnp.where(jnp.asarray(self.active_peers), energy, -jnp.inf)
+    attention = jax.nn.softmax(energy, axis=-1)
+    return jnp.einsum("nij,jnc->inc", attention, logits)
 
 
 def mean_weights(batch: int, num_branches: int, active_branches=None) -> jax.Array:
@@ -167,14 +206,16 @@ def baseline_forward(module, images, train: bool, trunk: ModuleDef, branch: Modu
   conv, norm = layers.conv_and_norm(train, module.axis_name, module.conv_impl)
   images = _in_compute_dtype(images, module.compute_dtype)  # the layers follow x's dtype
   x = trunk(conv=conv, norm=norm, name="trunk")(images)
-  return layers.at_least_float32(branch(conv=conv, norm=norm, name="branch")(x))
+  _, logits = branch(conv=conv, norm=norm, name="branch")(x)
+  return layers.at_least_float32(logits)
 
 
 Options = Tuple[Tuple[str, Any], ...]  # a module's keyword arguments, hashable: (('depth', 28),)
 
 
 class OneModel(nn.Module):
-  """ONE on any family (model_spec registry): trunk, B stacked branches, gate, ensemble.
+  """ONE on any family (model_spec registry): trunk, B stacked branches, the method's
+  ensemble (ONE's gate, a mean, OKDDip's attention and leader).
 
   Built by ModelSpec.build, which checks every field once (depth, branches, the active mask,
   the implementations); the module trusts them.
@@ -192,7 +233,7 @@ class OneModel(nn.Module):
   axis_name: Optional[str] = None
   conv_impl: str = "auto"
   compute_dtype: str = "float32"   # COMPUTE_DTYPES: what the layers compute in
-  gated: bool = True               # ONE's gate; False: the ensemble is the branches' mean
+  ensemble: str = "gate"           # ENSEMBLES' values: 'gate', 'mean', 'attention'
   trunk_grad_scale: float = 1.0    # the gradient entering the trunk from the branches, times
 
   @nn.compact

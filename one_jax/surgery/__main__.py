@@ -52,10 +52,12 @@ def _parser() -> argparse.ArgumentParser:
                  help="output slot of each source branch, in source order (default: in order)")
   p.add_argument("--fresh_gate", default="zero", choices=surgery.FRESH_GATES,
                  help="gate columns of baseline sources: zero (no gradient) or init (random)")
-  p.add_argument("--seed", type=int, default=0, help="seed of fresh gate columns (init)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of fresh gate columns (init) and of an OKDDip group's projections")
   p.add_argument("--method", default=None,
                  help="the merged model's method (default: the sources', ONE for baselines): "
-                      "e.g. cl_ilr to merge baselines into a CL-ILR model")
+                      "e.g. cl_ilr to merge baselines into a CL-ILR model, okddip into an "
+                      "OKDDip group (the last source its leader)")
   p.add_argument("--reset_optimizer", action="store_true")
   p = sub.add_parser("transplant", help="branch I of X into slot J of Y")
   p.add_argument("--src", required=True)

@@ -11,13 +11,12 @@ from one_jax.surgery import layout
 
 
 def parameter_counts(state, info) -> Dict[str, int]:
-  """Parameters per part: trunk, branch i (each), gate, total."""
+  """Parameters per part: trunk, branch i (each), the method's parts (ONE's gate, OKDDip's
+  attention), total."""
   model = layout.view(state, info, "the model")
   counts = {"trunk": 0}
   for b in range(model.num_branches):
     counts[f"branch {b}"] = 0
-  if model.has_gate:
-    counts["gate"] = 0
   for (tree, path), x in model.leaves.items():
     if tree != layout.PARAMS:
       continue
@@ -27,7 +26,7 @@ def parameter_counts(state, info) -> Dict[str, int]:
       for b in range(model.num_branches):
         counts[f"branch {b}"] += x[b].size
     else:
-      counts["gate"] += x.size
+      counts[path[0]] = counts.get(path[0], 0) + x.size
   counts["total"] = sum(counts.values())
   return counts
 

@@ -47,6 +47,9 @@ FRESH_GATE = {("dense", "kernel"): 0.0, ("dense", "bias"): 0.0, ("bn", "scale"):
               ("bn", "bias"): 0.0, ("bn", "mean"): 0.0, ("bn", "var"): 1.0,
               ("log_weight",): 0.0}
 FRESH_GATES = ("zero", "init")
+# Parts every branch shares, edited as the trunk is (taken from the trunk's source): OKDDip's
+# query and key projections ('attention').
+SHARED_PARTS = ("trunk", "attention")
 INIT_IMAGE_SHAPE = (1, 8, 8, 3)  # parameter shapes do not depend on the image size
 
 
@@ -288,10 +291,13 @@ def _mean(arrays):
 
 
 def assemble(spec: model_spec.ModelSpec, *, trunk: Union[Model, Sequence[Model]], slots: Sequence[Slot],
-              gate: Optional[Sequence[Slot]], reset_optimizer: bool):
+              gate: Optional[Sequence[Slot]], reset_optimizer: bool,
+              fresh: Optional[Model] = None):
   """The state of a model of `spec` built from sources (fresh numpy arrays throughout).
 
-  trunk: the model whose trunk is kept, or a list of models whose trunks are averaged.
+  trunk: the model whose trunk (and the other SHARED_PARTS) is kept, or a list of models whose
+  trunks are averaged; a shared part the trunk's sources lack (OKDDip's projections when
+  baselines merge) comes from `fresh`, a freshly initialised model of `spec`, with zero momentum.
   slots: the source (model, branch) of each branch slot. gate: the source of each gate column
   (a model without a gate, or None, gives a fresh column); gate=None: the output is a baseline.
   The optimizer state follows, as the module docstring says.
@@ -301,6 +307,8 @@ def assemble(spec: model_spec.ModelSpec, *, trunk: Union[Model, Sequence[Model]]
   out = view(_zeros_state(spec), spec, "the output")
 
   def from_trunk(key, fill=None):
+    if fill is None and fresh is not None and key in fresh.leaves:
+      fill = functools.partial(np.array, fresh.leaves[key])
     have = [m.leaves[key] if key in m.leaves else fill() for m in trunks]
     return np.array(have[0]) if len(have) == 1 else _mean(have)
 
@@ -318,7 +326,7 @@ def assemble(spec: model_spec.ModelSpec, *, trunk: Union[Model, Sequence[Model]]
   leaves = {}
   for key, like in out.leaves.items():
     part = key[1][0]
-    if part == "trunk":
+    if part in SHARED_PARTS:
       leaves[key] = from_trunk(key)
     elif part == "branches":
       leaves[key] = from_slots(key, slots)
@@ -344,7 +352,7 @@ def assemble(spec: model_spec.ModelSpec, *, trunk: Union[Model, Sequence[Model]]
         fill = functools.partial(np.full, shape, value, dtype)
         fill_slot = functools.partial(np.full, (1,) + shape, value, dtype)
         plan = slots if path[0] == "branches" else gate
-        if path[0] == "trunk":
+        if path[0] in SHARED_PARTS:
           opt_leaves[key] = from_trunk(key, fill)
         elif is_slot:
           opt_leaves[key] = from_slots(key, plan, fill_slot)

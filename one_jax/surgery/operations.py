@@ -27,7 +27,9 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
   copy: new slot m + j copies branch sources[j] (default 0, 1, 2, ... cycling) with its gate
   column, statistics and momentum; each branch used k + 1 times gets offset - log(k + 1) on
   every copy, so the gate gives the copies together the weight the branch had and the
-  ensemble output is unchanged on every input. fresh: new slots from a fresh initialisation
+  ensemble output is unchanged on every input. OKDDip's leader stays last: the new slots go
+  before it (peers), and copy mode copies peers by default. fresh: new slots from a fresh
+  initialisation
   (rng: a PRNG key or an int seed, default 0), with fresh gate columns and zero momentum.
   A baseline is expanded as a 1-branch model with fresh gate columns (in copy mode all equal,
   so its output is kept). fresh_gate: 'zero' or 'init' (see layout.FRESH_GATE). A model
@@ -49,22 +51,26 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
   fresh = layout.fresh_model(out, rng) if mode == "fresh" or fresh_gate == "init" else None
   column = functools.partial(_fresh_column, fresh, fresh_gate)
   kept: List[layout.Slot] = [(model, b) for b in range(m)]
+  # OKDDip's last branch is the leader: new peers go before it.
+  with_leader = model.spec.branched and model.spec.method == "okddip"
+  place = (lambda new: kept[:-1] + new + kept[-1:]) if with_leader else (lambda new: kept + new)
   if mode == "fresh":
     if sources is not None:
       raise layout.SurgeryError("expand: --from chooses the branches that copy mode copies: drop it, or "
                          "use --mode=copy")
-    slots = kept + [(fresh, b) for b in range(m, n)]
+    slots = place([(fresh, b) for b in range(m, n)])
     gate = [(model, b) if model.has_gate else column(b) for b in range(m)]
     return layout.assemble(out, trunk=model, slots=slots, gate=gate + [column(b) for b in range(m, n)],
                      reset_optimizer=reset_optimizer), out.to_dict()
 
-  sources = [j % m for j in range(n - m)] if sources is None else list(sources)
+  peers = m - 1 if with_leader else m
+  sources = [j % peers for j in range(n - m)] if sources is None else list(sources)
   if len(sources) != n - m:
     raise layout.SurgeryError(f"expand: --from lists {len(sources)} branches but {m} -> {n} adds "
                        f"{n - m}: give one source branch per new slot")
   for s in sources:
     layout.check_index("expand", "--from", s, m, "the model")
-  slots = kept + [(model, s) for s in sources]  # a copy takes its source's gate column too
+  slots = place([(model, s) for s in sources])  # a copy takes its source's gate column too
   gate = slots if model.has_gate else [column(0)] * n  # a baseline's copies: equal columns
   state = layout.assemble(out, trunk=model, slots=slots, gate=gate, reset_optimizer=reset_optimizer)
   if not out.has_gate:   # a mean ensemble (CL-ILR) now weighs each copy as a branch
@@ -93,7 +99,8 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
   column and initial BatchNorm; 'init': from a fresh initialisation with rng, see layout.FRESH_GATE).
   Step counters of the optimizer state and 'step' come from the trunk's source
   (source 0 for 'mean'). method: the output's method (default: the branched sources', else
-  'one'); baselines merge into any method, a branched source only into its own.
+  'one'); baselines merge into any method (into OKDDip: the last slot is the leader, the
+  projections fresh from rng), a branched source only into its own, an OKDDip model into none.
   """
   if not states or len(states) != len(infos):
     raise layout.SurgeryError("merge: give at least one source (--src), each with its model info")
@@ -103,6 +110,11 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
   if method is not None and method not in models.ENSEMBLES:
     raise layout.SurgeryError(f"merge: --method={method!r} is unknown: use one of "
                               f"{', '.join(models.ENSEMBLES)}")
+  for v, what in zip(views, whats):
+    if v.spec.branched and v.spec.method == "okddip":
+      raise layout.SurgeryError(f"merge: {what} is an OKDDip model, whose last branch is its "
+                                "group leader, which a merge would put among peers: extract its "
+                                "branches and merge those, or transplant branches into it")
   methods = sorted({v.spec.method for v in views if v.spec.branched} | ({method} - {None}))
   if len(methods) > 1:
     raise layout.SurgeryError(f"merge: {'the sources and --method' if method else 'the sources'}"
@@ -126,11 +138,13 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
     layout.check_opt_compatible("merge", views, whats)
   plan = [branches[order.index(slot)] for slot in range(total)]
   out = dataclasses.replace(views[0].spec.with_branches(total), method=(methods or ["one"])[0])
-  fresh = layout.fresh_model(out, rng) if fresh_gate == "init" else None
+  # A fresh model gives the 'init' gate columns and OKDDip's projections, which baselines lack.
+  fresh = (layout.fresh_model(out, rng) if fresh_gate == "init" or out.method == "okddip"
+           else None)
   gate = [(m, b) if m.has_gate else _fresh_column(fresh, fresh_gate, k)
           for k, (m, b) in enumerate(plan)]
-  return layout.assemble(out, trunk=trunk, slots=plan, gate=gate,
-                   reset_optimizer=reset_optimizer), out.to_dict()
+  return layout.assemble(out, trunk=trunk, slots=plan, gate=gate, reset_optimizer=reset_optimizer,
+                         fresh=fresh), out.to_dict()
 
 
 def _check_fresh_gate(op, fresh_gate):

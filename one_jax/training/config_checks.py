@@ -266,6 +266,10 @@ RULES: Sequence[Rule] = (
     Rule("cl_ilr_ce_weight", Number(integer=False, low=0)),
     Rule("cl_ilr_detach", Flag()),
     Rule("cl_ilr_backprop_scale", Flag()),
+    Rule("okddip_temperature", Number(integer=False, low=0, low_open=True),
+         why="it must be > 0 (the logits are divided by it; the OKDDip code uses 3)"),
+    Rule("okddip_kl_scale", Number(integer=False, low=0)),
+    Rule("okddip_detach", Flag()),
     # Run.
     Rule("seed", Number(integer=True, low=0, high=2**32 - 1)),
     Rule("deterministic", Flag()),

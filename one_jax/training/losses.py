@@ -1,4 +1,5 @@
-"""The methods' losses (DESIGN.md section 3): ONE's, CL-ILR's and the baseline's cross-entropy.
+"""The methods' losses (DESIGN.md section 3): ONE's, CL-ILR's, OKDDip's and the baseline's
+cross-entropy. ONE's:
 
     L = sum_b CE(z_b, y) + CE(e, y) + w(epoch) * sum_b T^2 KL(softmax(sg(e)/T) || softmax(z_b/T))
 
@@ -138,6 +139,50 @@ def cl_ilr_loss(output, labels, *, epoch, temperature: float = 3.0, rampup_epoch
   weight = kl_weight(epoch, rampup_epochs) * kl_scale
   loss = ce_weight * ce_sum + weight * kl_sum
   terms.update(ce_branches=ce_sum, kl=kl_sum, kl_weight=weight, loss=loss)
+  return loss, terms
+
+
+def okddip_loss(output, labels, *, epoch, temperature: float = 3.0, rampup_epochs: float = 80.0,
+                kl_scale: float = 1.0, detach: bool = False,
+                active_branches: Optional[Sequence[bool]] = None,
+                teacher_eps: float = REFERENCE_TEACHER_EPS,
+                weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """OKDDip (Chen et al., 2020): peers 0..B-2 distilled from their attention targets
+  (output.peer_targets), the leader B-1 from the peers' mean (output.ensemble_logits).
+
+    L = sum_b CE(z_b) + kl_scale * w(epoch) * [sum_{i<B-1} KL_T(z_i, t_i) + KL_T(z_L, mean_i z_i)]
+
+  With the defaults (T = 3, kl_scale 1, targets not detached: the KL terms are what trains the
+  attention's projections at all) it is the OKDDip code's `train_GL.py`; detach=True makes
+  every target a constant. Inactive branches are left out of every term (and the model leaves
+  inactive peers out of the targets).
+
+  Terms: 'ce_branch_b', 'ce_branches' (their sum, the leader's included), 'kl' (the peers'
+  unweighted sum), 'kl_leader', 'kl_weight' (w(epoch) * kl_scale) and 'loss'.
+  """
+  num_branches = output.branch_logits.shape[0]
+  leader = num_branches - 1
+  active = [True] * num_branches if active_branches is None else list(active_branches)
+  stop = jax.lax.stop_gradient if detach else (lambda t: t)
+  terms = {}
+  ce_sum = jnp.zeros((), jnp.float32)  # promoted to float64 by float64 terms
+  kl_sum = jnp.zeros((), jnp.float32)
+  kl_leader = jnp.zeros((), jnp.float32)
+  for b in range(num_branches):
+    if not active[b]:
+      continue
+    ce_b = cross_entropy(output.branch_logits[b], labels, weights)
+    terms[f"ce_branch_{b}"] = ce_b
+    ce_sum = ce_sum + ce_b
+    if b < leader:
+      kl_sum = kl_sum + distillation_kl(output.branch_logits[b], stop(output.peer_targets[b]),
+                                        temperature, teacher_eps, weights)
+    else:
+      kl_leader = distillation_kl(output.branch_logits[b], stop(output.ensemble_logits),
+                                  temperature, teacher_eps, weights)
+  weight = kl_weight(epoch, rampup_epochs) * kl_scale
+  loss = ce_sum + weight * (kl_sum + kl_leader)
+  terms.update(ce_branches=ce_sum, kl=kl_sum, kl_leader=kl_leader, kl_weight=weight, loss=loss)
   return loss, terms
 
 

@@ -133,7 +133,37 @@ class ClIlr(_Branches):
                               active_branches=self.spec.active_branches, weights=weights)
 
 
-Method = Any  # CrossEntropy | One | ClIlr: the interface of the module docstring
+@dataclasses.dataclass(frozen=True)
+class Okddip(_Branches):
+  """OKDDip (Chen et al., 2020): peers on a shared trunk distilled from attention-weighted
+  targets, and a group leader (the last branch) distilled from the peers' mean
+  (losses.okddip_loss). Heads 'branch_b' (the leader's too), 'peers_mean' and 'leader' (the
+  deployed model: it picks the best checkpoint)."""
+  spec: model_spec.ModelSpec
+  temperature: float = 3.0
+  rampup_epochs: float = 80.0
+  kl_scale: float = 1.0
+  detach: bool = False
+
+  ensemble_head = "peers_mean"
+  deployed_head = "leader"
+
+  @property
+  def heads(self) -> Tuple[str, ...]:
+    *named, derived = super().heads   # ..., 'mean_branch' stays last
+    return tuple(named) + (self.deployed_head, derived)
+
+  def head_logits(self, output) -> Dict[str, jax.Array]:
+    return dict(super().head_logits(output), leader=output.branch_logits[-1])
+
+  def loss(self, output, labels, epoch, weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    return losses.okddip_loss(output, labels, epoch=epoch, temperature=self.temperature,
+                              rampup_epochs=self.rampup_epochs, kl_scale=self.kl_scale,
+                              detach=self.detach, active_branches=self.spec.active_branches,
+                              weights=weights)
+
+
+Method = Any  # CrossEntropy | One | ClIlr | Okddip: the interface of the module docstring
 
 # config.method -> (its class, {its option: the config field that sets it}). ONE's fields keep
 # their historical names; every other method's carry its name.
@@ -144,13 +174,21 @@ METHODS = {
     "cl_ilr": (ClIlr, dict(temperature="cl_ilr_temperature", rampup_epochs="rampup_epochs",
                            kl_scale="cl_ilr_kl_scale", ce_weight="cl_ilr_ce_weight",
                            detach="cl_ilr_detach")),
+    "okddip": (Okddip, dict(temperature="okddip_temperature", rampup_epochs="rampup_epochs",
+                            kl_scale="okddip_kl_scale", detach="okddip_detach")),
 }
 
 
 def deployed_head(method: Optional[str]) -> str:
   """The head a model of `method` deploys and picks its best checkpoint by: ONE's ensemble,
-  CL-ILR's peers' mean, a baseline's (method None) model."""
+  CL-ILR's peers' mean, OKDDip's leader, a baseline's (method None) model."""
   return (CrossEntropy if method is None else METHODS[method][0]).deployed_head
+
+
+def branch_count(method: str, peers: int) -> int:
+  """The branches of a `method` model with `peers` peers, as comparisons count them (B = 3:
+  three students): OKDDip's group leader is one more (its papers' 3 peers + 1 leader)."""
+  return peers + 1 if method == "okddip" else peers
 
 
 def for_model(config, spec: model_spec.ModelSpec) -> Method:

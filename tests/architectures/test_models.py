@@ -110,7 +110,7 @@ def test_slices_are_independent_branches(one_model):
   for b in range(3):
     v = {c: jax.tree.map(lambda a, b=b: a[b], variables[c]["branches"])
          for c in ("params", "batch_stats")}
-    logits = cifar_resnet.Branch(8, 10, *layers.conv_and_norm()).apply(v, feats)
+    _, logits = cifar_resnet.Branch(8, 10, *layers.conv_and_norm()).apply(v, feats)
     chex.assert_trees_all_close(logits, out.branch_logits[b], atol=1e-5)
 
 

@@ -61,6 +61,11 @@ def test_methods_configs_put_each_method_on_any_paper_row():
           cl.batch_size, cl.num_branches) == (5e-4, True, 0.9, (150, 225), 300, 128, 3)
   differ = {k for k in cl.keys() if cl[k] != one[k]}
   assert differ == {"method", "variant"}
+  # OKDDip's 3 peers come with their leader: 4 branches, the only other difference.
+  okddip = method_configs.get_config("okddip")
+  assert {k for k in okddip.keys() if okddip[k] != one[k]} == {"method", "variant",
+                                                                "num_branches"}
+  assert okddip.num_branches == 4 and model_spec.ModelSpec.from_config(okddip).method == "okddip"
   row = method_configs.get_config("cl_ilr:resnet110_peers_cifar100")
   assert (row.depth, row.depth_rule) == (110, "peers")
   smoke = method_configs.get_config("cl_ilr:vgg16_cifar10,smoke")
