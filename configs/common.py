@@ -58,8 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.geo_lr_max = 20.0
   c.geo_lr_ema = 0.9
   c.steps_per_epoch = -1          # > 0 caps the steps of an epoch (smoke runs)
-  # The method (DESIGN.md section 3): 'one' | 'cl_ilr' | 'okddip' (branched models; a
-  # baseline: 'one').
+  # The method (DESIGN.md section 3): 'one' | 'cl_ilr' | 'okddip' | 'dml' (branched models;
+  # a baseline: 'one').
   c.method = "one"
   # ONE's loss.
   c.temperature = 3.0
@@ -78,6 +78,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.okddip_temperature = 3.0
   c.okddip_kl_scale = 1.0         # alpha, times w(e)
   c.okddip_detach = False         # True: the attention targets and the peers' mean are constants
+  # DML's loss (defaults: the paper's; the OKDDip code's: others_mean, T 3, not detached).
+  c.dml_temperature = 1.0
+  c.dml_kl_scale = 1.0
+  c.dml_rampup_epochs = 0.0       # DML has no ramp-up: the full KL weight from the first step
+  c.dml_target = "pairwise"       # or 'others_mean': KL to the mean of the other peers' logits
+  c.dml_detach = True             # each peer's targets (the others' logits) are constants
   # Run.
   c.seed = 0
   c.deterministic = False         # deterministic XLA kernels (GPU): one seed, one result

@@ -366,6 +366,71 @@ def okddip_loss(pro, x_m, x_stu, labels, consistency_weight, temperature=3.0, al
           * (loss_group + criterion_t(x_stu, target(torch.mean(pro, dim=2)))))
 
 
+class DMLGroup(nn.Module):
+  """DML's B independent reference ResNets (MutualNet of the OKDDip code, models/model_cifar/
+  DML.py, with the reference's CIFAR ResNet); forward -> [B] logits [N, C]."""
+
+  def __init__(self, depth, num_classes=10, num_branches=3):
+    super().__init__()
+    self.peers = nn.ModuleList([ResNet(depth, num_classes) for _ in range(num_branches)])
+
+  def forward(self, x):
+    return [peer(x) for peer in self.peers]
+
+
+def dml_okddip_loss(pro, labels, temperature=3.0, pairwise=False):
+  """train_DML.py's loss (no ramp-up, nothing detached): sum_j CE(z_j) + either
+  sum_j sum_{k != j} 1/(B-1) KL_T(z_j, z_k) (--type) or sum_j KL_T(z_j, mean_{k != j} z_k).
+  pro: [N, C, B] as MutualNet returns it."""
+  criterion_t = KLLossT(temperature)
+  num_branches = pro.shape[2]
+  loss = F.cross_entropy(pro[:, :, 0], labels)
+  for kk in range(1, num_branches):
+    loss += F.cross_entropy(pro[:, :, kk], labels)
+  if pairwise:
+    for j in range(num_branches):
+      for k in range(num_branches):
+        if k != j:
+          loss += 1 / (num_branches - 1) * criterion_t(pro[:, :, j], pro[:, :, k])
+  else:
+    for j in range(num_branches):
+      en_output = 0
+      for k in range(num_branches):
+        if k != j:
+          en_output += pro[:, :, k]
+      loss += criterion_t(pro[:, :, j], en_output / (num_branches - 1))
+  return loss
+
+
+def dml_mcl_okd_loss(logits, labels, temperature=2.0):
+  """MCL-OKD's main_cifar_dml.py: sum_i CE(z_i) + sum_i sum_{j != i} DistillKL_T(z_i,
+  z_j.detach()) / (B - 1); its DistillKL has no 1e-7 on the teacher."""
+  loss_cls, loss_div = 0., 0.
+  for i in range(len(logits)):
+    loss_cls = loss_cls + F.cross_entropy(logits[i], labels)
+    for j in range(len(logits)):
+      if i != j:
+        p_s = F.log_softmax(logits[i] / temperature, dim=1)
+        p_t = F.softmax(logits[j].detach() / temperature, dim=1)
+        loss_div = loss_div + F.kl_div(p_s, p_t, reduction="batchmean") * temperature ** 2 / (
+            len(logits) - 1)
+  return loss_cls + loss_div
+
+
+def dml_loss_terms(logits, labels, consistency_weight, temperature=1.0):
+  """The DML paper's loss in the reference's KL (KLLossT: + 1e-7 on the teacher), as one_jax's
+  default computes it: sum_b CE(z_b) + w * sum_b mean_{j != b} KL_T(z_b, z_j.detach())."""
+  criterion_t = KLLossT(temperature)
+  ces, kl = [], 0
+  for b, z in enumerate(logits):
+    ces.append(F.cross_entropy(z, labels))
+    others = [j for j in range(len(logits)) if j != b]
+    kl += sum(criterion_t(z, logits[j].detach()) for j in others) / len(others)
+  loss = sum(ces) + consistency_weight * kl
+  return loss, {"ce_branches": [c.detach() for c in ces], "kl": kl.detach(),
+                "kl_weight": consistency_weight}
+
+
 def sgd(model, lr=0.1, momentum=0.9, weight_decay=5e-4):
   """The reference optimizer: coupled L2 decay on every parameter."""
   return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -395,6 +460,8 @@ def train_step_terms(model, optimizer, images, targets, epoch, rampup=80.0) -> D
   model.train()
   if isinstance(model, CL_ResNet):
     loss, terms = cl_loss_terms(model(images), targets, sigmoid_rampup(epoch, rampup))
+  elif isinstance(model, DMLGroup):
+    loss, terms = dml_loss_terms(model(images), targets, sigmoid_rampup(epoch, rampup))
   elif isinstance(getattr(model, "_orig_mod", model), ONE_ResNet):   # torch.compile'd too
     logits, _, ensemble = model(images)
     ces = [F.cross_entropy(z, targets) for z in logits]

@@ -205,6 +205,11 @@ class ModelSpec:
     """Whether the branches are combined by ONE's gate ('gate', 'gate_offset'), not a mean."""
     return self.branched and models.ENSEMBLES[self.method] == "gate"
 
+  @property
+  def independent(self) -> bool:
+    """Whether the branches start at the input (DML: B whole networks, 'trunk' stacked too)."""
+    return self.branched and self.method in models.INDEPENDENT
+
   def with_branches(self, num_branches: Optional[int]) -> "ModelSpec":
     """The model of the same family with num_branches (the unbranched kind for None)."""
     arch = architecture(self.kind)
@@ -246,7 +251,9 @@ class ModelSpec:
                       for k, v in self.recorded_options().items())
     details += "".join(f", {v} {k}s" for k, v in arch.details(self).items())
     branches = f"{self.num_branches} branch{'es' if self.num_branches != 1 else ''}"
-    if self.branched and self.method == "okddip":
+    if self.independent:
+      branches = f"{self.num_branches} independent networks ({self.method})"
+    elif self.branched and self.method == "okddip":
       branches += f" (okddip: {self.num_branches - 1} peers and a leader)"
     elif self.branched and self.method != "one":
       branches += f" ({self.method}: no gate)" if not self.has_gate else f" ({self.method})"
@@ -354,6 +361,7 @@ def family(name: str, title: str, trunk: type, branch: type,
     return models.OneModel(**module_args(spec), num_branches=spec.num_branches,
                            branch_impl=spec.branch_impl, active_branches=spec.active_branches,
                            axis_name=axis_name, ensemble=models.ENSEMBLES[spec.method],
+                           independent=spec.independent,
                            trunk_grad_scale=spec.trunk_grad_scale)
 
   def baseline(spec, axis_name):

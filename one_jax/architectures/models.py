@@ -4,7 +4,9 @@ Parameter tree (the contract that checkpoints, surgery and conversion rely on):
 
   Baseline:  {'trunk': T, 'branch': Br}
   OneModel:  {'trunk': T, 'branches': Br stacked on a leading axis of size B, 'gate': G}
-             (no 'gate' for the methods whose ensemble is the branches' mean: ENSEMBLES)
+             (no 'gate' for the methods whose ensemble is the branches' mean, OKDDip's
+             'attention' instead: ENSEMBLES; T stacked too where the branches start at the
+             input: INDEPENDENT)
 
 T and Br are the family's trunk and branch modules (the CIFAR ResNet's T: the stem 'conv1',
 'bn1' and stages 1-2 'layer1_0', ..., 'layer2_{n-1}'; its Br: stage 3 'layer3_0', ... and the
@@ -31,7 +33,11 @@ BRANCH_IMPLS = ("auto", "loop", "vmap")
 # (no parameters: CL-ILR), or OKDDip's: the last branch is the group leader, the others are
 # peers whose targets come from an attention over the peers ('attention': shared query and key
 # projections of the pooled features), the ensemble is the peers' mean.
-ENSEMBLES = {"one": "gate", "cl_ilr": "mean", "okddip": "attention"}
+ENSEMBLES = {"one": "gate", "cl_ilr": "mean", "okddip": "attention", "dml": "mean"}
+# Where the branches start: at the input for these methods (independent peers, DML's and
+# KDCL's: B whole networks, their 'trunk' stacked on axis 0 as 'branches' are), after the
+# trunk for every other.
+INDEPENDENT = ("dml",)
 # OKDDip's projections map C pooled channels to C // ATTENTION_FACTOR (its code's factor 8).
 ATTENTION_FACTOR = 8
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -82,25 +88,34 @@ class Gate(nn.Module):
     return jax.nn.softmax(x, axis=-1)
 
 
-def stacked_branches(branch: ModuleDef, num_branches: int, impl: str, name: str):
-  """B branches with parameters stacked on axis 0, computed by an unrolled loop or by vmap.
+def stacked_branches(branch: ModuleDef, num_branches: int, impl: str, name: str,
+                     mapped: bool = False):
+  """B copies of a module with parameters stacked on axis 0, computed by an unrolled loop or by
+  vmap: the branches on the trunk's output, or (independent peers) the B trunks on the images
+  and then the B branches, each on its own trunk's output.
 
-  branch(name=...) makes one branch (any family's: x -> (pooled features, logits)). Both
+  branch(name=...) makes one copy (a family's branch: x -> (pooled features, logits); or its
+  trunk). mapped=False gives every copy the same x; mapped=True gives copy b x[b]. Both
   implementations read and write the same layout (the one nn.vmap with
   variable_axes={'params': 0, 'batch_stats': 0} produces) and give the same numbers; returns a
-  function x -> ([B, N, F] features, [B, N, C] logits).
+  function x -> the copies' outputs stacked on axis 0 (branches: ([B, N, F] features,
+  [B, N, C] logits)).
   """
   axes = {"params": 0, "batch_stats": 0}
   module = branch(name=name)
   if impl == "vmap":
     vmapped = nn.vmap(lambda mdl, x: mdl(x), variable_axes=axes, split_rngs={"params": True},
-                      in_axes=None, out_axes=0, axis_size=num_branches)
+                      in_axes=0 if mapped else None, out_axes=0, axis_size=num_branches)
     return lambda x: vmapped(module, x)
-  # A fully unrolled scan: B separate (un-batched) branch computations on slices of the
-  # stacked variables, the trunk output the (unchanged) carry; XLA's CPU backend runs these
-  # much faster than vmapped convolutions. unroll=0 unrolls every length; unroll=B would leave
-  # B = 1 as a one-trip while loop, whose backward convolutions XLA:CPU then runs in a naive,
-  # ~50x slower form (benchmarks/NOTES.md).
+  # A fully unrolled scan: B separate (un-batched) computations on slices of the stacked
+  # variables (x the unchanged carry, or the scanned input when mapped); XLA's CPU backend
+  # runs these much faster than vmapped convolutions. unroll=0 unrolls every length; unroll=B
+  # would leave B = 1 as a one-trip while loop, whose backward convolutions XLA:CPU then runs
+  # in a naive, ~50x slower form (benchmarks/NOTES.md).
+  if mapped:
+    looped = nn.scan(lambda mdl, carry, x: (carry, mdl(x)), variable_axes=axes,
+                     split_rngs={"params": True}, in_axes=0, length=num_branches, unroll=0)
+    return lambda x: looped(module, (), x)[1]
   looped = nn.scan(lambda mdl, x: (x, mdl(x)), variable_axes=axes, split_rngs={"params": True},
                    in_axes=(), length=num_branches, unroll=0)
   return lambda x: looped(module, x)[1]
@@ -139,18 +154,24 @@ def one_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef
   active_branches, axis_name, conv_impl, compute_dtype, ensemble (ENSEMBLES' values: ONE's
   gate, the branches' mean, OKDDip's attention) and trunk_grad_scale (what the gradient from
   the branches into the trunk is multiplied by: CL-ILR's 1/B). The tree: 'trunk', 'branches'
-  (stacked), with a gate 'gate' and the gate's log-weight offset in the 'gate_offset'
-  collection, with attention 'attention'. The layers compute in the images' dtype
+  (stacked; with module.independent 'trunk' too, and branch b runs on trunk b's output), with
+  a gate 'gate' and the gate's log-weight offset in the 'gate_offset' collection, with
+  attention 'attention'. The layers compute in the images' dtype
   (compute_dtype); logits and gate come out in (at least) float32.
   """
   conv, norm = layers.conv_and_norm(train, module.axis_name, module.conv_impl)
   images = _in_compute_dtype(images, module.compute_dtype)  # the layers follow x's dtype
-  x = trunk(conv=conv, norm=norm, name="trunk")(images)
+  impl = resolve_branch_impl(module.branch_impl)
+  if module.independent:   # B whole networks: B stacked trunks, branch b on trunk b's output
+    x = stacked_branches(functools.partial(trunk, conv=conv, norm=norm), module.num_branches,
+                         impl, name="trunk")(images)
+  else:
+    x = trunk(conv=conv, norm=norm, name="trunk")(images)
   branch_input = x if module.trunk_grad_scale == 1.0 else layers.scale_gradient(
       x, module.trunk_grad_scale)
   features, branch_logits = stacked_branches(
-      functools.partial(branch, conv=conv, norm=norm), module.num_branches,
-      resolve_branch_impl(module.branch_impl), name="branches")(branch_input)
+      functools.partial(branch, conv=conv, norm=norm), module.num_branches, impl,
+      name="branches", mapped=module.independent)(branch_input)
   branch_logits = layers.at_least_float32(branch_logits)
   targets = None
   if module.ensemble == "gate":
@@ -234,6 +255,7 @@ class OneModel(nn.Module):
   conv_impl: str = "auto"
   compute_dtype: str = "float32"   # COMPUTE_DTYPES: what the layers compute in
   ensemble: str = "gate"           # ENSEMBLES' values: 'gate', 'mean', 'attention'
+  independent: bool = False        # INDEPENDENT: B whole networks, 'trunk' stacked as well
   trunk_grad_scale: float = 1.0    # the gradient entering the trunk from the branches, times
 
   @nn.compact

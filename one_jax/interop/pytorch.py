@@ -102,6 +102,11 @@ def load_torch_checkpoint(path: str, *, allow_pickle: bool = False):
   return result.model, result.variables
 
 
+# Methods whose models the reference names cannot hold (OKDDip's projections and leader, DML's
+# B whole networks); each of their branches exports after `surgery extract`.
+NO_REFERENCE_LAYOUT = ("okddip", "dml")
+
+
 def export_torch_state_dict(spec: model_spec.ModelSpec, variables, *, module_prefix: bool = True,
                             spelling: str = "classfier",
                             num_batches_tracked: Union[None, int, Mapping[str, int]] = 0,
@@ -118,6 +123,10 @@ def export_torch_state_dict(spec: model_spec.ModelSpec, variables, *, module_pre
   The reference gate has no log-weight offset: a non-zero 'gate_offset' would change the
   outputs, so it is an error unless ignore_gate_offset.
   """
+  if spec.branched and spec.method in NO_REFERENCE_LAYOUT:
+    raise ValueError(f"a {spec.method} model ({spec.describe()}) has no layout in the reference "
+                     "code's names: extract the branch you want (python -m one_jax.surgery "
+                     "extract) and export that network")
   if spec.kind in convert_torchvision.KINDS:
     return convert_torchvision.export_state_dict(spec, variables, branch=branch,
                                                  module_prefix=module_prefix,

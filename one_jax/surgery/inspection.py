@@ -11,16 +11,19 @@ from one_jax.surgery import layout
 
 
 def parameter_counts(state, info) -> Dict[str, int]:
-  """Parameters per part: trunk, branch i (each), the method's parts (ONE's gate, OKDDip's
-  attention), total."""
+  """Parameters per part: trunk, branch i (each; with its own trunk where the branches start
+  at the input), the method's parts (ONE's gate, OKDDip's attention), total."""
   model = layout.view(state, info, "the model")
-  counts = {"trunk": 0}
+  counts = {} if model.spec.independent else {"trunk": 0}
   for b in range(model.num_branches):
     counts[f"branch {b}"] = 0
   for (tree, path), x in model.leaves.items():
     if tree != layout.PARAMS:
       continue
-    if path[0] == "trunk":
+    if path[0] == "trunk" and (tree, path) in model.slotted:   # DML: a trunk per branch
+      for b in range(model.num_branches):
+        counts[f"branch {b}"] += x[b].size
+    elif path[0] == "trunk":
       counts["trunk"] += x.size
     elif path[0] == "branches":
       for b in range(model.num_branches):

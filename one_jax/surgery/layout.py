@@ -170,16 +170,20 @@ class Model:
     return self.spec.has_gate
 
   def slot(self, key, b):
-    """Branch slot b of a leaf, keeping the slot axis (a [1, ...] copy)."""
+    """Branch slot b of a leaf, keeping the slot axis (a [1, ...] copy); a leaf without slots
+    (a trunk that is not per branch) is one slot, whatever b."""
+    if key not in self.slotted:
+      return np.array(self.leaves[key])[None]
     return np.array(self.leaves[key][b:b + 1])
 
 
-def _normalise(path, x, param_shape, num_branches):
-  """(path, leaf, slotted) in the slot-first layout; param_shape None for model variables."""
+def _normalise(path, x, param_shape, num_branches, independent=False):
+  """(path, leaf, slotted) in the slot-first layout; param_shape None for model variables;
+  independent: the trunk is per branch too (DML's B networks)."""
   part = path[0]
   if part == "branch":  # a baseline's single branch is slot 0 of 'branches'
     return ("branches",) + path[1:], x[None], True
-  if part == "branches":
+  if part == "branches" or part == "trunk" and independent:
     return path, x, x.ndim >= 1 and x.shape[0] == num_branches
   if part == "gate" and (param_shape is None or x.shape == param_shape):
     return path, np.moveaxis(x, -1, 0), True
@@ -209,7 +213,7 @@ def view(state, info, what: str) -> Model:
     for path, x in flat.items():
       if tree == OFFSET:
         path = ("gate",) + path
-      path, x, is_slot = _normalise(path, np.array(x), None, num_branches)
+      path, x, is_slot = _normalise(path, np.array(x), None, num_branches, spec.independent)
       leaves[(tree, path)] = x
       if is_slot:
         slotted.add((tree, path))
@@ -224,7 +228,8 @@ def view(state, info, what: str) -> Model:
       opt_trees.append(tree)
       for path, x in _flatten(_get(opt_state, sub)).items():
         param_shape = tuple(np.shape(_get(params, path)))
-        path, x, is_slot = _normalise(path, np.array(x), param_shape, num_branches)
+        path, x, is_slot = _normalise(path, np.array(x), param_shape, num_branches,
+                                       spec.independent)
         leaves[(tree, path)] = x
         if is_slot:
           slotted.add((tree, path))
@@ -268,7 +273,9 @@ def _opt_layout(model: Model):
 
   forms = {}
   for key, x in model.leaves.items():
-    if key[0][0] == OPT:
+    if key[0][0] == OPT and key[1][0] == "trunk":   # per branch (DML) or not: one network's
+      forms[key] = x.shape[1:] if key in model.slotted else x.shape
+    elif key[0][0] == OPT:
       forms[key] = (True, x.shape[1:]) if key in model.slotted else (False, x.shape)
   return outside(model.opt_state), forms
 
@@ -298,6 +305,9 @@ def assemble(spec: model_spec.ModelSpec, *, trunk: Union[Model, Sequence[Model]]
   trunk: the model whose trunk (and the other SHARED_PARTS) is kept, or a list of models whose
   trunks are averaged; a shared part the trunk's sources lack (OKDDip's projections when
   baselines merge) comes from `fresh`, a freshly initialised model of `spec`, with zero momentum.
+  Where the trunk is per branch (spec.independent: DML's networks) it follows the slots, and
+  `trunk` is not used; a single network taken out of such a model (an extracted student)
+  takes the trunk of its slot.
   slots: the source (model, branch) of each branch slot. gate: the source of each gate column
   (a model without a gate, or None, gives a fresh column); gate=None: the output is a baseline.
   The optimizer state follows, as the module docstring says.
@@ -317,6 +327,16 @@ def assemble(spec: model_spec.ModelSpec, *, trunk: Union[Model, Sequence[Model]]
     return np.concatenate([m.slot(key, b) if m is not None and key in m.leaves else fill_slot()
                            for m, b in plan], axis=0)
 
+  def shared(key, fill=None, fill_slot=None):
+    """A leaf of the trunk or another shared part: per slot where the output's trunk is per
+    branch; the slot's own where the trunk comes from per-branch trunks; else from_trunk."""
+    if key[1][0] == "trunk" and spec.independent:
+      return from_slots(key, slots, fill_slot)
+    if key[1][0] == "trunk" and any(key in m.slotted for m in trunks):
+      model, b = slots[0]
+      return model.slot(key, b)[0]
+    return from_trunk(key, fill)
+
   def first_of(key, plan, fill):
     """A leaf without a branch axis: from the first source in the plan that has it."""
     have = [m for m, _ in plan if m is not None and key in m.leaves]
@@ -327,7 +347,7 @@ def assemble(spec: model_spec.ModelSpec, *, trunk: Union[Model, Sequence[Model]]
   for key, like in out.leaves.items():
     part = key[1][0]
     if part in SHARED_PARTS:
-      leaves[key] = from_trunk(key)
+      leaves[key] = shared(key)
     elif part == "branches":
       leaves[key] = from_slots(key, slots)
     else:
@@ -353,7 +373,7 @@ def assemble(spec: model_spec.ModelSpec, *, trunk: Union[Model, Sequence[Model]]
         fill_slot = functools.partial(np.full, (1,) + shape, value, dtype)
         plan = slots if path[0] == "branches" else gate
         if path[0] in SHARED_PARTS:
-          opt_leaves[key] = from_trunk(key, fill)
+          opt_leaves[key] = shared(key, fill, fill_slot)
         elif is_slot:
           opt_leaves[key] = from_slots(key, plan, fill_slot)
           opt_slotted.add(key)
@@ -376,6 +396,8 @@ def _opt_form(key, out: Model, with_opt: Sequence[Model]):
   for m in with_opt:
     if key in m.leaves:
       x = m.leaves[key]
+      if key[1][0] == "trunk":   # per branch in the output or not, whatever the source's trunk
+        return (key in out.slotted, x.shape[1:] if key in m.slotted else x.shape, x.dtype)
       return (True, x.shape[1:], x.dtype) if key in m.slotted else (False, x.shape, x.dtype)
   trunk = [(path, x) for (tree, path), x in with_opt[0].leaves.items()
            if tree == key[0] and path[0] == "trunk"]

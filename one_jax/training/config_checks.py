@@ -19,7 +19,7 @@ from one_jax.architectures import cifar_resnet, model_spec, models
 from one_jax.cpu import kernels, xla_options
 from one_jax.data import device_data, sources
 from one_jax.surgery import operations
-from one_jax.training import optimizer, two_stage
+from one_jax.training import losses, optimizer, two_stage
 
 Bound = Union[None, int, float, str]  # a number, or the name of another field
 
@@ -270,6 +270,13 @@ RULES: Sequence[Rule] = (
          why="it must be > 0 (the logits are divided by it; the OKDDip code uses 3)"),
     Rule("okddip_kl_scale", Number(integer=False, low=0)),
     Rule("okddip_detach", Flag()),
+    Rule("dml_temperature", Number(integer=False, low=0, low_open=True),
+         why="it must be > 0 (the logits are divided by it; the DML paper uses 1)"),
+    Rule("dml_kl_scale", Number(integer=False, low=0)),
+    Rule("dml_rampup_epochs", Number(integer=False, low=0),
+         why="it must be a number of epochs >= 0 (0: full KL weight from the start)"),
+    Rule("dml_target", OneOf(losses.DML_TARGETS)),
+    Rule("dml_detach", Flag()),
     # Run.
     Rule("seed", Number(integer=True, low=0, high=2**32 - 1)),
     Rule("deterministic", Flag()),

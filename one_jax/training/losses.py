@@ -1,5 +1,5 @@
-"""The methods' losses (DESIGN.md section 3): ONE's, CL-ILR's, OKDDip's and the baseline's
-cross-entropy. ONE's:
+"""The methods' losses (DESIGN.md section 3): ONE's, CL-ILR's, OKDDip's, DML's and the
+baseline's cross-entropy. ONE's:
 
     L = sum_b CE(z_b, y) + CE(e, y) + w(epoch) * sum_b T^2 KL(softmax(sg(e)/T) || softmax(z_b/T))
 
@@ -183,6 +183,56 @@ def okddip_loss(output, labels, *, epoch, temperature: float = 3.0, rampup_epoch
   weight = kl_weight(epoch, rampup_epochs) * kl_scale
   loss = ce_sum + weight * (kl_sum + kl_leader)
   terms.update(ce_branches=ce_sum, kl=kl_sum, kl_leader=kl_leader, kl_weight=weight, loss=loss)
+  return loss, terms
+
+
+DML_TARGETS = ("pairwise", "others_mean")
+
+
+def dml_loss(output, labels, *, epoch, temperature: float = 1.0, rampup_epochs: float = 0.0,
+             kl_scale: float = 1.0, target: str = "pairwise", detach: bool = True,
+             active_branches: Optional[Sequence[bool]] = None,
+             teacher_eps: float = REFERENCE_TEACHER_EPS,
+             weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """Deep mutual learning (Zhang et al., 2018) over independent peers:
+
+    pairwise:     L = sum_b CE(z_b) + kl_scale * w(epoch) * sum_b mean_{j != b} KL_T(z_b, z_j)
+    others_mean:  L = sum_b CE(z_b) + kl_scale * w(epoch) * sum_b KL_T(z_b, mean_{j != b} z_j)
+
+  The defaults are the paper's (pairwise, T = 1, each peer's targets constants, no ramp-up);
+  the OKDDip code's `train_DML.py` is others_mean (pairwise with --type), detach False, T 3;
+  MCL-OKD's is pairwise, detached, T 2. Inactive branches are left out of every term and of
+  the others' targets.
+
+  Terms: 'ce_branch_b', 'ce_branches' (their sum), 'kl' (the unweighted sum over branches),
+  'kl_weight' (w(epoch) * kl_scale) and 'loss'.
+  """
+  if target not in DML_TARGETS:
+    raise ValueError(f"dml target={target!r} is unknown: use one of {', '.join(DML_TARGETS)}")
+  num_branches = output.branch_logits.shape[0]
+  active = [True] * num_branches if active_branches is None else list(active_branches)
+  members = [b for b in range(num_branches) if active[b]]
+  stop = jax.lax.stop_gradient if detach else (lambda t: t)
+  z = output.branch_logits
+  terms = {}
+  ce_sum = jnp.zeros((), jnp.float32)  # promoted to float64 by float64 terms
+  kl_sum = jnp.zeros((), jnp.float32)
+  for b in members:
+    ce_b = cross_entropy(z[b], labels, weights)
+    terms[f"ce_branch_{b}"] = ce_b
+    ce_sum = ce_sum + ce_b
+    others = [j for j in members if j != b]
+    if not others:
+      continue
+    if target == "pairwise":
+      kl_sum = kl_sum + sum(distillation_kl(z[b], stop(z[j]), temperature, teacher_eps, weights)
+                            for j in others) / len(others)
+    else:
+      kl_sum = kl_sum + distillation_kl(z[b], stop(sum(z[j] for j in others) / len(others)),
+                                        temperature, teacher_eps, weights)
+  weight = kl_weight(epoch, rampup_epochs) * kl_scale
+  loss = ce_sum + weight * kl_sum
+  terms.update(ce_branches=ce_sum, kl=kl_sum, kl_weight=weight, loss=loss)
   return loss, terms
 
 

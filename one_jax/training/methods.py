@@ -163,10 +163,32 @@ class Okddip(_Branches):
                               weights=weights)
 
 
-Method = Any  # CrossEntropy | One | ClIlr | Okddip: the interface of the module docstring
+@dataclasses.dataclass(frozen=True)
+class Dml(_Branches):
+  """DML (Zhang et al., 2018): B independent networks (the model's branches start at the
+  input), each distilled from the others (losses.dml_loss). Heads 'branch_b' and 'peers_mean'
+  (the mean of their logits: deployed, picks the best checkpoint)."""
+  spec: model_spec.ModelSpec
+  temperature: float = 1.0
+  rampup_epochs: float = 0.0
+  kl_scale: float = 1.0
+  target: str = "pairwise"
+  detach: bool = True
+
+  ensemble_head = deployed_head = "peers_mean"
+
+  def loss(self, output, labels, epoch, weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    return losses.dml_loss(output, labels, epoch=epoch, temperature=self.temperature,
+                           rampup_epochs=self.rampup_epochs, kl_scale=self.kl_scale,
+                           target=self.target, detach=self.detach,
+                           active_branches=self.spec.active_branches, weights=weights)
+
+
+Method = Any  # CrossEntropy | One | ClIlr | Okddip | Dml: the interface of the module docstring
 
 # config.method -> (its class, {its option: the config field that sets it}). ONE's fields keep
-# their historical names; every other method's carry its name.
+# their historical names; every other method's carry its name (the shared ramp-up
+# 'rampup_epochs' but for DML, which has none by default).
 METHODS = {
     "one": (One, dict(temperature="temperature", rampup_epochs="rampup_epochs",
                       kl_scale="kl_scale", ensemble_ce="ensemble_ce",
@@ -176,12 +198,14 @@ METHODS = {
                            detach="cl_ilr_detach")),
     "okddip": (Okddip, dict(temperature="okddip_temperature", rampup_epochs="rampup_epochs",
                             kl_scale="okddip_kl_scale", detach="okddip_detach")),
+    "dml": (Dml, dict(temperature="dml_temperature", rampup_epochs="dml_rampup_epochs",
+                      kl_scale="dml_kl_scale", target="dml_target", detach="dml_detach")),
 }
 
 
 def deployed_head(method: Optional[str]) -> str:
   """The head a model of `method` deploys and picks its best checkpoint by: ONE's ensemble,
-  CL-ILR's peers' mean, OKDDip's leader, a baseline's (method None) model."""
+  CL-ILR's and DML's peers' mean, OKDDip's leader, a baseline's (method None) model."""
   return (CrossEntropy if method is None else METHODS[method][0]).deployed_head
 
 

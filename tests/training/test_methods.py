@@ -3,9 +3,11 @@ kind, for the loss, the heads, the derived metrics and the best checkpoint's met
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import step1
-from one_jax.architectures import model_spec
+from one_jax.architectures import model_spec, models
+from one_jax.surgery import operations
 from one_jax.training import losses, methods
 
 ONE = model_spec.ModelSpec("one_resnet", 8, 5, 3)
@@ -73,10 +75,62 @@ def test_methods_configs_put_each_method_on_any_paper_row():
   assert smoke.dataset == "synthetic"
   model = model_spec.ModelSpec.from_config(smoke)
   assert model.method == "cl_ilr" and not model.has_gate
-  for bad in ("dml", "cl_ilr:resnet20_cifar10"):
+  for bad in ("pcl", "cl_ilr:resnet20_cifar10"):
     try:
       method_configs.get_config(bad)
     except ValueError as e:
       assert "\n" not in str(e)
     else:
       raise AssertionError(bad)
+
+
+FAMILY_ROWS = {"vgg": "configs/methods.py:{}:vgg16_cifar10,smoke",
+               "densenet": "configs/methods.py:{}:densenet40_12_cifar10,smoke",
+               "wrn": "configs/methods.py:{}:wrn16_4_cifar10,smoke",
+               "resnext": "configs/methods.py:{}:resnext29_8x64d_cifar10,smoke",
+               "imagenet_resnet": "configs/imagenet.py:{},smoke"}
+
+
+def _family_config(family, method):
+  """The smoke config of `family`'s row with `method` (configs/methods.py, or ImageNet's)."""
+  from configs import imagenet, methods as method_configs  # pylint: disable=g-import-not-at-top
+  if family == "imagenet_resnet":
+    c = imagenet.get_config("resnet18_one,smoke")
+    c.method, c.num_branches = method, methods.branch_count(method, c.num_branches)
+    return c
+  return method_configs.get_config(FAMILY_ROWS[family].split(":", 1)[1].format(method))
+
+
+@pytest.mark.parametrize("method", ["okddip", "dml"])
+@pytest.mark.parametrize("family", list(FAMILY_ROWS))
+def test_each_method_trains_on_every_family_and_extracts_its_branches(family, method):
+  """On every family: the method's model takes a finite gradient step (every head finite) and
+  `surgery extract` gives a plain network whose outputs equal its branch's (OKDDip's leader:
+  the last; DML's peer 0 with its own trunk)."""
+  config = _family_config(family, method)
+  spec = model_spec.ModelSpec.from_config(config)
+  assert spec.method == method and (spec.independent == (method == "dml"))
+  image_shape = (config.get("image_size", 32),) * 2 + (3,)
+  variables = spec.init(jax.random.key(0), image_shape)
+  images = jax.random.normal(jax.random.key(1), (4,) + image_shape)
+  labels = jnp.arange(4) % spec.num_classes
+  model, method_obj = spec.build(), methods.for_model(config, spec)
+
+  def loss(params):
+    out, _ = model.apply(dict(variables, params=params), images, train=True,
+                         mutable=["batch_stats"])
+    return method_obj.loss(out, labels, 1.0)[0]
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+  assert np.isfinite(float(value))
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  if method == "okddip":   # the projections learn (through the targets)
+    assert np.any(np.asarray(grads["attention"]["query"]["kernel"]) != 0)
+  out = model.apply(variables, images)
+  assert set(method_obj.head_logits(out)) == set(method_obj.heads) - {"mean_branch"}
+  state = jax.tree.map(np.asarray, dict(variables))
+  branch = spec.num_branches - 1 if method == "okddip" else 0
+  student, info = operations.extract(state, spec.to_dict(), branch=branch)
+  student_spec = model_spec.ModelSpec.from_dict(info)
+  np.testing.assert_allclose(student_spec.build().apply(models.variables_in(student), images),
+                             out.branch_logits[branch], rtol=2e-5, atol=2e-5)

@@ -1,5 +1,6 @@
 """Many SGD steps of one_jax's real train step against the PyTorch reference, in float64: ONE,
-CL-ILR (against the OKDDip code's CL with ILR, tests/torch_reference.py) and the baseline.
+CL-ILR (against the OKDDip code's CL with ILR, tests/torch_reference.py), DML (independent
+reference ResNets, the paper's loss) and the baseline.
 
 One set of initial weights (one_jax's init, converted with one_jax.convert), one fixed
 sequence of batches (the real input pipeline without augmentation), then EPOCHS x
@@ -47,10 +48,12 @@ RTOL = 1e-10
 
 
 def _config(model: str):
-  """'one_resnet' (ONE), 'cl_ilr' (the OKDDip code's CL with ILR) or 'cifar_resnet'."""
+  """'one_resnet' (ONE), 'cl_ilr' (the OKDDip code's CL with ILR), 'dml' (the DML paper's loss
+  over independent reference ResNets) or 'cifar_resnet'."""
   c = common.base_config()
-  c.method = "cl_ilr" if model == "cl_ilr" else "one"
-  model = "one_resnet" if model == "cl_ilr" else model
+  c.method = model if model in ("cl_ilr", "dml") else "one"
+  c.dml_rampup_epochs = RAMPUP   # DML has none by default: here its weight changes too
+  model = "one_resnet" if model in ("cl_ilr", "dml") else model
   c.model = model
   c.num_branches = BRANCHES if model == "one_resnet" else 1
   c.depth, c.num_classes, c.batch_size = DEPTH, CLASSES, BATCH
@@ -85,7 +88,17 @@ def _init(config, seed):
 
 
 def _export(spec, params, batch_stats):
-  """Reference-named numpy arrays of a params-shaped tree (and the BatchNorm statistics)."""
+  """Reference-named numpy arrays of a params-shaped tree (and the BatchNorm statistics); a
+  DML group's as tr.DMLGroup names them, 'peers.b.' and peer b's reference ResNet names."""
+  if spec.independent:
+    single = spec.with_branches(None)
+    named = {}
+    for b in range(spec.num_branches):
+      peer = lambda tree, b=b: {"trunk": jax.tree.map(lambda x: x[b], tree["trunk"]),
+                                "branch": jax.tree.map(lambda x: x[b], tree["branches"])}
+      named.update({f"peers.{b}.{k}": v for k, v in _export(
+          single, peer(params), peer(batch_stats)).items()})
+    return named
   sd = pytorch.export_torch_state_dict(spec, {"params": params, "batch_stats": batch_stats},
                                        module_prefix=False, num_batches_tracked=None)
   return {k: v.numpy() for k, v in sd.items()}
@@ -132,6 +145,7 @@ def _run_both(model_kind: str):
 
     torch_model = {"one_resnet": lambda: tr.ONE_ResNet(DEPTH, CLASSES, BRANCHES),
                    "cl_ilr": lambda: tr.CL_ResNet(DEPTH, CLASSES, BRANCHES),
+                   "dml": lambda: tr.DMLGroup(DEPTH, CLASSES, BRANCHES),
                    "cifar_resnet": lambda: tr.ResNet(DEPTH, CLASSES)}[model_kind]().double()
     missing, unexpected = torch_model.load_state_dict(
         {k: torch.from_numpy(v) for k, v in initial.items()}, strict=False)
@@ -184,7 +198,7 @@ def one_torch_thread():
   torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("model_kind", ["one_resnet", "cl_ilr", "cifar_resnet"])
+@pytest.mark.parametrize("model_kind", ["one_resnet", "cl_ilr", "dml", "cifar_resnet"])
 def test_trajectory_matches_reference_in_float64(model_kind, one_torch_thread):
   worst, moved = _run_both(model_kind)
   assert len(worst) == EPOCHS * STEPS_PER_EPOCH
