@@ -44,7 +44,7 @@ from one_jax import cli, parallel, validate
 from one_jax.architectures import model_spec, models
 from one_jax.cpu import host_memory, kernels, xla_options
 from one_jax.data import device_data, in_memory, sources
-from one_jax.training import compile_cache, optimizer, steps, train_state
+from one_jax.training import compile_cache, methods, optimizer, steps, train_state
 
 IMAGE_SHAPE = (32, 32, 3)   # CIFAR's; a config with image_size (ImageNet: 224) sets its own
 
@@ -169,7 +169,8 @@ class StepTimer:
     else:
       source, _ = in_memory.synthetic_sources(2 * k * n, 1, config.num_classes, config.seed,
                                                    shape)
-      where = dict(global_batch=n, seed=config.seed, epoch=0)
+      where = dict(global_batch=n, seed=config.seed, epoch=0,
+                   views=methods.for_model(config, self.spec).views)
       if device_data.use_device_data(config.get("data_on_device", "false"), source):
         items, data = list(in_memory.train_plans(len(source), **where)), \
             device_data.put(source, self.mesh)

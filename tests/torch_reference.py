@@ -431,6 +431,22 @@ def dml_loss_terms(logits, labels, consistency_weight, temperature=1.0):
                 "kl_weight": consistency_weight}
 
 
+def kdcl_loss(out_list, label, temperature=4.0, alpha=0.5):
+  """The KDCL reproduction's train.py (naive ensemble): stable_out = the detached mean of all
+  peers' logits; each peer (1 - alpha) CE + alpha T^2 KLDiv(log_softmax(z/T), softmax(
+  stable_out/T)), batchmean, stepped by its own optimizer: the sum of the peers' losses has
+  each peer's gradient."""
+  stable_out = torch.stack(out_list).mean(dim=0).detach()
+  total = 0
+  for out in out_list:
+    ce_loss = F.cross_entropy(out, label)
+    div_loss = F.kl_div(F.log_softmax(out / temperature, dim=1),
+                        F.softmax(stable_out / temperature, dim=1),
+                        reduction="batchmean") * temperature * temperature
+    total = total + (1 - alpha) * ce_loss + alpha * div_loss
+  return total
+
+
 def sgd(model, lr=0.1, momentum=0.9, weight_decay=5e-4):
   """The reference optimizer: coupled L2 decay on every parameter."""
   return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -33,11 +33,12 @@ BRANCH_IMPLS = ("auto", "loop", "vmap")
 # (no parameters: CL-ILR), or OKDDip's: the last branch is the group leader, the others are
 # peers whose targets come from an attention over the peers ('attention': shared query and key
 # projections of the pooled features), the ensemble is the peers' mean.
-ENSEMBLES = {"one": "gate", "cl_ilr": "mean", "okddip": "attention", "dml": "mean"}
+ENSEMBLES = {"one": "gate", "cl_ilr": "mean", "okddip": "attention", "dml": "mean",
+             "kdcl": "mean"}
 # Where the branches start: at the input for these methods (independent peers, DML's and
 # KDCL's: B whole networks, their 'trunk' stacked on axis 0 as 'branches' are), after the
 # trunk for every other.
-INDEPENDENT = ("dml",)
+INDEPENDENT = ("dml", "kdcl")
 # OKDDip's projections map C pooled channels to C // ATTENTION_FACTOR (its code's factor 8).
 ATTENTION_FACTOR = 8
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -154,7 +155,8 @@ def one_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef
   active_branches, axis_name, conv_impl, compute_dtype, ensemble (ENSEMBLES' values: ONE's
   gate, the branches' mean, OKDDip's attention) and trunk_grad_scale (what the gradient from
   the branches into the trunk is multiplied by: CL-ILR's 1/B). The tree: 'trunk', 'branches'
-  (stacked; with module.independent 'trunk' too, and branch b runs on trunk b's output), with
+  (stacked; with module.independent 'trunk' too, and branch b runs on trunk b's output, on
+  images [N, H, W, C] or, one view per network, [N, B, H, W, C]), with
   a gate 'gate' and the gate's log-weight offset in the 'gate_offset' collection, with
   attention 'attention'. The layers compute in the images' dtype
   (compute_dtype); logits and gate come out in (at least) float32.
@@ -162,9 +164,15 @@ def one_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef
   conv, norm = layers.conv_and_norm(train, module.axis_name, module.conv_impl)
   images = _in_compute_dtype(images, module.compute_dtype)  # the layers follow x's dtype
   impl = resolve_branch_impl(module.branch_impl)
+  views = images.ndim == 5   # [N, B, H, W, C]: a view of each image per branch (KDCL)
+  if views and (not module.independent or images.shape[1] != module.num_branches):
+    raise ValueError(f"images of shape {images.shape} hold {images.shape[1]} views per example, "
+                     f"but this model takes one view, or one per branch of its "
+                     f"{module.num_branches} independent networks: give [N, H, W, C] images")
   if module.independent:   # B whole networks: B stacked trunks, branch b on trunk b's output
     x = stacked_branches(functools.partial(trunk, conv=conv, norm=norm), module.num_branches,
-                         impl, name="trunk")(images)
+                         impl, name="trunk", mapped=views)(
+                             jnp.moveaxis(images, 1, 0) if views else images)
   else:
     x = trunk(conv=conv, norm=norm, name="trunk")(images)
   branch_input = x if module.trunk_grad_scale == 1.0 else layers.scale_gradient(

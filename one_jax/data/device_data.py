@@ -59,14 +59,23 @@ def _normalize_table() -> np.ndarray:
 
 
 def augment(data: Dict[str, jax.Array], plan: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
-  """This device's batch {'image': float32 normalised, 'label'} from its rows of a plan."""
+  """This device's batch {'image': float32 normalised, 'label'} from its rows of a plan (a
+  plan of several views, in_memory.train_plans' views > 1, gives 'image' [n, views, H, W, 3])."""
   images = data["image"][plan["index"]]
   n, h, w, c = images.shape
   pad = in_memory.CROP_PADDING
   padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  crop = jax.vmap(lambda im, off: jax.lax.dynamic_slice(im, (off[0], off[1], 0), (h, w, c)))
-  images = crop(padded, plan["offset"])
-  images = jnp.where(plan["flip"][:, None, None, None], images[:, :, ::-1], images)
+
+  def crop_flip(offsets, flips):
+    crop = jax.vmap(lambda im, off: jax.lax.dynamic_slice(im, (off[0], off[1], 0), (h, w, c)))
+    cropped = crop(padded, offsets)
+    return jnp.where(flips[:, None, None, None], cropped[:, :, ::-1], cropped)
+
+  if plan["flip"].ndim == 2:   # [n, views]: one crop and flip per view
+    images = jnp.stack([crop_flip(plan["offset"][:, v], plan["flip"][:, v])
+                        for v in range(plan["flip"].shape[1])], axis=1)
+  else:
+    images = crop_flip(plan["offset"], plan["flip"])
   table = jnp.asarray(_normalize_table())
   normalised = jnp.take_along_axis(table, images.reshape(-1, c).astype(jnp.int32), axis=0)
-  return {"image": normalised.reshape(n, h, w, c), "label": data["label"][plan["index"]]}
+  return {"image": normalised.reshape(images.shape), "label": data["label"][plan["index"]]}

@@ -416,64 +416,83 @@ def _synthetic_examples(templates, n, rng, max_shift=8, noise_std=64.0, chunk=40
 
 def train_batches(source, *, global_batch: int, seed: int, epoch: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1, augment: bool = True,
-                  num_threads: Optional[int] = None, prefetch: int = 4) -> Iterator[dict]:
+                  num_threads: Optional[int] = None, prefetch: int = 4,
+                  views: int = 1) -> Iterator[dict]:
   """This process's rows of the training batches start_step, ..., steps_per_epoch - 1 of `epoch`.
 
   Yields {'image': float32 [local, H, W, 3] normalised, 'label': int32 [local]} with
   local = global_batch // process_count. The epoch's permutation and each example's crop and
   flip are functions of (seed, epoch, position in the epoch) only (see the module docstring).
+  views > 1: each example in `views` augmentations, 'image' [local, views, H, W, 3] (KDCL's
+  peers each see their own); view 0 is the single view's batch.
   num_threads/prefetch: grain threads computing up to `prefetch` batches ahead of the consumer
   (0 threads: synchronous; None: 1 for in-memory arrays, whose numpy work holds the GIL, and
   4 for TFDS, whose reads wait on I/O). Call .close() on the iterator to stop its threads early.
   A source with its own `train_batches` (one_jax.data.imagenet) builds the batches itself.
   """
   if hasattr(source, "train_batches"):
+    if views != 1:
+      raise ValueError(f"views={views}: the {type(source).__name__} pipeline draws one view per "
+                       "example; use a method with one view, or an in-memory dataset")
     return source.train_batches(
         global_batch=global_batch, seed=seed, epoch=epoch, start_step=start_step,
         process_index=process_index, process_count=process_count, augment=augment,
         num_threads=num_threads, prefetch=prefetch)
   def make_batch(plan: dict) -> dict:
     images, labels = _gather(source, plan["index"])
-    if augment:
+    if augment and views > 1:
+      images = np.stack([random_crop_flip(images, plan["offset"][:, v], plan["flip"][:, v])
+                         for v in range(views)], axis=1)
+    elif augment:
       images = random_crop_flip(images, plan["offset"], plan["flip"])
+    elif views > 1:
+      images = np.repeat(images[:, None], views, axis=1)
     return {"image": normalize(images), "label": labels.astype(np.int32)}
 
   plans = _plans(len(source), global_batch=global_batch, seed=seed, epoch=epoch,
                  start_step=start_step, process_index=process_index,
-                 process_count=process_count)
+                 process_count=process_count, views=views)
   return _iterate(plans.map(make_batch), source, num_threads, prefetch)
 
 
 def train_plans(num_examples: int, *, global_batch: int, seed: int, epoch: int,
                 start_step: int = 0, process_index: int = 0,
-                process_count: int = 1) -> Iterator[dict]:
+                process_count: int = 1, views: int = 1) -> Iterator[dict]:
   """What train_batches draws, without the pixels: for a train set kept on the device.
 
   Yields, for the same steps and rows as train_batches, {'index': int32 [local] example ids,
   'offset': int32 [local, 2] crop offsets (dy, dx) into the image padded by CROP_PADDING,
-  'flip': bool [local]}: gathering source[index], random_crop_flip and normalize give exactly
-  train_batches' batch (device_data.augment does that on the device).
+  'flip': bool [local]} (views > 1: 'offset' [local, views, 2], 'flip' [local, views]):
+  gathering source[index], random_crop_flip and normalize give exactly train_batches' batch
+  (device_data.augment does that on the device).
   """
   plans = _plans(num_examples, global_batch=global_batch, seed=seed, epoch=epoch,
                  start_step=start_step, process_index=process_index,
-                 process_count=process_count)
+                 process_count=process_count, views=views)
   return iter(plans)
 
 
 def _plans(num_examples: int, *, global_batch, seed, epoch, start_step, process_index,
-           process_count):
+           process_count, views=1):
   """MapDataset of this process's rows of each step's example ids and augmentation draws."""
   local = common.check_sharding(global_batch, process_index, process_count)
+  validate.check_int("views", views, minimum=1)
   aug_seed = (common.seed_word(seed), int(epoch), 1)
   rows = slice(process_index * local, (process_index + 1) * local)
 
   def make_plan(step: int, ids: np.ndarray) -> dict:
-    # Drawn for the whole global batch, then sliced: independent of process_count.
+    # Drawn for the whole global batch, then sliced: independent of process_count. Views past
+    # the first are drawn after it from the same generator: view 0 is the one-view plan.
     rng = np.random.default_rng(aug_seed + (step,))
-    offsets = rng.integers(0, 2 * CROP_PADDING + 1, size=(global_batch, 2))[rows]
-    flips = (rng.random(global_batch) < 0.5)[rows]
-    return {"index": np.asarray(ids[rows], np.int32), "offset": offsets.astype(np.int32),
-            "flip": flips}
+    offsets = rng.integers(0, 2 * CROP_PADDING + 1, size=(global_batch, 2))
+    flips = rng.random(global_batch) < 0.5
+    if views > 1:
+      more = rng.integers(0, 2 * CROP_PADDING + 1, size=(global_batch, views - 1, 2))
+      offsets = np.concatenate([offsets[:, None], more], axis=1)
+      flips = np.concatenate([flips[:, None], rng.random((global_batch, views - 1)) < 0.5],
+                             axis=1)
+    return {"index": np.asarray(ids[rows], np.int32), "offset": offsets[rows].astype(np.int32),
+            "flip": flips[rows]}
 
   return common.epoch_steps(num_examples, make_plan, global_batch=global_batch, seed=seed,
                             epoch=epoch, start_step=start_step)

@@ -144,8 +144,13 @@ def _depth(value, config) -> None:
 
 
 def _method(value, config) -> None:
-  """A method other than ONE needs a branched model (a baseline trains with cross-entropy)."""
+  """A method other than ONE needs a branched model (a baseline trains with cross-entropy);
+  KDCL's view per peer needs an in-memory dataset's pipeline."""
   kind = config.get("model", "one_resnet")
+  if value == "kdcl" and config.get("dataset") in sources.IMAGENET_DATASETS:
+    raise ValueError(f"method='kdcl' feeds each peer its own augmentation, which the "
+                     f"{config.dataset} pipeline does not draw (one crop per example): use "
+                     "another method on it, or an in-memory dataset (CIFAR, SVHN, .npz)")
   if value != "one" and kind in model_spec.ARCHITECTURES and not model_spec.ARCHITECTURES[
       kind].branched:
     raise ValueError(f"method={value!r} trains several branches, and model={kind!r} has one: "
@@ -277,6 +282,10 @@ RULES: Sequence[Rule] = (
          why="it must be a number of epochs >= 0 (0: full KL weight from the start)"),
     Rule("dml_target", OneOf(losses.DML_TARGETS)),
     Rule("dml_detach", Flag()),
+    Rule("kdcl_temperature", Number(integer=False, low=0, low_open=True),
+         why="it must be > 0 (the logits are divided by it; the KDCL code uses 4)"),
+    Rule("kdcl_alpha", Number(integer=False, low=0, high=1),
+         why="it weighs KL against cross-entropy: between 0 and 1 (the KDCL code uses 0.5)"),
     # Run.
     Rule("seed", Number(integer=True, low=0, high=2**32 - 1)),
     Rule("deterministic", Flag()),

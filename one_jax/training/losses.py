@@ -1,4 +1,4 @@
-"""The methods' losses (DESIGN.md section 3): ONE's, CL-ILR's, OKDDip's, DML's and the
+"""The methods' losses (DESIGN.md section 3): ONE's, CL-ILR's, OKDDip's, DML's, KDCL's and the
 baseline's cross-entropy. ONE's:
 
     L = sum_b CE(z_b, y) + CE(e, y) + w(epoch) * sum_b T^2 KL(softmax(sg(e)/T) || softmax(z_b/T))
@@ -233,6 +233,42 @@ def dml_loss(output, labels, *, epoch, temperature: float = 1.0, rampup_epochs: 
   weight = kl_weight(epoch, rampup_epochs) * kl_scale
   loss = ce_sum + weight * kl_sum
   terms.update(ce_branches=ce_sum, kl=kl_sum, kl_weight=weight, loss=loss)
+  return loss, terms
+
+
+def kdcl_loss(output, labels, *, temperature: float = 4.0, alpha: float = 0.5,
+              active_branches: Optional[Sequence[bool]] = None,
+              teacher_eps: float = REFERENCE_TEACHER_EPS,
+              weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """KDCL (Guo et al., 2020), its naive ensemble: every peer distilled from the detached mean
+  of all (active) peers' logits, output.ensemble_logits:
+
+    L = sum_b [(1 - alpha) CE(z_b) + alpha KL_T(z_b, sg(mean_j z_j))]
+
+  as the KDCL reproduction's train.py (T = 4, alpha = 0.5, no ramp-up; its KL has no 1e-7 on
+  the teacher, which moves the loss by about 1e-7). Each peer sees its own augmentation of the
+  batch: the model's input, not the loss.
+
+  Terms: 'ce_branch_b', 'ce_branches' (their sum), 'kl' (the unweighted sum over peers),
+  'kl_weight' (alpha) and 'loss'.
+  """
+  num_branches = output.branch_logits.shape[0]
+  active = [True] * num_branches if active_branches is None else list(active_branches)
+  teacher = jax.lax.stop_gradient(output.ensemble_logits)
+  terms = {}
+  ce_sum = jnp.zeros((), jnp.float32)  # promoted to float64 by float64 terms
+  kl_sum = jnp.zeros((), jnp.float32)
+  for b in range(num_branches):
+    if not active[b]:
+      continue
+    ce_b = cross_entropy(output.branch_logits[b], labels, weights)
+    terms[f"ce_branch_{b}"] = ce_b
+    ce_sum = ce_sum + ce_b
+    kl_sum = kl_sum + distillation_kl(output.branch_logits[b], teacher, temperature,
+                                      teacher_eps, weights)
+  loss = (1.0 - alpha) * ce_sum + alpha * kl_sum
+  terms.update(ce_branches=ce_sum, kl=kl_sum, kl_weight=jnp.asarray(alpha, jnp.float32),
+               loss=loss)
   return loss, terms
 
 

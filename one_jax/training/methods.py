@@ -10,6 +10,7 @@ Training never branches on the kind of model. It asks the run's `Method` for:
   best_metric                           the metric that picks the best checkpoint
   update_mask                           the branches that are updated (None: all)
   votes                                 whether voting over branches applies
+  views                                 augmentations of each training example per step
 
 `for_model(config, spec)` picks the method of a model (spec.method, which the config's
 `method` field sets); it is the one place that knows which model learns how. A new method is a
@@ -34,6 +35,7 @@ class CrossEntropy:
 
   heads = ("model",)
   deployed_head = "model"
+  views = 1
   best_metric = f"test/top1/{deployed_head}"
   update_mask = None
   votes = False
@@ -60,6 +62,7 @@ class _Branches:
   ensemble_head = "ensemble"
   deployed_head = "ensemble"   # the head a trained model deploys; it picks the best checkpoint
   votes = True
+  views = 1                    # augmentations of each example per step (KDCL: one per peer)
 
   @property
   def best_metric(self) -> str:
@@ -184,7 +187,33 @@ class Dml(_Branches):
                            active_branches=self.spec.active_branches, weights=weights)
 
 
-Method = Any  # CrossEntropy | One | ClIlr | Okddip | Dml: the interface of the module docstring
+@dataclasses.dataclass(frozen=True)
+class Kdcl(_Branches):
+  """KDCL (Guo et al., 2020), the naive ensemble: B independent networks, each fed its own
+  augmentation of the batch (views = B) and distilled from the detached mean of all peers'
+  logits (losses.kdcl_loss). Heads 'branch_b' and 'peers_mean' (deployed)."""
+  spec: model_spec.ModelSpec
+  temperature: float = 4.0
+  alpha: float = 0.5
+
+  ensemble_head = deployed_head = "peers_mean"
+  rampup_epochs = 0.0   # none: the KL's weight is alpha from the first step
+
+  @property
+  def kl_scale(self) -> float:
+    return self.alpha
+
+  @property
+  def views(self) -> int:
+    return self.spec.num_branches
+
+  def loss(self, output, labels, epoch, weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    del epoch  # no ramp-up
+    return losses.kdcl_loss(output, labels, temperature=self.temperature, alpha=self.alpha,
+                            active_branches=self.spec.active_branches, weights=weights)
+
+
+Method = Any  # CrossEntropy | One | ClIlr | Okddip | Dml | Kdcl: the module docstring's interface
 
 # config.method -> (its class, {its option: the config field that sets it}). ONE's fields keep
 # their historical names; every other method's carry its name (the shared ramp-up
@@ -200,12 +229,13 @@ METHODS = {
                             kl_scale="okddip_kl_scale", detach="okddip_detach")),
     "dml": (Dml, dict(temperature="dml_temperature", rampup_epochs="dml_rampup_epochs",
                       kl_scale="dml_kl_scale", target="dml_target", detach="dml_detach")),
+    "kdcl": (Kdcl, dict(temperature="kdcl_temperature", alpha="kdcl_alpha")),
 }
 
 
 def deployed_head(method: Optional[str]) -> str:
   """The head a model of `method` deploys and picks its best checkpoint by: ONE's ensemble,
-  CL-ILR's and DML's peers' mean, OKDDip's leader, a baseline's (method None) model."""
+  CL-ILR's, DML's and KDCL's peers' mean, OKDDip's leader, a baseline's (method None) model."""
   return (CrossEntropy if method is None else METHODS[method][0]).deployed_head
 
 

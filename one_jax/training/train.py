@@ -218,10 +218,13 @@ def _train_epoch(run: _Run, state, epoch: int, first: int, sums, stop,
 
 def _feed(run: _Run, epoch: int, first: int):
   """This process's per-step inputs from step `first` of the epoch: host batches, or the
-  plans (ids, crops, flips) of a train set on the device."""
+  plans (ids, crops, flips) of a train set on the device; as many views of each example as
+  the method takes (KDCL: one per peer)."""
   config = run.config
   where = dict(global_batch=config.batch_size, seed=config.seed, epoch=epoch, start_step=first,
                process_index=run.process_index, process_count=run.process_count)
+  if run.method.views != 1:
+    where["views"] = run.method.views
   if run.device_data is not None:
     return in_memory.train_plans(len(run.train_source), **where)
   return in_memory.train_batches(run.train_source, **where)
