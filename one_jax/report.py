@@ -40,8 +40,8 @@ GROUPING_IGNORES = frozenset(
 # Always in a row's label, in this order; then whatever else differs between the groups.
 LABEL_FIELDS = ("variant", "model", "method", "depth", "num_branches", "dataset", "num_epochs")
 FORMATS = ("markdown", "csv", "latex")
-# The last column: each run's deployed head (ONE's ensemble, CL-ILR's peers' mean, a
-# baseline's model), so that methods compare in one column.
+# The last column: each run's deployed head (methods.deployed_head: ONE's ensemble, OKDDip's
+# leader, the others' peers' mean, a baseline's model), so that methods compare in one column.
 DEPLOYED = "deployed"
 
 
@@ -186,7 +186,8 @@ def protocol(metric: str, epoch: str) -> str:
   which = "the final epoch's" if epoch == "final" else "each run's best epoch's"
   return (f"Test {metric.replace('top', 'top-')} accuracy (%), {which} per run; mean ± sample sd "
           "over the runs of a row (the seeds), their number in brackets; deployed: the head "
-          "each run deploys (ONE's ensemble, CL-ILR's peers' mean, a baseline's model).")
+          "each run deploys (ONE's ensemble, OKDDip's leader, the peers' mean of CL-ILR, DML and "
+          "KDCL, a baseline's model).")
 
 
 def render(runs: Sequence[Run], metric: str = "top1", epoch: str = "final",
