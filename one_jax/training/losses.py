@@ -6,7 +6,7 @@ baseline's cross-entropy. ONE's:
 KL follows the reference exactly: the teacher probabilities get +1e-7 before the log
 (and are not renormalised), summed over classes, averaged over the batch.
 """
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,26 @@ def distillation_kl(student_logits, teacher_logits, temperature: float,
   return temperature ** 2 * _mean_over_examples(per_example, weights)
 
 
+def _members(output, active_branches) -> List[int]:
+  """The branches a loss includes: all, or those the static mask marks active."""
+  num_branches = output.branch_logits.shape[0]
+  return [b for b in range(num_branches) if active_branches is None or active_branches[b]]
+
+
+def _branch_cross_entropies(output, labels, members, weights):
+  """({'ce_branch_b': CE(z_b, y)} of the member branches, their sum): every method's first
+  terms. The sum starts as a float32 zero, promoted to float64 by float64 terms."""
+  terms = {f"ce_branch_{b}": cross_entropy(output.branch_logits[b], labels, weights)
+           for b in members}
+  return terms, sum(terms.values(), jnp.zeros((), jnp.float32))
+
+
+def _kl_sum(pairs, temperature, teacher_eps, weights):
+  """sum of KL_T(student, teacher) over (student, teacher) pairs, from a float32 zero."""
+  return sum((distillation_kl(s, t, temperature, teacher_eps, weights) for s, t in pairs),
+             jnp.zeros((), jnp.float32))
+
+
 def one_loss(output, labels, *, epoch, temperature: float = 3.0, rampup_epochs: float = 80.0,
              kl_scale: float = 1.0, ensemble_ce: bool = True, stop_gradient: bool = True,
              active_branches: Optional[Sequence[bool]] = None,
@@ -74,22 +94,13 @@ def one_loss(output, labels, *, epoch, temperature: float = 3.0, rampup_epochs: 
   Terms: 'ce_branch_b' per branch, 'ce_branches' (their sum), 'ce_ensemble', 'kl' (the
   unweighted sum over branches), 'kl_weight' (w(epoch) * kl_scale) and 'loss'.
   """
-  num_branches = output.branch_logits.shape[0]
-  active = [True] * num_branches if active_branches is None else list(active_branches)
+  members = _members(output, active_branches)
   teacher = output.ensemble_logits
   if stop_gradient:
     teacher = jax.lax.stop_gradient(teacher)
-  terms = {}
-  ce_sum = jnp.zeros((), jnp.float32)  # promoted to float64 by float64 terms
-  kl_sum = jnp.zeros((), jnp.float32)
-  for b in range(num_branches):
-    if not active[b]:
-      continue
-    ce_b = cross_entropy(output.branch_logits[b], labels, weights)
-    terms[f"ce_branch_{b}"] = ce_b
-    ce_sum = ce_sum + ce_b
-    kl_sum = kl_sum + distillation_kl(output.branch_logits[b], teacher, temperature,
-                                      teacher_eps, weights)
+  terms, ce_sum = _branch_cross_entropies(output, labels, members, weights)
+  kl_sum = _kl_sum([(output.branch_logits[b], teacher) for b in members], temperature,
+                   teacher_eps, weights)
   ce_ens = cross_entropy(output.ensemble_logits, labels, weights)
   weight = kl_weight(epoch, rampup_epochs) * kl_scale
   loss = ce_sum + weight * kl_sum
@@ -118,24 +129,16 @@ def cl_ilr_loss(output, labels, *, epoch, temperature: float = 3.0, rampup_epoch
   Terms: 'ce_branch_b', 'ce_branches' (their sum), 'kl' (the unweighted sum over branches),
   'kl_weight' (w(epoch) * kl_scale) and 'loss'.
   """
-  num_branches = output.branch_logits.shape[0]
-  active = [True] * num_branches if active_branches is None else list(active_branches)
-  members = [b for b in range(num_branches) if active[b]]
-  terms = {}
-  ce_sum = jnp.zeros((), jnp.float32)  # promoted to float64 by float64 terms
-  kl_sum = jnp.zeros((), jnp.float32)
+  members = _members(output, active_branches)
+  z = output.branch_logits
+  stop = jax.lax.stop_gradient if detach else (lambda t: t)
+  terms, ce_sum = _branch_cross_entropies(output, labels, members, weights)
+  pairs = []
   for b in members:
-    ce_b = cross_entropy(output.branch_logits[b], labels, weights)
-    terms[f"ce_branch_{b}"] = ce_b
-    ce_sum = ce_sum + ce_b
     others = [j for j in members if j != b]
-    if not others:
-      continue
-    target = sum(output.branch_logits[j] for j in others) / len(others)
-    if detach:
-      target = jax.lax.stop_gradient(target)
-    kl_sum = kl_sum + distillation_kl(output.branch_logits[b], target, temperature, teacher_eps,
-                                      weights)
+    if others:
+      pairs.append((z[b], stop(sum(z[j] for j in others) / len(others))))
+  kl_sum = _kl_sum(pairs, temperature, teacher_eps, weights)
   weight = kl_weight(epoch, rampup_epochs) * kl_scale
   loss = ce_weight * ce_sum + weight * kl_sum
   terms.update(ce_branches=ce_sum, kl=kl_sum, kl_weight=weight, loss=loss)
@@ -160,26 +163,15 @@ def okddip_loss(output, labels, *, epoch, temperature: float = 3.0, rampup_epoch
   Terms: 'ce_branch_b', 'ce_branches' (their sum, the leader's included), 'kl' (the peers'
   unweighted sum), 'kl_leader', 'kl_weight' (w(epoch) * kl_scale) and 'loss'.
   """
-  num_branches = output.branch_logits.shape[0]
-  leader = num_branches - 1
-  active = [True] * num_branches if active_branches is None else list(active_branches)
+  members = _members(output, active_branches)
+  leader = output.branch_logits.shape[0] - 1
+  z = output.branch_logits
   stop = jax.lax.stop_gradient if detach else (lambda t: t)
-  terms = {}
-  ce_sum = jnp.zeros((), jnp.float32)  # promoted to float64 by float64 terms
-  kl_sum = jnp.zeros((), jnp.float32)
-  kl_leader = jnp.zeros((), jnp.float32)
-  for b in range(num_branches):
-    if not active[b]:
-      continue
-    ce_b = cross_entropy(output.branch_logits[b], labels, weights)
-    terms[f"ce_branch_{b}"] = ce_b
-    ce_sum = ce_sum + ce_b
-    if b < leader:
-      kl_sum = kl_sum + distillation_kl(output.branch_logits[b], stop(output.peer_targets[b]),
-                                        temperature, teacher_eps, weights)
-    else:
-      kl_leader = distillation_kl(output.branch_logits[b], stop(output.ensemble_logits),
-                                  temperature, teacher_eps, weights)
+  terms, ce_sum = _branch_cross_entropies(output, labels, members, weights)
+  kl_sum = _kl_sum([(z[b], stop(output.peer_targets[b])) for b in members if b < leader],
+                   temperature, teacher_eps, weights)
+  kl_leader = _kl_sum([(z[leader], stop(output.ensemble_logits))] if leader in members else [],
+                      temperature, teacher_eps, weights)
   weight = kl_weight(epoch, rampup_epochs) * kl_scale
   loss = ce_sum + weight * (kl_sum + kl_leader)
   terms.update(ce_branches=ce_sum, kl=kl_sum, kl_leader=kl_leader, kl_weight=weight, loss=loss)
@@ -209,27 +201,19 @@ def dml_loss(output, labels, *, epoch, temperature: float = 1.0, rampup_epochs: 
   """
   if target not in DML_TARGETS:
     raise ValueError(f"dml target={target!r} is unknown: use one of {', '.join(DML_TARGETS)}")
-  num_branches = output.branch_logits.shape[0]
-  active = [True] * num_branches if active_branches is None else list(active_branches)
-  members = [b for b in range(num_branches) if active[b]]
+  members = _members(output, active_branches)
   stop = jax.lax.stop_gradient if detach else (lambda t: t)
   z = output.branch_logits
-  terms = {}
-  ce_sum = jnp.zeros((), jnp.float32)  # promoted to float64 by float64 terms
+  terms, ce_sum = _branch_cross_entropies(output, labels, members, weights)
   kl_sum = jnp.zeros((), jnp.float32)
   for b in members:
-    ce_b = cross_entropy(z[b], labels, weights)
-    terms[f"ce_branch_{b}"] = ce_b
-    ce_sum = ce_sum + ce_b
     others = [j for j in members if j != b]
-    if not others:
-      continue
-    if target == "pairwise":
-      kl_sum = kl_sum + sum(distillation_kl(z[b], stop(z[j]), temperature, teacher_eps, weights)
-                            for j in others) / len(others)
-    else:
-      kl_sum = kl_sum + distillation_kl(z[b], stop(sum(z[j] for j in others) / len(others)),
-                                        temperature, teacher_eps, weights)
+    if others and target == "pairwise":
+      kl_sum = kl_sum + _kl_sum([(z[b], stop(z[j])) for j in others], temperature, teacher_eps,
+                                weights) / len(others)
+    elif others:
+      kl_sum = kl_sum + _kl_sum([(z[b], stop(sum(z[j] for j in others) / len(others)))],
+                                temperature, teacher_eps, weights)
   weight = kl_weight(epoch, rampup_epochs) * kl_scale
   loss = ce_sum + weight * kl_sum
   terms.update(ce_branches=ce_sum, kl=kl_sum, kl_weight=weight, loss=loss)
@@ -252,20 +236,11 @@ def kdcl_loss(output, labels, *, temperature: float = 4.0, alpha: float = 0.5,
   Terms: 'ce_branch_b', 'ce_branches' (their sum), 'kl' (the unweighted sum over peers),
   'kl_weight' (alpha) and 'loss'.
   """
-  num_branches = output.branch_logits.shape[0]
-  active = [True] * num_branches if active_branches is None else list(active_branches)
+  members = _members(output, active_branches)
   teacher = jax.lax.stop_gradient(output.ensemble_logits)
-  terms = {}
-  ce_sum = jnp.zeros((), jnp.float32)  # promoted to float64 by float64 terms
-  kl_sum = jnp.zeros((), jnp.float32)
-  for b in range(num_branches):
-    if not active[b]:
-      continue
-    ce_b = cross_entropy(output.branch_logits[b], labels, weights)
-    terms[f"ce_branch_{b}"] = ce_b
-    ce_sum = ce_sum + ce_b
-    kl_sum = kl_sum + distillation_kl(output.branch_logits[b], teacher, temperature,
-                                      teacher_eps, weights)
+  terms, ce_sum = _branch_cross_entropies(output, labels, members, weights)
+  kl_sum = _kl_sum([(output.branch_logits[b], teacher) for b in members], temperature,
+                   teacher_eps, weights)
   loss = (1.0 - alpha) * ce_sum + alpha * kl_sum
   terms.update(ce_branches=ce_sum, kl=kl_sum, kl_weight=jnp.asarray(alpha, jnp.float32),
                loss=loss)

@@ -2,7 +2,6 @@
 the OKDDip code (tests/torch_reference.py), what is detached, ILR's 1/B into the trunk, and the
 commands on a CL-ILR model (train, resume, vote, inspect, extract)."""
 import csv
-import sys
 
 import chex
 import jax
@@ -12,13 +11,12 @@ import pytest
 import torch
 
 from one_jax.architectures import model_spec, models
-from one_jax.storage import checkpoints
 from one_jax.surgery import layout, operations
 from one_jax.training import losses, methods
 
 from configs import step1
 from tests import torch_reference as tr
-from tests.reliability import runs
+from tests.training import method_commands
 
 B, N, C = 3, 8, 10
 
@@ -149,42 +147,14 @@ def test_merging_models_of_two_methods_is_refused():
     operations.merge([base_state], [base.to_dict()], method="pcl")
 
 
-def _main(*args):
-  return runs.main([f"--config={runs.STEP1}:three_branch,smoke", "--config.method=cl_ilr",
-                    "--config.progress_bar=False", *args])
-
-
-def _surgery(*args):
-  return runs.main(list(args), command=[sys.executable, "-m", "one_jax.surgery"])
-
-
 def test_train_resume_vote_inspect_extract(tmp_path):
-  run, vote, student = (str(tmp_path / name) for name in ("run", "vote", "student"))
-  first = _main(f"--workdir={run}", "--config.num_epochs=1")
-  assert first.returncode == 0, first.stderr
-  second = _main(f"--workdir={run}")   # resumes for the second epoch
-  assert second.returncode == 0 and "resuming" in second.stderr + second.stdout, second.stderr
-  assert "deployed head: peers_mean" in open(f"{run}/summary.txt").read()
-  header = open(f"{run}/metrics.csv").readline().strip().split(",")
-  assert {"test/top1/branch_0", "test/top1/peers_mean", "train/kl"} <= set(header)
-  assert "test/top1/ensemble" not in header
-  voted = _main(f"--workdir={vote}", "--config.eval_only=True", f"--config.init_from={run}",
-                "--config.vote=True")
-  assert voted.returncode == 0, voted.stderr
+  done = method_commands.train_resume_vote_inspect_extract(
+      tmp_path, "cl_ilr", deployed="peers_mean", branch=0, describe="(cl_ilr: no gate)")
+  assert {"test/top1/branch_0", "test/top1/peers_mean", "train/kl"} <= set(done["header"])
+  assert "test/top1/ensemble" not in done["header"]
   # No gate, so no 'gate' rule (it would repeat 'average', the plain mean the method deploys).
-  with open(f"{vote}/voting.csv") as f:
+  with open(f"{done['vote']}/voting.csv") as f:
     table = list(csv.DictReader(f))
   assert list(table[0]) == ["branches", "size", "average", "vote", "examples"]
   assert len(table) == 7 and table[-1]["branches"] == "0+1+2"
-  assert " gate " not in voted.stdout and "average" in voted.stdout
-  inspect = _surgery("inspect", run)
-  assert "(cl_ilr: no gate)" in inspect.stdout, inspect.stderr
-  extracted = _surgery("extract", f"--src={run}", "--branch=0", f"--dst={student}")
-  assert extracted.returncode == 0, extracted.stderr
-  spec, variables = checkpoints.load(run)
-  student_spec, student_vars = checkpoints.load(student)
-  assert student_spec.kind == "cifar_resnet"
-  images = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
-  branch_0 = spec.build().apply(variables, images).branch_logits[0]
-  np.testing.assert_allclose(student_spec.build().apply(student_vars, images), branch_0,
-                             rtol=1e-5, atol=1e-5)
+  assert " gate " not in done["voted"].stdout and "average" in done["voted"].stdout

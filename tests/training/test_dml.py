@@ -3,7 +3,6 @@ loss and gradients against PyTorch transcriptions of the OKDDip code's and MCL-O
 (tests/torch_reference.py), what is detached, that the peers share nothing, surgery on
 independent peers (baselines merge into a group, a peer extracts, expands and transplants with
 its own trunk), and the commands on a DML model (train, resume, vote, inspect, extract)."""
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +12,12 @@ import torch
 
 from one_jax.architectures import model_spec, models
 from one_jax.interop import pytorch
-from one_jax.storage import checkpoints
 from one_jax.surgery import layout, operations
 from one_jax.training import losses, methods
 
 from configs import step1
 from tests import torch_reference as tr
-from tests.reliability import runs
+from tests.training import method_commands
 
 B, N, C = 3, 8, 10
 
@@ -186,37 +184,11 @@ def test_surgery_keeps_momentum_per_network():
                                 np.full_like(bases[1]["params"]["trunk"]["conv1"]["kernel"], 2.0))
 
 
-def _main(*args):
-  return runs.main([f"--config={runs.STEP1}:three_branch,smoke", "--config.method=dml",
-                    "--config.progress_bar=False", *args])
-
-
-def _surgery(*args):
-  return runs.main(list(args), command=[sys.executable, "-m", "one_jax.surgery"])
-
-
 def test_train_resume_vote_inspect_extract(tmp_path):
-  run, vote, student = (str(tmp_path / name) for name in ("run", "vote", "student"))
-  first = _main(f"--workdir={run}", "--config.num_epochs=1")
-  assert first.returncode == 0, first.stderr
-  second = _main(f"--workdir={run}")   # resumes for the second epoch
-  assert second.returncode == 0 and "resuming" in second.stderr + second.stdout, second.stderr
-  assert "deployed head: peers_mean" in open(f"{run}/summary.txt").read()
-  header = open(f"{run}/metrics.csv").readline().strip().split(",")
-  assert {"test/top1/branch_0", "test/top1/peers_mean", "train/kl"} <= set(header)
-  voted = _main(f"--workdir={vote}", "--config.eval_only=True", f"--config.init_from={run}",
-                "--config.vote=True")
-  assert voted.returncode == 0, voted.stderr
-  assert " gate " not in voted.stdout and "0+1+2" in voted.stdout
-  inspect = _surgery("inspect", run)
-  assert "3 independent networks (dml)" in inspect.stdout, inspect.stderr
-  assert "trunk" not in inspect.stdout.split("parameters:")[1].split("optimizer")[0]
-  extracted = _surgery("extract", f"--src={run}", "--branch=0", f"--dst={student}")
-  assert extracted.returncode == 0, extracted.stderr
-  spec, variables = checkpoints.load(run)
-  student_spec, student_vars = checkpoints.load(student)
-  assert student_spec.kind == "cifar_resnet"
-  images = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
-  branch_0 = spec.build().apply(variables, images).branch_logits[0]
-  np.testing.assert_allclose(student_spec.build().apply(student_vars, images), branch_0,
-                             rtol=1e-5, atol=1e-5)
+  done = method_commands.train_resume_vote_inspect_extract(
+      tmp_path, "dml", deployed="peers_mean", branch=0, describe="3 independent networks (dml)")
+  assert {"test/top1/branch_0", "test/top1/peers_mean", "train/kl"} <= set(done["header"])
+  assert " gate " not in done["voted"].stdout
+  # Every parameter belongs to a branch: no shared trunk line.
+  counts = done["inspect"].stdout.split("parameters:")[1].split("optimizer")[0]
+  assert "trunk" not in counts and "branch 2" in counts

@@ -2,7 +2,6 @@
 batch; its loss and gradients against a PyTorch transcription of the KDCL reproduction's
 train.py (tests/torch_reference.py), the detached teacher, the views on the host pipeline and
 on the device (bit-identical, view 0 the one-view batch), and the commands on a KDCL model."""
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +12,11 @@ import torch
 from one_jax import parallel
 from one_jax.architectures import model_spec, models
 from one_jax.data import device_data, in_memory
-from one_jax.storage import checkpoints
 from one_jax.training import config_checks, losses, methods
 
 from configs import imagenet, step1
 from tests import torch_reference as tr
-from tests.reliability import runs
+from tests.training import method_commands
 
 B, N, C = 3, 8, 10
 
@@ -113,37 +111,15 @@ def test_each_network_sees_its_own_view():
     spec.build().apply(variables, views[:, :2])
 
 
-def _main(*args):
-  return runs.main([f"--config={runs.STEP1}:three_branch,smoke", "--config.method=kdcl",
-                    "--config.progress_bar=False", *args])
-
-
-def _surgery(*args):
-  return runs.main(list(args), command=[sys.executable, "-m", "one_jax.surgery"])
-
-
 def test_train_resume_vote_inspect_extract(tmp_path):
-  """Host and device pipelines train the same run; then resume, vote, inspect, extract."""
-  run, host, vote, student = (str(tmp_path / n) for n in ("run", "host", "vote", "student"))
-  first = _main(f"--workdir={run}", "--config.num_epochs=1", "--config.data_on_device=true")
-  assert first.returncode == 0, first.stderr
-  on_host = _main(f"--workdir={host}", "--config.num_epochs=1", "--config.data_on_device=false")
+  """The device pipeline trains the run the host pipeline trains; then the commands."""
+  done = method_commands.train_resume_vote_inspect_extract(
+      tmp_path, "kdcl", deployed="peers_mean", branch=1,
+      describe="3 independent networks (kdcl)", first_args=("--config.data_on_device=true",))
+  host = str(tmp_path / "host")
+  on_host = method_commands.main("kdcl", f"--workdir={host}", "--config.num_epochs=1",
+                                 "--config.data_on_device=false")
   assert on_host.returncode == 0, on_host.stderr
-  strip = lambda path: [line.split(",")[:-2] for line in open(f"{path}/metrics.csv")]  # times
-  assert strip(run) == strip(host)
-  second = _main(f"--workdir={run}")   # resumes for the second epoch
-  assert second.returncode == 0 and "resuming" in second.stderr + second.stdout, second.stderr
-  assert "deployed head: peers_mean" in open(f"{run}/summary.txt").read()
-  voted = _main(f"--workdir={vote}", "--config.eval_only=True", f"--config.init_from={run}",
-                "--config.vote=True")
-  assert voted.returncode == 0 and "0+1+2" in voted.stdout, voted.stderr
-  inspect = _surgery("inspect", run)
-  assert "3 independent networks (kdcl)" in inspect.stdout, inspect.stderr
-  extracted = _surgery("extract", f"--src={run}", "--branch=1", f"--dst={student}")
-  assert extracted.returncode == 0, extracted.stderr
-  spec, variables = checkpoints.load(run)
-  student_spec, student_vars = checkpoints.load(student)
-  images = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
-  np.testing.assert_allclose(student_spec.build().apply(student_vars, images),
-                             spec.build().apply(variables, images).branch_logits[1],
-                             rtol=1e-5, atol=1e-5)
+  # The first epoch's row, without its timings (the last two columns).
+  first_row = lambda path: [line.split(",")[:-2] for line in open(f"{path}/metrics.csv")][:2]
+  assert first_row(done["run"]) == first_row(host)

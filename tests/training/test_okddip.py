@@ -3,7 +3,6 @@ the OKDDip code (tests/torch_reference.py: resnet_GL.py's heads, train_GL.py's l
 detached, the model's wiring (pooled features -> projections -> targets; the leader last),
 surgery that keeps the leader last and the projections shared, and the commands on an OKDDip
 model (train, resume, vote, inspect, extract)."""
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +11,12 @@ import pytest
 import torch
 
 from one_jax.architectures import cifar_resnet, layers, model_spec, models
-from one_jax.storage import checkpoints
 from one_jax.surgery import layout, operations
 from one_jax.training import losses, methods
 
 from configs import step1
 from tests import torch_reference as tr
-from tests.reliability import runs
+from tests.training import method_commands
 
 B, N, C, F = 4, 8, 10, 16   # 3 peers and a leader; projections F -> F // 8 = 2
 
@@ -188,38 +186,11 @@ def test_surgery_keeps_the_leader_last_and_the_projections_shared():
   assert query.shape == (64, 8) and np.std(query) > 0.01   # a fresh draw, not zeros
 
 
-def _main(*args):
-  return runs.main([f"--config={runs.STEP1}:three_branch,smoke", "--config.method=okddip",
-                    "--config.progress_bar=False", *args])
-
-
-def _surgery(*args):
-  return runs.main(list(args), command=[sys.executable, "-m", "one_jax.surgery"])
-
-
 def test_train_resume_vote_inspect_extract(tmp_path):
-  run, vote, student = (str(tmp_path / name) for name in ("run", "vote", "student"))
-  first = _main(f"--workdir={run}", "--config.num_epochs=1")
-  assert first.returncode == 0, first.stderr
-  second = _main(f"--workdir={run}")   # resumes for the second epoch
-  assert second.returncode == 0 and "resuming" in second.stderr + second.stdout, second.stderr
-  assert "deployed head: leader" in open(f"{run}/summary.txt").read()
-  header = open(f"{run}/metrics.csv").readline().strip().split(",")
+  done = method_commands.train_resume_vote_inspect_extract(
+      tmp_path, "okddip", deployed="leader", branch=2,
+      describe="(okddip: 2 peers and a leader)")
   assert {"test/top1/branch_2", "test/top1/leader", "test/top1/peers_mean", "train/kl",
-          "train/kl_leader"} <= set(header)
-  voted = _main(f"--workdir={vote}", "--config.eval_only=True", f"--config.init_from={run}",
-                "--config.vote=True")
-  assert voted.returncode == 0, voted.stderr
-  assert " gate " not in voted.stdout and "0+1+2" in voted.stdout
-  inspect = _surgery("inspect", run)
-  assert "(okddip: 2 peers and a leader)" in inspect.stdout, inspect.stderr
-  assert "attention" in inspect.stdout
-  extracted = _surgery("extract", f"--src={run}", "--branch=2", f"--dst={student}")
-  assert extracted.returncode == 0, extracted.stderr
-  spec, variables = checkpoints.load(run)
-  student_spec, student_vars = checkpoints.load(student)
-  assert student_spec.kind == "cifar_resnet"
-  images = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
-  leader = spec.build().apply(variables, images).branch_logits[2]
-  np.testing.assert_allclose(student_spec.build().apply(student_vars, images), leader,
-                             rtol=1e-5, atol=1e-5)
+          "train/kl_leader"} <= set(done["header"])
+  assert " gate " not in done["voted"].stdout
+  assert "attention" in done["inspect"].stdout
