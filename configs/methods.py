@@ -4,6 +4,7 @@ resnet32_cifar100, the comparison tables' usual row), then ',smoke' or ',determi
 
   python -m one_jax.main --config=configs/methods.py:cl_ilr --workdir=runs/cl
   python -m one_jax.main --config=configs/methods.py:cl_ilr:resnet110_peers_cifar100 --workdir=runs/cl110
+  python -m one_jax.main --config=configs/methods.py:dml:vgg16_cifar10,smoke --workdir=runs/dml
   python -m one_jax.main --config=configs/methods.py:one:vgg16_cifar10,smoke --workdir=runs/s
 
 The recipe (OKDDip, MCL-OKD, the PCL reproduction): 3 peers (OKDDip: 3 peers and its group

@@ -155,11 +155,11 @@ def one_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef
   active_branches, axis_name, conv_impl, compute_dtype, ensemble (ENSEMBLES' values: ONE's
   gate, the branches' mean, OKDDip's attention) and trunk_grad_scale (what the gradient from
   the branches into the trunk is multiplied by: CL-ILR's 1/B). The tree: 'trunk', 'branches'
-  (stacked; with module.independent 'trunk' too, and branch b runs on trunk b's output, on
-  images [N, H, W, C] or, one view per network, [N, B, H, W, C]), with
-  a gate 'gate' and the gate's log-weight offset in the 'gate_offset' collection, with
-  attention 'attention'. The layers compute in the images' dtype
-  (compute_dtype); logits and gate come out in (at least) float32.
+  (stacked), with a gate 'gate' and its log-weight offset in the 'gate_offset' collection, with
+  attention 'attention'. With module.independent the trunk is stacked too and branch b runs on
+  trunk b's output; its images are [N, H, W, C] (every network sees them) or [N, B, H, W, C]
+  (network b sees view b). The layers compute in the images' dtype (compute_dtype); logits and
+  gate come out in (at least) float32.
   """
   conv, norm = layers.conv_and_norm(train, module.axis_name, module.conv_impl)
   images = _in_compute_dtype(images, module.compute_dtype)  # the layers follow x's dtype
