@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from one_jax import validate
+from one_jax.architectures import models
 
 SCHEDULES = ("multistep", "cosine")
 BRANCHES = "branches"
@@ -119,23 +120,25 @@ def _path_names(path) -> Tuple[Any, ...]:
   return tuple(_key_name(k) for k in path)
 
 
-def _is_branch_leaf(path) -> bool:
-  return BRANCHES in _path_names(path)
+def _is_branch_leaf(path, parts: Sequence[str] = (BRANCHES,)) -> bool:
+  return bool(set(parts) & set(_path_names(path)))
 
 
-def select_branches(new_tree, old_tree, active_branches: Optional[Sequence[bool]]):
+def select_branches(new_tree, old_tree, active_branches: Optional[Sequence[bool]],
+                    parts: Sequence[str] = (BRANCHES,)):
   """new_tree with old_tree's slices restored for inactive branches.
 
-  Works on any tree whose leaves under a 'branches' key are stacked on axis 0: params,
-  batch_stats, updates and optimizer states alike (so a masked branch keeps its running
-  statistics and its momentum). Leaves outside 'branches' come from new_tree.
+  Works on any tree whose leaves under a `parts` key ('branches'; also 'trunk' where each
+  branch has its own, DML's and KDCL's networks) are stacked on axis 0: params, batch_stats,
+  updates and optimizer states alike (so a masked branch keeps its running statistics and its
+  momentum). Other leaves come from new_tree.
   """
   if active_branches is None:
     return new_tree
   active = np.asarray([bool(a) for a in active_branches])
 
   def select(path, new, old):
-    if not _is_branch_leaf(path):
+    if not _is_branch_leaf(path, parts):
       return new
     if new.ndim == 0 or new.shape[0] != active.size:
       raise ValueError(f"active_branches has {active.size} entries but the branch leaf "
@@ -146,9 +149,16 @@ def select_branches(new_tree, old_tree, active_branches: Optional[Sequence[bool]
   return jax.tree_util.tree_map_with_path(select, new_tree, old_tree)
 
 
-def mask_branch_updates(updates, active_branches: Optional[Sequence[bool]]):
+def mask_branch_updates(updates, active_branches: Optional[Sequence[bool]],
+                        parts: Sequence[str] = (BRANCHES,)):
   """Zeroes the updates of inactive branch slices: they receive no update, weight decay included."""
-  return select_branches(updates, jax.tree.map(jnp.zeros_like, updates), active_branches)
+  return select_branches(updates, jax.tree.map(jnp.zeros_like, updates), active_branches, parts)
+
+
+def branch_parts(independent: bool) -> Tuple[str, ...]:
+  """The parameter-tree parts stacked per branch: 'branches', and 'trunk' where every branch
+  has its own (ModelSpec.independent)."""
+  return (BRANCHES, "trunk") if independent else (BRANCHES,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,25 +182,27 @@ def _modules(grads_like, output_layer):
   return paths, modules, treedef
 
 
-def _abs_sums(path, g):
-  """Sum of |g| and element count: per branch slice ([B]) under 'branches', else scalars."""
+def _abs_sums(path, g, parts):
+  """Sum of |g| and element count: per branch slice ([B]) under `parts`, else scalars."""
   g = jnp.abs(g.astype(jnp.float32))
-  if _is_branch_leaf(path):
+  if _is_branch_leaf(path, parts):
     return jnp.sum(g.reshape(g.shape[0], -1), axis=1), g[0].size
   return jnp.sum(g), g.size
 
 
-def module_gradient_ratios(grads, output_layer: str = "classifier"):
+def module_gradient_ratios(grads, output_layer: str = "classifier",
+                           parts: Sequence[str] = (BRANCHES,)):
   """Per leaf, the ratio mean|g| of the output layer / mean|g| of the leaf's module.
 
-  Shapes as the factors: [] outside 'branches', [B] under it (each branch slice against its
-  own output layer); trunk and gate modules against all output-layer parameters together.
-  Where either mean is zero the ratio is NaN (no information: the factor is kept).
+  Shapes as the factors: [] outside `parts`, [B] under them (each branch slice against its
+  own output layer; parts: branch_parts, the trunk too where each branch has its own); a
+  shared trunk's and the gate's modules against all output-layer parameters together. Where
+  either mean is zero the ratio is NaN (no information: the factor is kept).
   """
   paths, modules, treedef = _modules(grads, output_layer)
-  sums = {}  # module -> (sum of |g|, element count), per branch slice under 'branches'
+  sums = {}  # module -> (sum of |g|, element count), per branch slice under `parts`
   for path, module, g in zip(paths, modules, jax.tree.leaves(grads)):
-    s, n = _abs_sums(path, g)
+    s, n = _abs_sums(path, g, parts)
     total, count = sums.get(module, (0.0, 0))
     sums[module] = (total + s, count + n)
   mean = {m: s / n for m, (s, n) in sums.items()}
@@ -206,7 +218,8 @@ def module_gradient_ratios(grads, output_layer: str = "classifier"):
 
   ratios = []
   for module in modules:
-    ref = branch_out if (BRANCHES in module and branch_out is not None) else out_global
+    per_branch = bool(set(parts) & set(module))
+    ref = branch_out if (per_branch and branch_out is not None) else out_global
     m = mean[module]
     valid = (m > 0) & (ref > 0)
     ratios.append(jnp.where(valid, ref / jnp.where(valid, m, 1.0), jnp.nan))
@@ -215,8 +228,8 @@ def module_gradient_ratios(grads, output_layer: str = "classifier"):
 
 def gradient_ratio_lr(every_k: int, clip: Tuple[float, float] = (0.1, 20.0), ema: float = 0.9,
                       output_layer: str = "classifier",
-                      inner: Optional[optax.GradientTransformation] = None
-                      ) -> optax.GradientTransformation:
+                      inner: Optional[optax.GradientTransformation] = None,
+                      parts: Sequence[str] = (BRANCHES,)) -> optax.GradientTransformation:
   """Per-module learning-rate factors from gradient ratios (DESIGN.md section 4, "After LR").
 
   On steps 0, k, 2k, ... each module's factor moves towards clip(mean|g_output| / mean|g_module|)
@@ -235,7 +248,8 @@ def gradient_ratio_lr(every_k: int, clip: Tuple[float, float] = (0.1, 20.0), ema
 
   State: GradientRatioState(count, factors, inner_state); factors has the structure of the
   parameters, each leaf the factor broadcastable to that leaf's rows: shape [] outside
-  'branches', [B] under it.
+  'branches', [B] under it (`parts`: also under 'trunk' where each branch has its own, so a
+  DML peer's trunk is measured against that peer's output layer).
   """
   validate.check_int("geo_lr", every_k, minimum=1,
                           why="the factors update every k-th step, k >= 1")
@@ -250,7 +264,7 @@ def gradient_ratio_lr(every_k: int, clip: Tuple[float, float] = (0.1, 20.0), ema
     _modules(params, output_layer)
 
     def one(path, p):
-      shape = (p.shape[0],) if _is_branch_leaf(path) else ()
+      shape = (p.shape[0],) if _is_branch_leaf(path, parts) else ()
       return jnp.ones(shape, jnp.float32)
 
     factors = jax.tree_util.tree_map_with_path(one, params)
@@ -258,7 +272,7 @@ def gradient_ratio_lr(every_k: int, clip: Tuple[float, float] = (0.1, 20.0), ema
                               inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None):
-    ratios = module_gradient_ratios(updates, output_layer)
+    ratios = module_gradient_ratios(updates, output_layer, parts)
     refresh = state.count % every_k == 0
 
     def new_factor(f, r):
@@ -300,8 +314,11 @@ def create_optimizer(config, steps_per_epoch: int, params) -> optax.GradientTran
   geo_lr = _get(config, "geo_lr", 0)
   if not geo_lr:
     return optax.chain(*sgd, optax.scale_by_learning_rate(schedule))
+  # A branched model ('branches') of DML or KDCL: each branch has its own trunk.
+  independent = BRANCHES in params and _get(config, "method", "one") in models.INDEPENDENT
   ratio = gradient_ratio_lr(
       geo_lr, clip=(_get(config, "geo_lr_min", 0.1), _get(config, "geo_lr_max", 20.0)),
-      ema=_get(config, "geo_lr_ema", 0.9), inner=optax.chain(*sgd))
+      ema=_get(config, "geo_lr_ema", 0.9), inner=optax.chain(*sgd),
+      parts=branch_parts(independent))
   jax.eval_shape(ratio.init, params)  # fails here, not at the first step, without an output layer
   return optax.chain(ratio, optax.scale_by_learning_rate(schedule))

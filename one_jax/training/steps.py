@@ -51,12 +51,15 @@ def train_step_fn(method, model, tx, state, batch, epoch):
       state["params"])
   grads = jax.lax.pmean(grads, DATA)
   mask = method.update_mask
+  parts = optimizer.branch_parts(method.spec.independent)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  updates = optimizer.mask_branch_updates(updates, mask)
+  updates = optimizer.mask_branch_updates(updates, mask, parts)
   # Inactive branches stay exactly as they were: parameters, statistics and momentum.
   new_state = dict(state, params=jax.tree.map(jnp.add, state["params"], updates),
-                   batch_stats=optimizer.select_branches(batch_stats, state["batch_stats"], mask),
-                   opt_state=optimizer.select_branches(opt_state, state["opt_state"], mask))
+                   batch_stats=optimizer.select_branches(batch_stats, state["batch_stats"], mask,
+                                                         parts),
+                   opt_state=optimizer.select_branches(opt_state, state["opt_state"], mask,
+                                                       parts))
   metrics = {f"train/{k}": v for k, v in terms.items()}
   for head, logits in method.head_logits(output).items():
     metrics[f"train/top1/{head}"] = jnp.mean(topk_correct(logits, batch["label"], 1))

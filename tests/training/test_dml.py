@@ -192,3 +192,55 @@ def test_train_resume_vote_inspect_extract(tmp_path):
   # Every parameter belongs to a branch: no shared trunk line.
   counts = done["inspect"].stdout.split("parameters:")[1].split("optimizer")[0]
   assert "trunk" not in counts and "branch 2" in counts
+
+
+def test_an_inactive_peer_keeps_its_whole_network():
+  """--config.active_branches trains only the named peers; an inactive peer's trunk, like its
+  branch, keeps its parameters, statistics and momentum (weight decay included)."""
+  from one_jax import parallel   # pylint: disable=g-import-not-at-top
+  from one_jax.training import optimizer, steps, train_state   # pylint: disable=g-import-not-at-top
+  config = step1.get_config("three_branch,smoke")
+  config.method, config.active_branches = "dml", "0,2"
+  spec = model_spec.ModelSpec.from_config(config)
+  mesh = parallel.make_mesh()
+  tx = optimizer.create_optimizer(config, 4, spec.abstract_variables()["params"])
+  state = train_state.initial_state(spec, tx, (32, 32, 3), jax.random.key(0))
+  state["opt_state"] = jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating)
+                                    else x, state["opt_state"])   # momentum to keep or decay
+  before = jax.tree.map(np.asarray, state)
+  batch = {"image": jax.random.normal(jax.random.key(1), (8, 32, 32, 3)),
+           "label": jnp.arange(8) % C}
+  after, _, _ = steps.make_train_step(config, spec, tx, mesh)(
+      parallel.replicate(state, mesh), parallel.shard_batch(batch, mesh), jnp.float32(0))
+  after = jax.tree.map(np.asarray, after)
+  for tree in ("params", "batch_stats", "opt_state"):
+    for path, old in jax.tree_util.tree_leaves_with_path(before[tree]):
+      new = dict(jax.tree_util.tree_leaves_with_path(after[tree]))[path]
+      if old.ndim and old.shape[0] == B:
+        np.testing.assert_array_equal(new[1], old[1], err_msg=jax.tree_util.keystr(path))
+        assert not np.array_equal(new[0], old[0]), jax.tree_util.keystr(path)
+
+
+def test_after_lr_measures_each_peer_against_its_own_output_layer():
+  """The gradient-ratio learning rates ("After LR") give each peer's trunk its own factors,
+  from its own gradients against its own classifier's."""
+  from one_jax.training import optimizer   # pylint: disable=g-import-not-at-top
+  config = step1.get_config("five_branch_after_lr,smoke")
+  config.method, config.num_branches = "dml", B
+  spec = model_spec.ModelSpec.from_config(config)
+  params = spec.init(jax.random.key(0))["params"]
+  tx = optimizer.create_optimizer(config, 4, params)
+  state = tx.init(params)
+  ratio_state = state[0]
+  for leaf in jax.tree.leaves(ratio_state.factors["trunk"]):
+    assert leaf.shape == (B,)
+  # Peer 1 alone has gradients (|g| 1 in its classifier, 0.5 elsewhere): only its factors
+  # move, towards 2 (the others' ratios are undefined and keep theirs).
+  grads = jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.zeros_like(p).at[1].set(
+          1.0 if "classifier" in jax.tree_util.keystr(path) else 0.5), params)
+  _, new_state = tx.update(grads, state, params)
+  for leaf in jax.tree.leaves(new_state[0].factors):
+    np.testing.assert_array_equal(np.asarray(leaf)[[0, 2]], 1.0)
+  conv = new_state[0].factors["trunk"]["layer1_0"]["conv1"]["kernel"]
+  np.testing.assert_allclose(conv[1], 0.9 * 1.0 + 0.1 * 2.0, rtol=1e-6)
