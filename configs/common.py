@@ -58,8 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.geo_lr_max = 20.0
   c.geo_lr_ema = 0.9
   c.steps_per_epoch = -1          # > 0 caps the steps of an epoch (smoke runs)
-  # The method (DESIGN.md section 3): 'one' | 'cl_ilr' | 'okddip' | 'dml' | 'kdcl' (branched
-  # models; a baseline: 'one').
+  # The method (DESIGN.md section 3): 'one' | 'cl_ilr' | 'okddip' | 'dml' | 'kdcl' | 'ffl'
+  # (branched models; a baseline: 'one').
   c.method = "one"
   # ONE's loss.
   c.temperature = 3.0
@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
   # KDCL's loss (defaults: the KDCL reproduction's naive ensemble; no ramp-up).
   c.kdcl_temperature = 4.0
   c.kdcl_alpha = 0.5              # (1 - alpha) CE + alpha KL to the peers' detached mean
+  # FFL's loss (defaults: FFL-pytorch's train_FFL.py, with the shared ramp-up).
+  c.ffl_temperature = 3.0
+  c.ffl_kl_scale = 1.0
   # Run.
   c.seed = 0
   c.deterministic = False         # deterministic XLA kernels (GPU): one seed, one result

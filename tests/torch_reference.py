@@ -447,6 +447,46 @@ def kdcl_loss(out_list, label, temperature=4.0, alpha=0.5):
   return total
 
 
+class FusionModule(nn.Module):
+  """FFL-pytorch's our_network.Fusion_module for B branches (the code's has 2): the feature
+  maps concatenated on channels, depthwise 3x3 conv + BN + ReLU, 1x1 conv + BN + ReLU, average
+  pool, Linear ('fc2')."""
+
+  def __init__(self, channel, num_classes, num_branches=2):
+    super().__init__()
+    width = channel * num_branches
+    self.fc2 = nn.Linear(channel, num_classes)
+    self.conv1 = nn.Conv2d(width, width, kernel_size=3, stride=1, padding=1, groups=width,
+                           bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    self.conv1_1 = nn.Conv2d(width, channel, kernel_size=1, groups=1, bias=False)
+    self.bn1_1 = nn.BatchNorm2d(channel)
+
+  def forward(self, *maps):
+    x = torch.cat(maps, 1)
+    x = F.relu(self.bn1(self.conv1(x)))
+    x = F.relu(self.bn1_1(self.conv1_1(x)))
+    x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+    return self.fc2(x)
+
+
+def ffl_loss(outputs, fused_logit, targets, consistency_weight):
+  """train_FFL.py's loss for any number of branches (the code writes out two): CE of every
+  branch and of the fused logit, plus w * (sum_b KL(z_b, fused) + KL(fused, mean_b z_b)) with
+  its KLLoss (T 3, + 1e-7 on the target, the target detached)."""
+  def kl(pred, label, temperature=3.0):
+    predict = F.log_softmax(pred / temperature, dim=1)
+    target = (F.softmax(label / temperature, dim=1) + 10 ** (-7)).detach()
+    return temperature * temperature * ((target * (target.log() - predict)).sum(1).sum()
+                                        / target.size()[0])
+  ensemble_logit = sum(outputs) / len(outputs)
+  loss_cross = sum(F.cross_entropy(z, targets) for z in outputs) + F.cross_entropy(
+      fused_logit, targets)
+  loss_kl = consistency_weight * (sum(kl(z, fused_logit) for z in outputs)
+                                  + kl(fused_logit, ensemble_logit))
+  return loss_cross + loss_kl
+
+
 def sgd(model, lr=0.1, momentum=0.9, weight_decay=5e-4):
   """The reference optimizer: coupled L2 decay on every parameter."""
   return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)

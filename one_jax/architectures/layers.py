@@ -112,11 +112,25 @@ class Dense(nn.Module):
 
 def pooled_classifier(x, num_classes: int):
   """Global average pool over H and W, then the linear 'classifier': the head of every branch
-  and baseline. Returns (pooled features, logits): the features are what OKDDip's attention
-  reads (unused outputs cost nothing once jitted). Called inside a compact module, whose child
-  the Dense becomes; checkpoints, conversion and surgery key on its name."""
-  features = jnp.mean(x, axis=(1, 2))
-  return features, Dense(num_classes, name="classifier")(features)
+  and baseline. Returns (x, logits): the feature map the pool reads is what OKDDip's attention
+  (pooled) and FFL's fusion module read (unused outputs cost nothing once jitted). Called
+  inside a compact module, whose child the Dense becomes; checkpoints, conversion and surgery
+  key on its name."""
+  return x, Dense(num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
+
+
+class DepthwiseConv3x3(nn.Module):
+  """A bias-free 3x3 depthwise convolution (stride 1, zero padding 1; 'kernel' HWIO
+  [3, 3, 1, C], the reference's initialisation), as nine shifted multiply-adds: the numbers of
+  a grouped convolution of C groups, which the CPU would run as C separate convolutions."""
+
+  @nn.compact
+  def __call__(self, x):
+    _, h, w, c = x.shape
+    kernel = self.param("kernel", conv_kernel_init, (3, 3, 1, c)).astype(x.dtype)
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(padded[:, dy:dy + h, dx:dx + w, :] * kernel[dy, dx, 0]
+               for dy in range(3) for dx in range(3))
 
 
 class BatchNorm(nn.Module):

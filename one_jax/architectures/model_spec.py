@@ -253,10 +253,10 @@ class ModelSpec:
     branches = f"{self.num_branches} branch{'es' if self.num_branches != 1 else ''}"
     if self.independent:
       branches = f"{self.num_branches} independent networks ({self.method})"
-    elif self.branched and self.method == "okddip":
-      branches += f" (okddip: {self.num_branches - 1} peers and a leader)"
     elif self.branched and self.method != "one":
-      branches += f" ({self.method}: no gate)" if not self.has_gate else f" ({self.method})"
+      parts = {"gate": "", "mean": ": no gate", "fusion": ": a fusion module",
+               "attention": f": {self.num_branches - 1} peers and a leader"}
+      branches += f" ({self.method}{parts[models.ENSEMBLES[self.method]]})"
     return (f"{arch.title} ({self.kind}), depth {self.depth}{details}, {branches}, "
             f"{self.num_classes} classes")
 

@@ -32,9 +32,10 @@ BRANCH_IMPLS = ("auto", "loop", "vmap")
 # (parameters 'gate', the 'gate_offset' collection), the plain mean of the branches' logits
 # (no parameters: CL-ILR), or OKDDip's: the last branch is the group leader, the others are
 # peers whose targets come from an attention over the peers ('attention': shared query and key
-# projections of the pooled features), the ensemble is the peers' mean.
+# projections of the pooled features), the ensemble is the peers' mean; or FFL's fusion module
+# ('fusion': a classifier on the fused feature maps of all branches).
 ENSEMBLES = {"one": "gate", "cl_ilr": "mean", "okddip": "attention", "dml": "mean",
-             "kdcl": "mean"}
+             "kdcl": "mean", "ffl": "fusion"}
 # Where the branches start: at the input for these methods (independent peers, DML's and
 # KDCL's: B whole networks, their 'trunk' stacked on axis 0 as 'branches' are), after the
 # trunk for every other.
@@ -186,13 +187,19 @@ def one_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef
     offset = module.variable("gate_offset", "log_weight",
                              lambda: jnp.zeros((module.num_branches,), jnp.float32))
     gate = Gate(module.num_branches, norm, module.active_branches, name="gate")(x, offset.value)
+  elif module.ensemble == "fusion":   # FFL: the fused classifier is the ensemble
+    gate = mean_weights(branch_logits.shape[1], module.num_branches, module.active_branches)
+    fused = layers.at_least_float32(FusionModule(branch_logits.shape[-1], norm,
+                                                 name="fusion")(features))
+    return OneOutput(branch_logits=branch_logits, gate=gate, ensemble_logits=fused)
   elif module.ensemble == "attention":
     # Peers 0..B-2 attend to one another; the leader (B-1) learns from the peers' mean, which
     # is the ensemble. Inactive peers leave both (all peers count when only the leader trains).
     peers = module.num_branches - 1
     active = None if module.active_branches is None else tuple(module.active_branches[:peers])
     active = active if active and any(active) else None
-    targets = PeerAttention(active, name="attention")(features[:peers], branch_logits[:peers])
+    pooled = jnp.mean(features[:peers], axis=(2, 3))   # [P, N, C]: each peer's pooled features
+    targets = PeerAttention(active, name="attention")(pooled, branch_logits[:peers])
     gate = mean_weights(branch_logits.shape[1], module.num_branches,
                         (active or (True,) * peers) + (False,))
   else:
@@ -200,6 +207,24 @@ def one_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef
   ensemble = jnp.einsum("nb,bnc->nc", gate, branch_logits)
   return OneOutput(branch_logits=branch_logits, gate=gate, ensemble_logits=ensemble,
                    peer_targets=targets)
+
+
+class FusionModule(nn.Module):
+  """FFL's fusion module: the branches' last feature maps concatenated on channels (branch 0's
+  first), a 3x3 depthwise convolution ('dw') + BatchNorm ('bn_dw') + ReLU, a 1x1 convolution
+  to one branch's width ('pw') + BatchNorm ('bn_pw') + ReLU, global average pooling and the
+  fused 'classifier'. maps: [B, N, H, W, C] -> fused logits [N, classes]."""
+  num_classes: int
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, maps):
+    b, n, h, w, c = maps.shape
+    x = jnp.moveaxis(maps, 0, 3).reshape(n, h, w, b * c)   # channel b * C + c
+    x = nn.relu(self.norm(name="bn_dw")(layers.DepthwiseConv3x3(name="dw")(x)))
+    x = layers.conv(c, 1, name="pw", impl="xla")(x)
+    x = nn.relu(self.norm(name="bn_pw")(x))
+    return layers.Dense(self.num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
 
 
 class PeerAttention(nn.Module):

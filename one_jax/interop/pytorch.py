@@ -102,9 +102,10 @@ def load_torch_checkpoint(path: str, *, allow_pickle: bool = False):
   return result.model, result.variables
 
 
-# Methods whose models the reference names cannot hold (OKDDip's projections and leader, the B
-# whole networks of DML and KDCL); each of their branches exports after `surgery extract`.
-NO_REFERENCE_LAYOUT = ("okddip",) + models.INDEPENDENT
+# Methods whose models the reference names cannot hold (OKDDip's projections and leader, FFL's
+# fusion module, the B whole networks of DML and KDCL); each of their branches exports after
+# `surgery extract`.
+NO_REFERENCE_LAYOUT = ("okddip", "ffl") + models.INDEPENDENT
 
 
 def export_torch_state_dict(spec: model_spec.ModelSpec, variables, *, module_prefix: bool = True,

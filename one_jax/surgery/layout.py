@@ -48,8 +48,10 @@ FRESH_GATE = {("dense", "kernel"): 0.0, ("dense", "bias"): 0.0, ("bn", "scale"):
               ("log_weight",): 0.0}
 FRESH_GATES = ("zero", "init")
 # Parts every branch shares, edited as the trunk is (taken from the trunk's source): OKDDip's
-# query and key projections ('attention').
-SHARED_PARTS = ("trunk", "attention")
+# query and key projections ('attention'), FFL's fusion module ('fusion': its shapes follow
+# the branch count, so only edits that keep the count take it: transplant, and extract, which
+# drops it).
+SHARED_PARTS = ("trunk", "attention", "fusion")
 INIT_IMAGE_SHAPE = (1, 8, 8, 3)  # parameter shapes do not depend on the image size
 
 

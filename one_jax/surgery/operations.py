@@ -37,6 +37,7 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
   ensemble then counts each copy as a branch.
   """
   model = layout.view(state, info, "the model")
+  _refuse_fusion("expand", [model.spec.method])
   m = model.num_branches
   if not validate.is_int(num_branches):
     raise layout.SurgeryError(f"expand: --branches={num_branches!r} is not an integer")
@@ -110,6 +111,7 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
   if method is not None and method not in models.ENSEMBLES:
     raise layout.SurgeryError(f"merge: --method={method!r} is unknown: use one of "
                               f"{', '.join(models.ENSEMBLES)}")
+  _refuse_fusion("merge", [v.spec.method for v in views] + [method])
   for v, what in zip(views, whats):
     if v.spec.branched and v.spec.method == "okddip":
       raise layout.SurgeryError(f"merge: {what} is an OKDDip model, whose last branch is its "
@@ -145,6 +147,17 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
           for k, (m, b) in enumerate(plan)]
   return layout.assemble(out, trunk=trunk, slots=plan, gate=gate, reset_optimizer=reset_optimizer,
                          fresh=fresh), out.to_dict()
+
+
+def _refuse_fusion(op, methods):
+  """FFL's fusion module reads every branch's feature maps, so its shapes follow the branch
+  count: expand and merge, which change the count, are refused with one line (methods: of
+  the sources and the output; None for a baseline or no choice)."""
+  if any(m is not None and models.ENSEMBLES[m] == "fusion" for m in methods):
+    raise layout.SurgeryError(
+        f"{op}: an FFL model's fusion module reads every branch's feature maps and has no "
+        "form for another branch count: extract or transplant its branches instead (or "
+        f"{op} baselines into another method)")
 
 
 def _check_fresh_gate(op, fresh_gate):

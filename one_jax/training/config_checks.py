@@ -284,6 +284,9 @@ RULES: Sequence[Rule] = (
     Rule("dml_detach", Flag()),
     Rule("kdcl_temperature", Number(integer=False, low=0, low_open=True),
          why="it must be > 0 (the logits are divided by it; the KDCL code uses 4)"),
+    Rule("ffl_temperature", Number(integer=False, low=0, low_open=True),
+         why="it must be > 0 (the logits are divided by it; the FFL code uses 3)"),
+    Rule("ffl_kl_scale", Number(integer=False, low=0)),
     Rule("kdcl_alpha", Number(integer=False, low=0, high=1),
          why="it weighs KL against cross-entropy: between 0 and 1 (the KDCL code uses 0.5)"),
     # Run.

@@ -1,5 +1,5 @@
-"""The methods' losses (DESIGN.md section 3): ONE's, CL-ILR's, OKDDip's, DML's, KDCL's and the
-baseline's cross-entropy. ONE's:
+"""The methods' losses (DESIGN.md section 3): ONE's, CL-ILR's, OKDDip's, DML's, KDCL's, FFL's
+and the baseline's cross-entropy. ONE's:
 
     L = sum_b CE(z_b, y) + CE(e, y) + w(epoch) * sum_b T^2 KL(softmax(sg(e)/T) || softmax(z_b/T))
 
@@ -244,6 +244,37 @@ def kdcl_loss(output, labels, *, temperature: float = 4.0, alpha: float = 0.5,
   loss = (1.0 - alpha) * ce_sum + alpha * kl_sum
   terms.update(ce_branches=ce_sum, kl=kl_sum, kl_weight=jnp.asarray(alpha, jnp.float32),
                loss=loss)
+  return loss, terms
+
+
+def ffl_loss(output, labels, *, epoch, temperature: float = 3.0, rampup_epochs: float = 80.0,
+             kl_scale: float = 1.0, active_branches: Optional[Sequence[bool]] = None,
+             teacher_eps: float = REFERENCE_TEACHER_EPS,
+             weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """FFL-S (Kim et al., 2019) with mutual knowledge distillation: the branches learn from the
+  fused classifier (output.ensemble_logits, z_f), the fused classifier from the branches' mean:
+
+    L = sum_b CE(z_b) + CE(z_f)
+        + kl_scale * w(epoch) * [sum_b KL_T(z_b, sg(z_f)) + KL_T(z_f, sg(mean_b z_b))]
+
+  as FFL-pytorch's train_FFL.py (T = 3 and the 1e-7 in its KLLoss, which detaches its
+  target; the ramp-up over 80 epochs). Inactive branches are left out of every term.
+
+  Terms: 'ce_branch_b', 'ce_branches' (their sum), 'ce_fused', 'kl' (the branches' unweighted
+  sum), 'kl_fused', 'kl_weight' (w(epoch) * kl_scale) and 'loss'.
+  """
+  members = _members(output, active_branches)
+  z, fused = output.branch_logits, output.ensemble_logits
+  sg = jax.lax.stop_gradient
+  terms, ce_sum = _branch_cross_entropies(output, labels, members, weights)
+  ce_fused = cross_entropy(fused, labels, weights)
+  kl_sum = _kl_sum([(z[b], sg(fused)) for b in members], temperature, teacher_eps, weights)
+  mean = sum(z[b] for b in members) / len(members)
+  kl_fused = _kl_sum([(fused, sg(mean))], temperature, teacher_eps, weights)
+  weight = kl_weight(epoch, rampup_epochs) * kl_scale
+  loss = ce_sum + ce_fused + weight * (kl_sum + kl_fused)
+  terms.update(ce_branches=ce_sum, ce_fused=ce_fused, kl=kl_sum, kl_fused=kl_fused,
+               kl_weight=weight, loss=loss)
   return loss, terms
 
 

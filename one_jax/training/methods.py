@@ -213,7 +213,34 @@ class Kdcl(_Branches):
                             active_branches=self.spec.active_branches, weights=weights)
 
 
-Method = Any  # CrossEntropy | One | ClIlr | Okddip | Dml | Kdcl: the module docstring's interface
+@dataclasses.dataclass(frozen=True)
+class Ffl(_Branches):
+  """FFL-S (Kim et al., 2019): B branches on a shared trunk and a fusion module over their last
+  feature maps whose fused classifier is the ensemble (losses.ffl_loss). Heads 'branch_b',
+  'fused' (deployed: it picks the best checkpoint) and 'peers_mean'."""
+  spec: model_spec.ModelSpec
+  temperature: float = 3.0
+  rampup_epochs: float = 80.0
+  kl_scale: float = 1.0
+
+  ensemble_head = deployed_head = "fused"
+
+  @property
+  def heads(self) -> Tuple[str, ...]:
+    *named, derived = super().heads   # ..., 'mean_branch' stays last
+    return tuple(named) + ("peers_mean", derived)
+
+  def head_logits(self, output) -> Dict[str, jax.Array]:
+    return dict(super().head_logits(output),
+                peers_mean=jax.numpy.einsum("nb,bnc->nc", output.gate, output.branch_logits))
+
+  def loss(self, output, labels, epoch, weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    return losses.ffl_loss(output, labels, epoch=epoch, temperature=self.temperature,
+                           rampup_epochs=self.rampup_epochs, kl_scale=self.kl_scale,
+                           active_branches=self.spec.active_branches, weights=weights)
+
+
+Method = Any  # One | ClIlr | Okddip | Dml | Kdcl | Ffl | CrossEntropy: the docstring's interface
 
 # config.method -> (its class, {its option: the config field that sets it}). ONE's fields keep
 # their historical names; every other method's carry its name (the shared ramp-up
@@ -230,12 +257,15 @@ METHODS = {
     "dml": (Dml, dict(temperature="dml_temperature", rampup_epochs="dml_rampup_epochs",
                       kl_scale="dml_kl_scale", target="dml_target", detach="dml_detach")),
     "kdcl": (Kdcl, dict(temperature="kdcl_temperature", alpha="kdcl_alpha")),
+    "ffl": (Ffl, dict(temperature="ffl_temperature", rampup_epochs="rampup_epochs",
+                      kl_scale="ffl_kl_scale")),
 }
 
 
 def deployed_head(method: Optional[str]) -> str:
   """The head a model of `method` deploys and picks its best checkpoint by: ONE's ensemble,
-  CL-ILR's, DML's and KDCL's peers' mean, OKDDip's leader, a baseline's (method None) model."""
+  CL-ILR's, DML's and KDCL's peers' mean, OKDDip's leader, FFL's fused classifier, a
+  baseline's (method None) model."""
   return (CrossEntropy if method is None else METHODS[method][0]).deployed_head
 
 

@@ -101,7 +101,7 @@ def _family_config(family, method):
   return method_configs.get_config(FAMILY_ROWS[family].split(":", 1)[1].format(method))
 
 
-@pytest.mark.parametrize("method", ["okddip", "dml", "kdcl"])
+@pytest.mark.parametrize("method", ["okddip", "dml", "kdcl", "ffl"])
 @pytest.mark.parametrize("family", list(FAMILY_ROWS))
 def test_each_method_trains_on_every_family_and_extracts_its_branches(family, method):
   """On every family: the method's model takes a finite gradient step (every head finite) and
