@@ -120,7 +120,7 @@ def test_the_model_attends_over_its_peers_pooled_features():
          for c in ("params", "batch_stats")}
     features, logits = cifar_resnet.Branch(8, C, *layers.conv_and_norm()).apply(v, x)
     np.testing.assert_allclose(logits, out.branch_logits[b], rtol=1e-5, atol=1e-5)
-    pooled.append(torch.tensor(np.asarray(features, np.float64)))
+    pooled.append(torch.tensor(np.asarray(jnp.mean(features, axis=(1, 2)), np.float64)))
   attention = variables["params"]["attention"]
   z = [torch.tensor(np.asarray(out.branch_logits[b], np.float64)) for b in range(B)]
   _, x_m, _ = tr.okddip_heads(pooled[:-1], z[:-1], z[-1],
