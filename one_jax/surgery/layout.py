@@ -49,8 +49,7 @@ FRESH_GATE = {("dense", "kernel"): 0.0, ("dense", "bias"): 0.0, ("bn", "scale"):
 FRESH_GATES = ("zero", "init")
 # Parts every branch shares, edited as the trunk is (taken from the trunk's source): OKDDip's
 # query and key projections ('attention'), FFL's fusion module ('fusion': its shapes follow
-# the branch count, so only edits that keep the count take it: transplant, and extract, which
-# drops it).
+# the branch count; expand grows it afterwards, grow_fusion).
 SHARED_PARTS = ("trunk", "attention", "fusion")
 INIT_IMAGE_SHAPE = (1, 8, 8, 3)  # parameter shapes do not depend on the image size
 
@@ -293,6 +292,40 @@ def check_opt_compatible(op, sources: Sequence[Model], whats: Sequence[str]):
       raise SurgeryError(f"{op}: the optimizer states of {with_opt[0][1]} and {what} differ "
                          "(trained with different optimizers?): pass --reset_optimizer to start "
                          "the optimizer afresh")
+
+
+# FFL's fusion module: leaves whose axis (negative: from the end) holds one block of channels
+# per branch, in branch order (the concatenated feature maps). Every other fusion leaf is shared.
+FUSION_BLOCKS = {("fusion", "dw", "kernel"): -1, ("fusion", "bn_dw", "scale"): -1,
+                 ("fusion", "bn_dw", "bias"): -1, ("fusion", "bn_dw", "mean"): -1,
+                 ("fusion", "bn_dw", "var"): -1, ("fusion", "pw", "kernel"): -2}
+
+
+def grow_fusion(state, model: "Model", plan: Sequence[Tuple[Optional["Model"], int]]):
+  """`state` (assembled with `model`'s fusion module) with the fusion module of len(plan)
+  branches: slot k's channel blocks from plan[k]'s (model, branch) (a fresh model's for new
+  fresh slots; momentum from that source where it has one, else zero), except the 1x1
+  convolution's input rows of new slots (k >= model's branches), which are zero, so that the
+  fused output is unchanged on every input. Returns the state."""
+  m = model.num_branches
+  for (tree, path), old in model.leaves.items():
+    if path not in FUSION_BLOCKS:
+      continue
+    axis = FUSION_BLOCKS[path] % old.ndim
+    width = old.shape[axis] // m
+    blocks = []
+    for k, (source, b) in enumerate(plan):
+      if path[1] == "pw" and k >= m or source is None or (tree, path) not in source.leaves:
+        shape = list(old.shape)
+        shape[axis] = width
+        blocks.append(np.zeros(shape, old.dtype))
+      else:
+        blocks.append(np.take(source.leaves[(tree, path)],
+                              np.arange(b * width, (b + 1) * width), axis=axis))
+    grown = np.concatenate(blocks, axis=axis)
+    where = (tree[0],) + tuple(tree[1:]) + path if tree[0] == OPT else (tree[0],) + path
+    state = _replace(state, where, grown)
+  return state
 
 
 def _mean(arrays):

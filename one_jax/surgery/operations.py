@@ -28,7 +28,8 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
   column, statistics and momentum; each branch used k + 1 times gets offset - log(k + 1) on
   every copy, so the gate gives the copies together the weight the branch had and the
   ensemble output is unchanged on every input. OKDDip's leader stays last: the new slots go
-  before it (peers), and copy mode copies peers by default. fresh: new slots from a fresh
+  before it (peers), and copy mode copies peers by default. FFL's fusion module grows with
+  the copies' channel blocks and zero weights from them: its fused output is unchanged too. fresh: new slots from a fresh
   initialisation
   (rng: a PRNG key or an int seed, default 0), with fresh gate columns and zero momentum.
   A baseline is expanded as a 1-branch model with fresh gate columns (in copy mode all equal,
@@ -37,7 +38,6 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
   ensemble then counts each copy as a branch.
   """
   model = layout.view(state, info, "the model")
-  _refuse_fusion("expand", [model.spec.method])
   m = model.num_branches
   if not validate.is_int(num_branches):
     raise layout.SurgeryError(f"expand: --branches={num_branches!r} is not an integer")
@@ -61,8 +61,10 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
                          "use --mode=copy")
     slots = place([(fresh, b) for b in range(m, n)])
     gate = [(model, b) if model.has_gate else column(b) for b in range(m)]
-    return layout.assemble(out, trunk=model, slots=slots, gate=gate + [column(b) for b in range(m, n)],
-                     reset_optimizer=reset_optimizer), out.to_dict()
+    state = layout.assemble(out, trunk=model, slots=slots,
+                            gate=gate + [column(b) for b in range(m, n)],
+                            reset_optimizer=reset_optimizer)
+    return _grown_fusion(state, model, slots), out.to_dict()
 
   peers = m - 1 if with_leader else m
   sources = [j % peers for j in range(n - m)] if sources is None else list(sources)
@@ -75,7 +77,7 @@ def expand(state, info, num_branches: int, *, mode: str = "copy",
   gate = slots if model.has_gate else [column(0)] * n  # a baseline's copies: equal columns
   state = layout.assemble(out, trunk=model, slots=slots, gate=gate, reset_optimizer=reset_optimizer)
   if not out.has_gate:   # a mean ensemble (CL-ILR) now weighs each copy as a branch
-    return state, out.to_dict()
+    return _grown_fusion(state, model, slots), out.to_dict()
   # Each source and its copies share its gate weight: a - log(k + 1) on k + 1 equal activations.
   origin = list(range(m)) + sources
   uses = collections.Counter(origin)
@@ -149,15 +151,23 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
                          fresh=fresh), out.to_dict()
 
 
+def _grown_fusion(state, model: layout.Model, slots):
+  """An FFL model's fusion module grown to the new slots (layout.grow_fusion: the copies'
+  channel blocks, zero 1x1 weights from them, so the fused output is unchanged)."""
+  if models.ENSEMBLES.get(model.spec.method) != "fusion":
+    return state
+  return layout.grow_fusion(state, model, slots)
+
+
 def _refuse_fusion(op, methods):
   """FFL's fusion module reads every branch's feature maps, so its shapes follow the branch
-  count: expand and merge, which change the count, are refused with one line (methods: of
-  the sources and the output; None for a baseline or no choice)."""
+  count: merge, which would have to join several fusion modules or invent one, is refused with
+  one line (methods: of the sources and the output; None for a baseline or no choice)."""
   if any(m is not None and models.ENSEMBLES[m] == "fusion" for m in methods):
     raise layout.SurgeryError(
         f"{op}: an FFL model's fusion module reads every branch's feature maps and has no "
-        "form for another branch count: extract or transplant its branches instead (or "
-        f"{op} baselines into another method)")
+        "form for other sources' branches: expand, extract or transplant its branches instead "
+        f"(or {op} baselines into another method)")
 
 
 def _check_fresh_gate(op, fresh_gate):

@@ -1,7 +1,7 @@
 """FFL-S (--config.method=ffl): the fusion module and the loss against PyTorch transcriptions
 of FFL-pytorch (tests/torch_reference.py: our_network.Fusion_module, train_FFL.py's loss),
-what is detached, surgery (extract and transplant; expand and merge refused in one line), and
-the commands on an FFL model."""
+what is detached, surgery (expand grows the fusion module with the fused output unchanged;
+extract and transplant; merge refused in one line), and the commands on an FFL model."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,7 +105,7 @@ def test_the_method_deploys_the_fused_classifier():
                              jnp.mean(out.branch_logits, axis=0), rtol=1e-6, atol=1e-6)
 
 
-def test_surgery_keeps_the_fusion_module_or_refuses():
+def test_surgery_keeps_the_fusion_module_or_refuses_to_merge_it():
   spec = model_spec.ModelSpec("one_resnet", 8, C, B, method="ffl")
   state = jax.tree.map(np.asarray, dict(spec.init(jax.random.key(0), (8, 8, 3))))
   other = jax.tree.map(np.asarray, dict(spec.init(jax.random.key(1), (8, 8, 3))))
@@ -114,8 +114,6 @@ def test_surgery_keeps_the_fusion_module_or_refuses():
                                 state["params"]["fusion"]["pw"]["kernel"])
   student, info = operations.extract(state, spec.to_dict(), branch=2)
   assert info["kind"] == "cifar_resnet" and "fusion" not in student["params"]
-  with pytest.raises(layout.SurgeryError, match="expand: an FFL model's fusion module"):
-    operations.expand(state, spec.to_dict(), 4)
   with pytest.raises(layout.SurgeryError, match="merge: an FFL model's fusion module"):
     operations.merge([state, state], [spec.to_dict()] * 2)
   base = model_spec.ModelSpec("cifar_resnet", 8, C)
@@ -130,3 +128,32 @@ def test_train_resume_vote_inspect_extract(tmp_path):
   assert {"test/top1/fused", "test/top1/peers_mean", "train/kl", "train/kl_fused",
           "train/ce_fused"} <= set(done["header"])
   assert "fusion" in done["inspect"].stdout
+
+
+@pytest.mark.parametrize("mode", ["copy", "fresh"])
+def test_expand_grows_the_fusion_module_and_keeps_its_output(mode):
+  """3 -> 5 branches: each new slot's depthwise channels (and momentum) come from its source
+  (a copied branch, or a fresh model), its 1x1 weights are zero, so the fused logits are
+  unchanged; the old branches' blocks are kept."""
+  spec = model_spec.ModelSpec("one_resnet", 8, C, B, method="ffl")
+  state = jax.tree.map(np.asarray, dict(spec.init(jax.random.key(0), (8, 8, 3))))
+  state["opt_state"] = {"0": {"trace": jax.tree.map(lambda x: x + 1.0, state["params"])}}
+  grown, info = operations.expand(state, spec.to_dict(), 5, mode=mode)
+  layout.view(grown, info, "the grown model")   # every shape (momentum too) is a 5-branch one
+  big = model_spec.ModelSpec.from_dict(info)
+  images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  before = spec.build().apply(models.variables_in(state), images).ensemble_logits
+  after = big.build().apply(models.variables_in(grown), images).ensemble_logits
+  np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+  width = 64
+  pw = grown["params"]["fusion"]["pw"]["kernel"]
+  assert pw.shape[2] == 5 * width and not np.any(pw[:, :, 3 * width:])
+  np.testing.assert_array_equal(pw[:, :, :3 * width], state["params"]["fusion"]["pw"]["kernel"])
+  dw = grown["params"]["fusion"]["dw"]["kernel"]
+  dw_trace = grown["opt_state"]["0"]["trace"]["fusion"]["dw"]["kernel"]
+  old_dw = state["params"]["fusion"]["dw"]["kernel"]
+  if mode == "copy":   # slots 3 and 4 copy branches 0 and 1
+    np.testing.assert_array_equal(dw[..., 3 * width:4 * width], old_dw[..., :width])
+    np.testing.assert_array_equal(dw_trace[..., 4 * width:], old_dw[..., width:2 * width] + 1.0)
+  else:
+    assert np.std(dw[..., 3 * width:]) > 0 and not np.any(dw_trace[..., 3 * width:])
