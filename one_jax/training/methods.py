@@ -68,10 +68,12 @@ class _Branches:
   def best_metric(self) -> str:
     return f"test/top1/{self.deployed_head}"
 
+  extra_heads: Tuple[str, ...] = ()   # the method's heads besides branches and ensemble
+
   @property
   def heads(self) -> Tuple[str, ...]:
     return tuple(f"branch_{b}" for b in range(self.spec.num_branches)) + (
-        self.ensemble_head, "mean_branch")
+        self.ensemble_head,) + self.extra_heads + ("mean_branch",)
 
   @property
   def update_mask(self) -> Optional[Tuple[bool, ...]]:
@@ -151,10 +153,7 @@ class Okddip(_Branches):
   ensemble_head = "peers_mean"
   deployed_head = "leader"
 
-  @property
-  def heads(self) -> Tuple[str, ...]:
-    *named, derived = super().heads   # ..., 'mean_branch' stays last
-    return tuple(named) + (self.deployed_head, derived)
+  extra_heads = ("leader",)
 
   def head_logits(self, output) -> Dict[str, jax.Array]:
     return dict(super().head_logits(output), leader=output.branch_logits[-1])
@@ -225,10 +224,7 @@ class Ffl(_Branches):
 
   ensemble_head = deployed_head = "fused"
 
-  @property
-  def heads(self) -> Tuple[str, ...]:
-    *named, derived = super().heads   # ..., 'mean_branch' stays last
-    return tuple(named) + ("peers_mean", derived)
+  extra_heads = ("peers_mean",)
 
   def head_logits(self, output) -> Dict[str, jax.Array]:
     return dict(super().head_logits(output),
