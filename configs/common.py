@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.geo_lr_max = 20.0
   c.geo_lr_ema = 0.9
   c.steps_per_epoch = -1          # > 0 caps the steps of an epoch (smoke runs)
-  # The method (DESIGN.md section 3): 'one' | 'cl_ilr' | 'okddip' | 'dml' | 'kdcl' | 'ffl'
+  # The method (DESIGN.md section 3): 'one' | 'cl_ilr' | 'okddip' | 'dml' | 'kdcl' | 'ffl' | 'pcl'
   # (branched models; a baseline: 'one').
   c.method = "one"
   # ONE's loss.
@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   # FFL's loss (defaults: FFL-pytorch's train_FFL.py, with the shared ramp-up).
   c.ffl_temperature = 3.0
   c.ffl_kl_scale = 1.0
+  # PCL's loss and temporal mean (defaults: the PCL reproduction's, with the shared ramp-up).
+  c.pcl_temperature = 3.0
+  c.pcl_kl_scale = 1.0            # times w(e), on both KL terms
+  c.pcl_ema_decay = 0.999         # the temporal mean's decay: min(1 - 1 / (step + 1), this)
   # Run.
   c.seed = 0
   c.deterministic = False         # deterministic XLA kernels (GPU): one seed, one result

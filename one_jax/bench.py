@@ -10,7 +10,9 @@ Compilation and warm-up calls are excluded; step times are medians over the call
 steps, divided by the steps per call. FLOPs come from XLA's cost analysis of one train step
 (`step_flops`).
 
-Fields: images_per_sec, eval_images_per_sec, step_ms, eval_step_ms, compile_s, backend,
+Fields: images_per_sec, eval_images_per_sec, step_ms, eval_step_ms, compile_s,
+step_memory_mb (the compiled train dispatch's arguments, outputs and temporaries by XLA's
+memory analysis, donated buffers once; null where the backend has none), backend,
 device_kind, device_count, flops_per_image (train step), forward_flops_per_image (inference:
 `forward_flops_per_image`), gflops_per_sec (achieved, train step), and the
 model fields (model, method: the online-distillation method of --config.method, null for
@@ -31,7 +33,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Any, Dict, NamedTuple
+from typing import Any, Dict, NamedTuple, Optional
 
 from absl import app
 from absl import flags
@@ -96,6 +98,19 @@ def forward_flops_per_image(spec: model_spec.ModelSpec, image_shape=IMAGE_SHAPE)
   return _flops(jax.jit(model.apply).lower(spec.abstract_variables(image_shape), images))
 
 
+def compiled_memory_bytes(compiled) -> Optional[int]:
+  """The memory a compiled step needs, by XLA's own analysis: its arguments, outputs and
+  temporaries, donated buffers counted once (None where the backend gives no analysis)."""
+  try:
+    m = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
 def synthetic_batch(config, batch_size: int, seed: int = 0) -> Dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   return {"image": rng.standard_normal((batch_size,) + image_shape(config), dtype=np.float32),
@@ -149,8 +164,13 @@ class StepTimer:
                                        *self._data).compile(options)
     self.compile_s = time.perf_counter() - t0
     self.compile_cache = ("hit" if lookups.hits else "miss" if lookups.misses else "off")
+    self.memory_bytes = compiled_memory_bytes(self.train_compiled)
     host_batch = synthetic_batch(config, config.batch_size, config.seed)
-    one_batch = parallel.shard_batch({k: host_batch[k] for k in ("image", "label")}, self.mesh)
+    views = methods.for_model(config, self.spec).views
+    train_images = (host_batch["image"] if views == 1 else   # KDCL, PCL: a view per peer
+                    np.repeat(host_batch["image"][:, None], views, axis=1))
+    one_batch = parallel.shard_batch({"image": train_images, "label": host_batch["label"]},
+                                     self.mesh)
     self.flops = step_flops(config, self.spec, tx, self.mesh, self.state, one_batch, self.epoch)
     self.eval_compiled = None
     if with_eval:
@@ -213,6 +233,8 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
     raise FloatingPointError(f"non-finite loss {loss} in the benchmark's train step")
   result = dict(images_per_sec=batch_size / step_s, step_ms=1e3 * step_s,
                 compile_s=timer.compile_s, compile_cache=timer.compile_cache,
+                step_memory_mb=(None if timer.memory_bytes is None
+                                else timer.memory_bytes / 2**20),
                 flops_per_image=timer.flops / batch_size,
                 gflops_per_sec=timer.flops / step_s / 1e9)
   if eval_too:

@@ -487,6 +487,62 @@ def ffl_loss(outputs, fused_logit, targets, consistency_weight):
   return loss_cross + loss_kl
 
 
+# ----------------------------------------------------------------------------- PCL
+# The PCL reproduction (shaoeric/Peer-Collaborative-Learning-for-Online-Knowledge-Distillation):
+# src/losses/kd_loss.py (KDLoss, PMLoss), src/losses/loss_wrapper.py (written there for three
+# peers; the same for B), src/models/resnet.py (en_fc on the concatenated features),
+# src/utils/ema.py.
+
+
+class PclKDLoss(nn.Module):
+  def __init__(self, temperature=3.0):
+    super().__init__()
+    self.temperature = temperature
+    self.func = nn.KLDivLoss(reduction="batchmean")
+
+  def forward(self, pred, target):
+    return self.func(F.log_softmax(pred / self.temperature, dim=1),
+                     F.softmax(target / self.temperature, dim=1)) * self.temperature ** 2
+
+
+class PclPMLoss(nn.Module):
+  def __init__(self, temperature=3.0):
+    super().__init__()
+    self.kd = PclKDLoss(temperature)
+
+  def forward(self, pred, targets):
+    loss = 0
+    for target in targets:
+      loss += self.kd(pred, target.detach())
+    return loss / len(targets)
+
+
+def pcl_loss(preds, pred_en, mean_labels, label, rampup_weight, temperature=3.0):
+  """LossWrapper.forward (ema=False) for B peers: en_label = pred_en.detach() (the
+  controller's), the peers' temporal-mean outputs mean_labels; the ramp-up weight given (the
+  reproduction's own divides by 1: one_jax uses ONE's)."""
+  ce, kd, pm = nn.CrossEntropyLoss(), PclKDLoss(temperature), PclPMLoss(temperature)
+  en_label = pred_en.detach()
+  loss = ce(pred_en, label)
+  for b, pred in enumerate(preds):
+    others = [m for j, m in enumerate(mean_labels) if j != b]
+    loss = loss + ce(pred, label) + kd(pred, en_label) * rampup_weight + pm(
+        pred, others) * rampup_weight
+  return loss
+
+
+def pcl_fusion(features, en_fc):
+  """resnet.py's peer-ensemble teacher: en_fc(torch.cat([feat1, ..., featB], dim=1))."""
+  return en_fc(torch.cat(features, dim=1))
+
+
+def update_ema_variables(model, ema_model, alpha=0.999, global_step=-1):
+  """src/utils/ema.py, verbatim but for the deprecated add_ signature."""
+  alpha = min(1 - 1 / (global_step + 1), alpha)
+  for ema_param, param in zip(ema_model.parameters(), model.parameters()):
+    ema_param.data.mul_(alpha).add_(param.data, alpha=1 - alpha)
+
+
 def sgd(model, lr=0.1, momentum=0.9, weight_decay=5e-4):
   """The reference optimizer: coupled L2 decay on every parameter."""
   return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)

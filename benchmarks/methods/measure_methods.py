@@ -2,7 +2,7 @@
 table of python -m one_jax.report.
 
     python benchmarks/methods/measure_methods.py --npz=cifar10.npz --seeds=2,3 \
-        --methods=baseline,one,cl_ilr,okddip,dml,kdcl,ffl --out_dir=benchmarks/methods/results \
+        --methods=baseline,one,cl_ilr,okddip,dml,kdcl,ffl,pcl --out_dir=benchmarks/methods/results \
         --reuse=benchmarks/fidelity/results
 
 The budget is benchmarks/fidelity's (`measure_gain.recipe`: ResNet-20, batch 128, SGD 0.1 /
@@ -38,7 +38,7 @@ BASELINE = "baseline"
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--methods", default="baseline,one,cl_ilr,okddip,dml,kdcl,ffl",
+  p.add_argument("--methods", default="baseline,one,cl_ilr,okddip,dml,kdcl,ffl,pcl",
                  help="'baseline' and one_jax's methods (--config.method), comma-separated")
   p.add_argument("--reuse", default="",
                  help="comma-separated records whose finished runs count (e.g. the fidelity's)")

@@ -107,6 +107,9 @@ class ModelSpec:
                          "has one: use a branched kind (e.g. one_resnet), or method='one' for "
                          "a baseline (cross-entropy)")
       object.__setattr__(self, "method", None)
+    if self.method == "pcl" and self.num_branches < 2:
+      raise ValueError(f"num_branches={self.num_branches} is too few for method='pcl', whose "
+                       "peers learn from one another's temporal means: use 2 or more")
     if self.method == "okddip" and self.num_branches < 2:
       raise ValueError(f"num_branches={self.num_branches} is too few for method='okddip', whose "
                        "last branch is the group leader of the peers before it: use 2 or more "
@@ -210,6 +213,11 @@ class ModelSpec:
     """Whether the branches start at the input (DML: B whole networks, 'trunk' stacked too)."""
     return self.branched and self.method in models.INDEPENDENT
 
+  @property
+  def temporal_mean(self) -> bool:
+    """Whether the model's variables hold a temporal mean of it (PCL's 'temporal_mean')."""
+    return self.branched and self.method in models.TEMPORAL_MEAN
+
   def with_branches(self, num_branches: Optional[int]) -> "ModelSpec":
     """The model of the same family with num_branches (the unbranched kind for None)."""
     arch = architecture(self.kind)
@@ -255,6 +263,7 @@ class ModelSpec:
       branches = f"{self.num_branches} independent networks ({self.method})"
     elif self.branched and self.method != "one":
       parts = {"gate": "", "mean": ": no gate", "fusion": ": a fusion module",
+               "peer_fusion": ": a fusion classifier and a temporal mean",
                "attention": f": {self.num_branches - 1} peers and a leader"}
       branches += f" ({self.method}{parts[models.ENSEMBLES[self.method]]})"
     return (f"{arch.title} ({self.kind}), depth {self.depth}{details}, {branches}, "
@@ -298,7 +307,13 @@ def _config_options(config, arch) -> Dict[str, Any]:
 def _abstract_variables(spec: ModelSpec, image_shape):
   model = spec.build()
   images = jax.ShapeDtypeStruct((1,) + image_shape, jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+  return jax.eval_shape(lambda x: _init_variables(spec, model, jax.random.key(0), x), images)
+
+
+def _init_variables(spec: ModelSpec, model, rng, images):
+  """model.init, plus the temporal mean where the spec keeps one (models.with_temporal_mean)."""
+  variables = model.init(rng, images, train=False)
+  return models.with_temporal_mean(variables) if spec.temporal_mean else variables
 
 
 # The init program is compiled unoptimised on the CPU: XLA:CPU's optimising backend spends
@@ -312,7 +327,7 @@ _INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 @functools.lru_cache(maxsize=8)
 def _jitted_init(spec: ModelSpec):
   options = _INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-  return jax.jit(functools.partial(spec.build().init, train=False), compiler_options=options)
+  return jax.jit(functools.partial(_init_variables, spec, spec.build()), compiler_options=options)
 
 
 # ----------------------------------------------------------------------------- the registry

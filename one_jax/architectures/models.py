@@ -4,9 +4,10 @@ Parameter tree (the contract that checkpoints, surgery and conversion rely on):
 
   Baseline:  {'trunk': T, 'branch': Br}
   OneModel:  {'trunk': T, 'branches': Br stacked on a leading axis of size B, 'gate': G}
-             (no 'gate' for the methods whose ensemble is the branches' mean, OKDDip's
-             'attention' instead: ENSEMBLES; T stacked too where the branches start at the
-             input: INDEPENDENT)
+             (no 'gate' for the methods whose ensemble is the branches' mean; OKDDip's
+             'attention', FFL's and PCL's 'fusion' instead: ENSEMBLES; T stacked too where
+             the branches start at the input: INDEPENDENT; PCL's variables add
+             'temporal_mean', a second copy of params and batch_stats: TEMPORAL_MEAN)
 
 T and Br are the family's trunk and branch modules (the CIFAR ResNet's T: the stem 'conv1',
 'bn1' and stages 1-2 'layer1_0', ..., 'layer2_{n-1}'; its Br: stage 3 'layer3_0', ... and the
@@ -33,13 +34,20 @@ BRANCH_IMPLS = ("auto", "loop", "vmap")
 # (no parameters: CL-ILR), or OKDDip's: the last branch is the group leader, the others are
 # peers whose targets come from an attention over the peers ('attention': shared query and key
 # projections of the pooled features), the ensemble is the peers' mean; or FFL's fusion module
-# ('fusion': a classifier on the fused feature maps of all branches).
+# ('fusion': a classifier on the fused feature maps of all branches), or PCL's peer-ensemble
+# teacher ('peer_fusion': a classifier on the concatenated pooled features of the branches).
 ENSEMBLES = {"one": "gate", "cl_ilr": "mean", "okddip": "attention", "dml": "mean",
-             "kdcl": "mean", "ffl": "fusion"}
+             "kdcl": "mean", "ffl": "fusion", "pcl": "peer_fusion"}
+# The ensembles whose parameters ('fusion') read every branch: their shapes follow the branch
+# count (surgery grows them on expand and cannot merge them).
+FUSIONS = ("fusion", "peer_fusion")
 # Where the branches start: at the input for these methods (independent peers, DML's and
 # KDCL's: B whole networks, their 'trunk' stacked on axis 0 as 'branches' are), after the
 # trunk for every other.
 INDEPENDENT = ("dml", "kdcl")
+# The methods whose training state keeps a temporal mean of the model (PCL's mean teacher): the
+# 'temporal_mean' collection, {'params', 'batch_stats', 'count'} (training/temporal_mean.py).
+TEMPORAL_MEAN = ("pcl",)
 # OKDDip's projections map C pooled channels to C // ATTENTION_FACTOR (its code's factor 8).
 ATTENTION_FACTOR = 8
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -129,6 +137,8 @@ class OneOutput:
   gate: jax.Array             # [N, B]: the ensemble's weights (ONE's gate, else equal)
   ensemble_logits: jax.Array  # [N, C]
   peer_targets: Optional[jax.Array] = None  # OKDDip: [B - 1, N, C], each peer's attention target
+  # PCL: [B, N, C], the temporal-mean peers' logits (the steps add them: training/temporal_mean)
+  temporal_logits: Optional[jax.Array] = None
 
 
 def resolve_branch_impl(impl: str) -> str:
@@ -165,22 +175,26 @@ def one_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef
   conv, norm = layers.conv_and_norm(train, module.axis_name, module.conv_impl)
   images = _in_compute_dtype(images, module.compute_dtype)  # the layers follow x's dtype
   impl = resolve_branch_impl(module.branch_impl)
-  views = images.ndim == 5   # [N, B, H, W, C]: a view of each image per branch (KDCL)
-  if views and (not module.independent or images.shape[1] != module.num_branches):
+  views = images.ndim == 5   # [N, B, H, W, C]: a view of each image per branch (KDCL, PCL)
+  takes_views = module.independent or module.ensemble == "peer_fusion"
+  if views and (not takes_views or images.shape[1] != module.num_branches):
     raise ValueError(f"images of shape {images.shape} hold {images.shape[1]} views per example, "
                      f"but this model takes one view, or one per branch of its "
-                     f"{module.num_branches} independent networks: give [N, H, W, C] images")
+                     f"{module.num_branches} branches (KDCL, PCL): give [N, H, W, C] images")
   if module.independent:   # B whole networks: B stacked trunks, branch b on trunk b's output
     x = stacked_branches(functools.partial(trunk, conv=conv, norm=norm), module.num_branches,
                          impl, name="trunk", mapped=views)(
                              jnp.moveaxis(images, 1, 0) if views else images)
+  elif views:   # PCL: the shared trunk on each view in turn (its statistics updated in turn)
+    shared = trunk(conv=conv, norm=norm, name="trunk")
+    x = jnp.stack([shared(images[:, v]) for v in range(images.shape[1])])
   else:
     x = trunk(conv=conv, norm=norm, name="trunk")(images)
   branch_input = x if module.trunk_grad_scale == 1.0 else layers.scale_gradient(
       x, module.trunk_grad_scale)
   features, branch_logits = stacked_branches(
       functools.partial(branch, conv=conv, norm=norm), module.num_branches, impl,
-      name="branches", mapped=module.independent)(branch_input)
+      name="branches", mapped=module.independent or views)(branch_input)
   branch_logits = layers.at_least_float32(branch_logits)
   targets = None
   if module.ensemble == "gate":
@@ -192,6 +206,11 @@ def one_forward(module, images, train: bool, trunk: ModuleDef, branch: ModuleDef
     fused = layers.at_least_float32(FusionModule(branch_logits.shape[-1], norm,
                                                  name="fusion")(features))
     return OneOutput(branch_logits=branch_logits, gate=gate, ensemble_logits=fused)
+  elif module.ensemble == "peer_fusion":   # PCL: a classifier on the concatenated features
+    gate = mean_weights(branch_logits.shape[1], module.num_branches, module.active_branches)
+    fused = PeerFusion(branch_logits.shape[-1], name="fusion")(jnp.mean(features, axis=(2, 3)))
+    return OneOutput(branch_logits=branch_logits, gate=gate,
+                     ensemble_logits=layers.at_least_float32(fused))
   elif module.ensemble == "attention":
     # Peers 0..B-2 attend to one another; the leader (B-1) learns from the peers' mean, which
     # is the ensemble. Inactive peers leave both (all peers count when only the leader trains).
@@ -225,6 +244,19 @@ class FusionModule(nn.Module):
     x = layers.conv(c, 1, name="pw", impl="xla")(x)
     x = nn.relu(self.norm(name="bn_pw")(x))
     return layers.Dense(self.num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
+
+
+class PeerFusion(nn.Module):
+  """PCL's peer-ensemble teacher: the 'classifier' (Dense) on the branches' pooled features
+  concatenated (branch 0's first, as torch.cat([h_1, ..., h_B], dim=1)).
+  pooled: [B, N, F] -> logits [N, classes]."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, pooled):
+    b, n, f = pooled.shape
+    x = jnp.moveaxis(pooled, 0, 1).reshape(n, b * f)   # column b * F + f
+    return layers.Dense(self.num_classes, name="classifier")(x)
 
 
 class PeerAttention(nn.Module):
@@ -287,7 +319,7 @@ class OneModel(nn.Module):
   axis_name: Optional[str] = None
   conv_impl: str = "auto"
   compute_dtype: str = "float32"   # COMPUTE_DTYPES: what the layers compute in
-  ensemble: str = "gate"           # ENSEMBLES' values: 'gate', 'mean', 'attention'
+  ensemble: str = "gate"           # ENSEMBLES' values
   independent: bool = False        # INDEPENDENT: B whole networks, 'trunk' stacked as well
   trunk_grad_scale: float = 1.0    # the gradient entering the trunk from the branches, times
 
@@ -316,12 +348,25 @@ class Baseline(nn.Module):
 
 # The variable collections of a model; a training state or a checkpoint holds them beside the
 # optimizer state.
-VARIABLE_COLLECTIONS = ("params", "batch_stats", "gate_offset")
+# 'temporal_mean' (TEMPORAL_MEAN's methods) is not read by the module: it is a second set of
+# the model's params and batch_stats, which the steps apply as a model of their own.
+VARIABLE_COLLECTIONS = ("params", "batch_stats", "gate_offset", "temporal_mean")
 
 
 def variables_in(state) -> Dict[str, Any]:
-  """The model's variables (params, batch_stats, gate_offset) of a state that holds more."""
+  """The model's variables (params, batch_stats, gate_offset, temporal_mean) of a state that
+  holds more."""
   return {k: state[k] for k in VARIABLE_COLLECTIONS if k in state}
+
+
+def with_temporal_mean(variables) -> Dict[str, Any]:
+  """Fresh variables of a TEMPORAL_MEAN model: the temporal mean starts as the model itself
+  (count 0: the first update replaces it by the updated model, training/temporal_mean.py)."""
+  variables = dict(variables)
+  variables["temporal_mean"] = {"params": variables["params"],
+                                "batch_stats": variables["batch_stats"],
+                                "count": jnp.zeros((), jnp.int32)}
+  return variables
 
 
 def count_params(tree) -> int:

@@ -103,9 +103,9 @@ def load_torch_checkpoint(path: str, *, allow_pickle: bool = False):
 
 
 # Methods whose models the reference names cannot hold (OKDDip's projections and leader, FFL's
-# fusion module, the B whole networks of DML and KDCL); each of their branches exports after
-# `surgery extract`.
-NO_REFERENCE_LAYOUT = ("okddip", "ffl") + models.INDEPENDENT
+# fusion module, PCL's fusion classifier and temporal mean, the B whole networks of DML and
+# KDCL); each of their branches exports after `surgery extract`.
+NO_REFERENCE_LAYOUT = ("okddip", "ffl", "pcl") + models.INDEPENDENT
 
 
 def export_torch_state_dict(spec: model_spec.ModelSpec, variables, *, module_prefix: bool = True,

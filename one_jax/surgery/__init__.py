@@ -1,7 +1,8 @@
 """Surgery on trained models: expand, merge, transplant, extract (DESIGN.md section 6).
 
 Every operation is a pure function on checkpoint states (the `state` item of a one_jax
-checkpoint: {'params', 'batch_stats', ['gate_offset'], ['opt_state'], 'step'}) and model infos
+checkpoint: {'params', 'batch_stats', ['gate_offset'], ['temporal_mean'], ['opt_state'],
+'step'}) and model infos
 (meta['model']); `run_*` wrap them with Orbax and `main` is the command line:
 
   python -m one_jax.surgery expand --src=CKPT --dst=OUT --branches=N [--mode=copy|fresh]
@@ -11,6 +12,7 @@ checkpoint: {'params', 'batch_stats', ['gate_offset'], ['opt_state'], 'step'}) a
   python -m one_jax.surgery transplant --src=X --branch=I --into=Y --slot=J --dst=OUT
       [--reset_optimizer]
   python -m one_jax.surgery extract --src=CKPT --branch=I --dst=OUT [--reset_optimizer]
+      [--weights=deployed|live|temporal_mean]
   python -m one_jax.surgery inspect CKPT
 
 (the command line is __main__.py). Errors print one line `error: ...` on stderr and exit with

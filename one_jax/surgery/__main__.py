@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--branch", required=True, type=int)
   p.add_argument("--dst", required=True)
   p.add_argument("--reset_optimizer", action="store_true")
+  p.add_argument("--weights", default="deployed", choices=operations.EXTRACT_WEIGHTS,
+                 help="a PCL model's network: its temporal mean's or the live model's "
+                      "(deployed: the temporal mean for PCL, the live model otherwise)")
   p = sub.add_parser("inspect", help="print a checkpoint's model, step, parameter counts")
   p.add_argument("checkpoint")
   return parser
@@ -98,7 +101,8 @@ def _run(argv) -> None:
     out = surgery.run_transplant(args.src, args.branch, args.into, args.slot, args.dst,
                                  reset_optimizer=args.reset_optimizer)
   elif args.command == "extract":
-    out = surgery.run_extract(args.src, args.branch, args.dst, reset_optimizer=args.reset_optimizer)
+    out = surgery.run_extract(args.src, args.branch, args.dst, reset_optimizer=args.reset_optimizer,
+                              weights=args.weights)
   else:
     out = None
   print(surgery.describe_checkpoint(out if out is not None else args.checkpoint))

@@ -99,11 +99,12 @@ def run_transplant(src: str, branch: int, into: str, slot: int, dst: str, *,
       "sources": [_source(into, dst_meta), _source(src, src_meta)]})
 
 
-def run_extract(src: str, branch: int, dst: str, *, reset_optimizer: bool = False) -> str:
+def run_extract(src: str, branch: int, dst: str, *, reset_optimizer: bool = False,
+                weights: str = "deployed") -> str:
   dst = _check_dst(dst, [src])
   state, meta = _restore(src)
   new_state, info = operations.extract(state, meta["model"], branch=branch,
-                                       reset_optimizer=reset_optimizer)
+                                       reset_optimizer=reset_optimizer, weights=weights)
   return _save(dst, new_state, info, meta, {
       "operation": "extract", "branch": int(branch), "reset_optimizer": bool(reset_optimizer),
-      "sources": [_source(src, meta)]})
+      "weights": weights, "sources": [_source(src, meta)]})

@@ -45,6 +45,9 @@ def describe_checkpoint(path: str) -> str:
   if model.has_gate:
     offsets = model.leaves[(layout.OFFSET, ("gate", "log_weight"))]
     lines.append("gate offset: " + " ".join(f"{o:.4f}" for o in offsets))
+  if model.temporal_count is not None:
+    lines.append(f"temporal mean: {int(model.temporal_count)} updates (its own copy of the "
+                 "parameters and statistics, not counted below)")
   lines.append("parameters:")
   for part, count in parameter_counts(state, model.spec).items():
     lines.append(f"  {part:<10} {count:>12,}")

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from one_jax import validate
-from one_jax.architectures import model_spec
+from one_jax.architectures import model_spec, models
 
 
 class SurgeryError(ValueError):
@@ -38,6 +38,12 @@ class SurgeryError(ValueError):
 Key = Tuple[Tuple[str, ...], Tuple[str, ...]]  # (tree, path inside the tree)
 PARAMS, STATS, OFFSET = ("params",), ("batch_stats",), ("gate_offset",)
 MODEL_TREES = (PARAMS, STATS, OFFSET)
+# PCL's temporal mean: a second params and batch_stats, edited slot for slot as the model's
+# (a source without one lends its live variables: the temporal mean of a model not yet
+# trained as PCL is the model itself); its update count goes with the trunk, as 'step' does.
+TEMPORAL = "temporal_mean"
+TM_PARAMS, TM_STATS = (TEMPORAL, "params"), (TEMPORAL, "batch_stats")
+LIVE_TREE = {TM_PARAMS: PARAMS, TM_STATS: STATS}
 OPT = "opt_state"
 # A fresh gate column (fresh_gate='zero'): zero dense weights, BatchNorm at its initial values,
 # no offset. Such a column's activation is ReLU(0) = 0 on every input and gets no gradient: next
@@ -140,13 +146,22 @@ def check_same_architecture(specs, whats, op: str) -> None:
 def _template(spec: model_spec.ModelSpec) -> Dict[Key, jax.ShapeDtypeStruct]:
   """Flat {(tree, path): shape and dtype} of the variables of a model of this spec."""
   shapes = spec.abstract_variables(INIT_IMAGE_SHAPE[1:])
-  return {((tree,), path): s for tree in shapes for path, s in _flatten(shapes[tree]).items()}
+  trees = [(tree,) for tree in shapes if tree != TEMPORAL]
+  trees += [tree for tree in LIVE_TREE if TEMPORAL in shapes]
+  return {(tree, path): s for tree in trees for path, s in _flatten(_get(shapes, tree)).items()}
 
 
 def _zeros_state(spec) -> Dict[str, Any]:
   """The variables of a model of `spec`, all zeros (a template for the output of an edit)."""
   flat = {tree + path: np.zeros(s.shape, s.dtype) for (tree, path), s in _template(spec).items()}
   return _unflatten(flat)
+
+
+def _with_count(state, spec, count):
+  """`state` with the temporal mean's update count, where `spec` keeps a temporal mean."""
+  if spec.temporal_mean:
+    state[TEMPORAL]["count"] = np.asarray(0 if count is None else count, np.int32)
+  return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +176,7 @@ class Model:
   opt_state: Optional[Dict[str, Any]]  # the raw state dict (for what is not params-like)
   opt_trees: Tuple[Tuple[str, ...], ...]  # trees (OPT, *path) of its params-like subtrees
   step: np.ndarray
+  temporal_count: Optional[np.ndarray] = None   # PCL's temporal-mean updates (None: no mean)
 
   @property
   def num_branches(self) -> int:
@@ -196,7 +212,9 @@ def view(state, info, what: str) -> Model:
   spec = check_info(info, what)
   if not isinstance(state, Mapping) or "params" not in state or "batch_stats" not in state:
     raise SurgeryError(f"{what} has no 'params' and 'batch_stats': it is not a model checkpoint")
-  variables = {tree: _flatten(state[tree[0]]) for tree in (PARAMS, STATS)}
+  trees = (PARAMS, STATS) + (tuple(LIVE_TREE) if spec.temporal_mean and TEMPORAL in state
+                             else ())
+  variables = {tree: _flatten(_get(state, tree)) for tree in trees}
   num_branches = spec.num_branches
   if spec.has_gate:
     offset = state.get("gate_offset", {"log_weight": np.zeros([num_branches], np.float32)})
@@ -234,8 +252,37 @@ def view(state, info, what: str) -> Model:
         leaves[(tree, path)] = x
         if is_slot:
           slotted.add((tree, path))
+  count = np.array(state[TEMPORAL].get("count", 0)) if spec.temporal_mean else None
   return Model(spec=spec, leaves=leaves, slotted=frozenset(slotted), opt_state=opt_state,
-                opt_trees=tuple(opt_trees), step=np.array(state.get("step", 0)))
+               opt_trees=tuple(opt_trees), step=np.array(state.get("step", 0)),
+               temporal_count=count)
+
+
+def with_temporal_mean(model: Model) -> Model:
+  """`model` with temporal-mean leaves: its own, or copies of its live variables where it has
+  none (a source that was not trained as PCL)."""
+  extra = {(tm, path): x for (tree, path), x in model.leaves.items() for tm, live in
+           LIVE_TREE.items() if tree == live and (tm, path) not in model.leaves}
+  if not extra:
+    return model
+  slotted = {(tm, path) for tm, live in LIVE_TREE.items() for (tree, path) in model.slotted
+             if tree == live}
+  return dataclasses.replace(model, leaves={**model.leaves, **extra},
+                             slotted=model.slotted | frozenset(slotted))
+
+
+def temporal_as_live(model: Model, what: str) -> Model:
+  """The temporal-mean model of a PCL `model` as a model of its own (its variables in place of
+  the live ones; no optimizer state: the temporal mean never had momentum)."""
+  if model.temporal_count is None:
+    raise SurgeryError(f"{what} ({model.spec.describe()}) keeps no temporal mean: take its live "
+                       "weights (--weights=live), or give a PCL model")
+  leaves = {(LIVE_TREE.get(tree, tree), path): x for (tree, path), x in model.leaves.items()
+            if tree in LIVE_TREE or tree == OFFSET}
+  slotted = {(LIVE_TREE.get(tree, tree), path) for (tree, path) in model.slotted
+             if tree in LIVE_TREE or tree == OFFSET}
+  return dataclasses.replace(model, leaves=leaves, slotted=frozenset(slotted), opt_state=None,
+                             opt_trees=())
 
 
 def fresh_model(spec: model_spec.ModelSpec, rng) -> Model:
@@ -294,37 +341,44 @@ def check_opt_compatible(op, sources: Sequence[Model], whats: Sequence[str]):
                          "the optimizer afresh")
 
 
-# FFL's fusion module: leaves whose axis (negative: from the end) holds one block of channels
-# per branch, in branch order (the concatenated feature maps). Every other fusion leaf is shared.
-FUSION_BLOCKS = {("fusion", "dw", "kernel"): -1, ("fusion", "bn_dw", "scale"): -1,
-                 ("fusion", "bn_dw", "bias"): -1, ("fusion", "bn_dw", "mean"): -1,
-                 ("fusion", "bn_dw", "var"): -1, ("fusion", "pw", "kernel"): -2}
+# The fusion parts (models.FUSIONS): leaves whose axis (negative: from the end) holds one block
+# of channels per branch, in branch order (the concatenated feature maps of FFL's module, the
+# concatenated pooled features of PCL's classifier); every other fusion leaf is shared. The
+# leaf that maps the blocks to the output (FUSION_OUTPUT) gets zero blocks for new branches.
+FUSION_BLOCKS = {
+    "fusion": {("fusion", "dw", "kernel"): -1, ("fusion", "bn_dw", "scale"): -1,
+               ("fusion", "bn_dw", "bias"): -1, ("fusion", "bn_dw", "mean"): -1,
+               ("fusion", "bn_dw", "var"): -1, ("fusion", "pw", "kernel"): -2},
+    "peer_fusion": {("fusion", "classifier", "kernel"): -2}}
+FUSION_OUTPUT = {"fusion": ("fusion", "pw", "kernel"),
+                 "peer_fusion": ("fusion", "classifier", "kernel")}
 
 
 def grow_fusion(state, model: "Model", plan: Sequence[Tuple[Optional["Model"], int]]):
-  """`state` (assembled with `model`'s fusion module) with the fusion module of len(plan)
+  """`state` (assembled with `model`'s fusion part) with the fusion part of len(plan)
   branches: slot k's channel blocks from plan[k]'s (model, branch) (a fresh model's for new
-  fresh slots; momentum from that source where it has one, else zero), except the 1x1
-  convolution's input rows of new slots (k >= model's branches), which are zero, so that the
-  fused output is unchanged on every input. Returns the state."""
+  fresh slots; momentum from that source where it has one, else zero), except the output
+  leaf's blocks of new slots (k >= model's branches: FFL's 1x1 convolution's input rows, PCL's
+  classifier rows), which are zero, so that the fused output is unchanged on every input. The
+  temporal mean's fusion part grows alike. Returns the state."""
   m = model.num_branches
+  ensemble = models.ENSEMBLES[model.spec.method]
+  blocked, output = FUSION_BLOCKS[ensemble], FUSION_OUTPUT[ensemble]
   for (tree, path), old in model.leaves.items():
-    if path not in FUSION_BLOCKS:
+    if path not in blocked:
       continue
-    axis = FUSION_BLOCKS[path] % old.ndim
+    axis = blocked[path] % old.ndim
     width = old.shape[axis] // m
     blocks = []
     for k, (source, b) in enumerate(plan):
-      if path[1] == "pw" and k >= m or source is None or (tree, path) not in source.leaves:
+      if path == output and k >= m or source is None or (tree, path) not in source.leaves:
         shape = list(old.shape)
         shape[axis] = width
         blocks.append(np.zeros(shape, old.dtype))
       else:
         blocks.append(np.take(source.leaves[(tree, path)],
                               np.arange(b * width, (b + 1) * width), axis=axis))
-    grown = np.concatenate(blocks, axis=axis)
-    where = (tree[0],) + tuple(tree[1:]) + path if tree[0] == OPT else (tree[0],) + path
-    state = _replace(state, where, grown)
+    state = _replace(state, tree + path, np.concatenate(blocks, axis=axis))
   return state
 
 
@@ -350,6 +404,12 @@ def assemble(spec: model_spec.ModelSpec, *, trunk: Union[Model, Sequence[Model]]
   trunks = [trunk] if isinstance(trunk, Model) else list(trunk)
   gate = [(m if m is not None and m.has_gate else None, b) for m, b in gate or []]
   out = view(_zeros_state(spec), spec, "the output")
+  if spec.temporal_mean:   # every source gives a temporal mean, its own or its live variables
+    lent = {}
+    lend = lambda m: m if m is None else lent.setdefault(id(m), with_temporal_mean(m))
+    trunks = [lend(m) for m in trunks]
+    slots = [(lend(m), b) for m, b in slots]
+    fresh = lend(fresh)
 
   def from_trunk(key, fill=None):
     if fill is None and fresh is not None and key in fresh.leaves:
@@ -418,7 +478,7 @@ def assemble(spec: model_spec.ModelSpec, *, trunk: Union[Model, Sequence[Model]]
       opt_state = _replace(opt_state, tree[1:], subtree)
     state[OPT] = opt_state
   state["step"] = np.array(trunks[0].step)
-  return state
+  return _with_count(state, spec, trunks[0].temporal_count)
 
 
 def _opt_form(key, out: Model, with_opt: Sequence[Model]):
@@ -467,5 +527,10 @@ def _denormalise(leaves: Mapping[Key, np.ndarray], slotted, spec) -> Dict[Any, A
     if tree == OFFSET:
       path = path[1:]
     trees[tree][path] = x
-  return {tree[0] if tree in MODEL_TREES else tree: _unflatten(flat)
-          for tree, flat in trees.items()}
+  state: Dict[Any, Any] = {}
+  for tree, flat in trees.items():
+    if tree in LIVE_TREE:   # ('temporal_mean', 'params') -> state['temporal_mean']['params']
+      state.setdefault(TEMPORAL, {})[tree[1]] = _unflatten(flat)
+    else:
+      state[tree[0] if tree in MODEL_TREES else tree] = _unflatten(flat)
+  return state

@@ -152,22 +152,29 @@ def merge(states: Sequence[Mapping], infos: Sequence[Mapping], *,
 
 
 def _grown_fusion(state, model: layout.Model, slots):
-  """An FFL model's fusion module grown to the new slots (layout.grow_fusion: the copies'
-  channel blocks, zero 1x1 weights from them, so the fused output is unchanged)."""
-  if models.ENSEMBLES.get(model.spec.method) != "fusion":
+  """An FFL model's fusion module, a PCL model's fusion classifier, grown to the new slots
+  (layout.grow_fusion: the copies' channel blocks, zero output weights from them, so the fused
+  output is unchanged)."""
+  if models.ENSEMBLES.get(model.spec.method) not in models.FUSIONS:
     return state
   return layout.grow_fusion(state, model, slots)
 
 
+_A_MODEL_OF = {"ffl": "an FFL", "pcl": "a PCL"}
+
+
 def _refuse_fusion(op, methods):
-  """FFL's fusion module reads every branch's feature maps, so its shapes follow the branch
-  count: merge, which would have to join several fusion modules or invent one, is refused with
-  one line (methods: of the sources and the output; None for a baseline or no choice)."""
-  if any(m is not None and models.ENSEMBLES[m] == "fusion" for m in methods):
+  """FFL's fusion module and PCL's fusion classifier read every branch's features, so their
+  shapes follow the branch count: merge, which would have to join several of them or invent
+  one, is refused with one line (methods: of the sources and the output; None for a baseline
+  or no choice)."""
+  fused = [m for m in methods if m is not None and models.ENSEMBLES[m] in models.FUSIONS]
+  if fused:
     raise layout.SurgeryError(
-        f"{op}: an FFL model's fusion module reads every branch's feature maps and has no "
-        "form for other sources' branches: expand, extract or transplant its branches instead "
-        f"(or {op} baselines into another method)")
+        f"{op}: {_A_MODEL_OF.get(fused[0], fused[0])} model's fusion part reads every "
+        "branch's features and "
+        "has no form for other sources' branches: expand, extract or transplant its branches "
+        f"instead (or {op} baselines into another method)")
 
 
 def _check_fresh_gate(op, fresh_gate):
@@ -221,13 +228,26 @@ def transplant(dst_state, dst_info, src_state, src_info, *, branch: int, slot: i
   return state, dst.spec.to_dict()
 
 
-def extract(state, info, *, branch: int, reset_optimizer: bool = False):
-  """Branch `branch` with the trunk as its family's baseline state (the deployable student)."""
+EXTRACT_WEIGHTS = ("deployed", "live", "temporal_mean")
+
+
+def extract(state, info, *, branch: int, reset_optimizer: bool = False,
+            weights: str = "deployed"):
+  """Branch `branch` with the trunk as its family's baseline state (the deployable student).
+
+  weights: which network of a PCL model: 'temporal_mean' (its temporal mean's branch, without
+  optimizer state: the mean never had momentum), 'live' (the trained model's), or 'deployed'
+  (the default: the temporal mean for PCL, the live model for every other method)."""
   model = layout.view(state, info, "the model")
   if not model.spec.branched:
     raise layout.SurgeryError(f"extract: the model is already a single-branch baseline "
                        f"({model.spec.describe()}): use it as it is")
+  if weights not in EXTRACT_WEIGHTS:
+    raise layout.SurgeryError(f"extract: --weights={weights!r} is unknown: use one of "
+                              f"{', '.join(EXTRACT_WEIGHTS)}")
   layout.check_index("extract", "--branch", branch, model.num_branches, "the model")
+  if weights == "temporal_mean" or weights == "deployed" and model.spec.temporal_mean:
+    model = layout.temporal_as_live(model, "the model")
   out = model.spec.with_branches(None)
   return layout.assemble(out, trunk=model, slots=[(model, int(branch))], gate=None,
                    reset_optimizer=reset_optimizer), out.to_dict()

@@ -145,10 +145,10 @@ def _depth(value, config) -> None:
 
 def _method(value, config) -> None:
   """A method other than ONE needs a branched model (a baseline trains with cross-entropy);
-  KDCL's view per peer needs an in-memory dataset's pipeline."""
+  KDCL's and PCL's view per peer needs an in-memory dataset's pipeline."""
   kind = config.get("model", "one_resnet")
-  if value == "kdcl" and config.get("dataset") in sources.IMAGENET_DATASETS:
-    raise ValueError(f"method='kdcl' feeds each peer its own augmentation, which the "
+  if value in ("kdcl", "pcl") and config.get("dataset") in sources.IMAGENET_DATASETS:
+    raise ValueError(f"method={value!r} feeds each peer its own augmentation, which the "
                      f"{config.dataset} pipeline does not draw (one crop per example): use "
                      "another method on it, or an in-memory dataset (CIFAR, SVHN, .npz)")
   if value != "one" and kind in model_spec.ARCHITECTURES and not model_spec.ARCHITECTURES[
@@ -287,6 +287,11 @@ RULES: Sequence[Rule] = (
     Rule("ffl_temperature", Number(integer=False, low=0, low_open=True),
          why="it must be > 0 (the logits are divided by it; the FFL code uses 3)"),
     Rule("ffl_kl_scale", Number(integer=False, low=0)),
+    Rule("pcl_temperature", Number(integer=False, low=0, low_open=True),
+         why="it must be > 0 (the logits are divided by it; the PCL code uses 3)"),
+    Rule("pcl_kl_scale", Number(integer=False, low=0)),
+    Rule("pcl_ema_decay", Number(integer=False, low=0, high=1, high_open=True),
+         why="it must be in [0, 1) (the temporal mean's largest decay; the PCL code uses 0.999)"),
     Rule("kdcl_alpha", Number(integer=False, low=0, high=1),
          why="it weighs KL against cross-entropy: between 0 and 1 (the KDCL code uses 0.5)"),
     # Run.

@@ -16,7 +16,7 @@ from one_jax import parallel
 from one_jax.architectures import model_spec
 from one_jax.data import in_memory, sources
 from one_jax.storage import checkpoints
-from one_jax.training import methods, metric_writers, steps, voting
+from one_jax.training import methods, metric_writers, steps, temporal_mean, voting
 
 
 def evaluate(method, eval_step, mesh, variables, test_source, *, batch_size: int,
@@ -51,8 +51,9 @@ def evaluate_checkpoint(config, spec: model_spec.ModelSpec, variables,
 def run_eval_only(config, workdir: str) -> Dict[str, float]:
   """Evaluates config.init_from (or the workdir's latest checkpoint) and prints the results.
 
-  With config.vote, also the voting table over every subset of branches (voting.csv). The
-  checkpoint and the test set are read once for both.
+  With config.vote, also the voting table over every subset of branches (voting.csv; PCL's:
+  of its temporal-mean peers, the deployed networks). The checkpoint and the test set are read
+  once for both.
   """
   path = config.init_from or workdir
   _, test_source, info = sources.get_datasets(config)
@@ -75,8 +76,10 @@ def run_eval_only(config, workdir: str) -> Dict[str, float]:
     print(f"Evaluation of {path} on {metrics['test/count']:.0f} test examples:\n{table}")
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(metrics, f, indent=2)
-  if config.vote:
-    vote_rows = voting.vote_accuracies(spec.build(), variables, in_memory.eval_batches(
+  if config.vote:   # PCL votes with its deployed networks, the temporal-mean peers
+    voters = (temporal_mean.model_variables(variables["temporal_mean"]) if spec.temporal_mean
+              else variables)
+    vote_rows = voting.vote_accuracies(spec.build(), voters, in_memory.eval_batches(
         test_source, global_batch=config.eval_batch_size), voting.rules_for(spec.has_gate))
     if jax.process_index() == 0:
       print(voting.format_vote_table(vote_rows))

@@ -1,5 +1,5 @@
-"""The methods' losses (DESIGN.md section 3): ONE's, CL-ILR's, OKDDip's, DML's, KDCL's, FFL's
-and the baseline's cross-entropy. ONE's:
+"""The methods' losses (DESIGN.md section 3): ONE's, CL-ILR's, OKDDip's, DML's, KDCL's, FFL's,
+PCL's and the baseline's cross-entropy. ONE's:
 
     L = sum_b CE(z_b, y) + CE(e, y) + w(epoch) * sum_b T^2 KL(softmax(sg(e)/T) || softmax(z_b/T))
 
@@ -43,11 +43,15 @@ def cross_entropy(logits, labels, weights=None):
 
 def distillation_kl(student_logits, teacher_logits, temperature: float,
                     teacher_eps: float = REFERENCE_TEACHER_EPS, weights=None):
-  """T^2 * KL(softmax(teacher/T) + eps || softmax(student/T)), summed over classes."""
-  teacher = jax.nn.softmax(layers.at_least_float32(teacher_logits) / temperature, axis=-1)
-  teacher = teacher + teacher_eps
+  """T^2 * KL(softmax(teacher/T) + eps || softmax(student/T)), summed over classes. With eps 0
+  (torch's KLDivLoss on softmax targets) the teacher's log is its log_softmax: a class whose
+  probability underflows to 0 adds 0, not NaN."""
+  scaled_teacher = layers.at_least_float32(teacher_logits) / temperature
+  teacher = jax.nn.softmax(scaled_teacher, axis=-1) + teacher_eps
+  log_teacher = (jax.nn.log_softmax(scaled_teacher, axis=-1) if teacher_eps == 0
+                 else jnp.log(teacher))
   log_student = jax.nn.log_softmax(layers.at_least_float32(student_logits) / temperature, axis=-1)
-  per_example = jnp.sum(teacher * (jnp.log(teacher) - log_student), axis=-1)
+  per_example = jnp.sum(teacher * (log_teacher - log_student), axis=-1)
   return temperature ** 2 * _mean_over_examples(per_example, weights)
 
 
@@ -274,6 +278,44 @@ def ffl_loss(output, labels, *, epoch, temperature: float = 3.0, rampup_epochs: 
   weight = kl_weight(epoch, rampup_epochs) * kl_scale
   loss = ce_sum + ce_fused + weight * (kl_sum + kl_fused)
   terms.update(ce_branches=ce_sum, ce_fused=ce_fused, kl=kl_sum, kl_fused=kl_fused,
+               kl_weight=weight, loss=loss)
+  return loss, terms
+
+
+def pcl_loss(output, labels, *, epoch, temperature: float = 3.0, rampup_epochs: float = 80.0,
+             kl_scale: float = 1.0, active_branches: Optional[Sequence[bool]] = None,
+             weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """PCL (Wu & Gong, 2021): each peer learns from the peer-ensemble teacher (the fusion
+  classifier, output.ensemble_logits, z_e) and from the other peers' temporal means
+  (output.temporal_logits, zbar_j), both detached:
+
+    L = CE(z_e) + sum_b [CE(z_b) + kl_scale * w(epoch) * (KL_T(z_b, sg(z_e))
+                                     + mean_{j != b} KL_T(z_b, sg(zbar_j)))]
+
+  as the PCL reproduction's loss_wrapper.py (its KDLoss and PMLoss: T = 3, no 1e-7 on the
+  teacher) with ONE's ramp-up over 80 epochs (the reproduction's divides by 1 instead: a bug
+  METHODS notes). Inactive branches are left out as students; as teachers every other peer's
+  temporal mean counts (a frozen peer's is a fixed network, still a teacher).
+
+  Terms: 'ce_branch_b', 'ce_branches' (their sum), 'ce_fused', 'kl' (the peers' unweighted
+  KL to z_e), 'kl_temporal' (their unweighted KL to the temporal means), 'kl_weight' and 'loss'.
+  """
+  members = _members(output, active_branches)
+  z, fused, temporal = output.branch_logits, output.ensemble_logits, output.temporal_logits
+  if temporal is None:
+    raise ValueError("pcl_loss needs the temporal-mean peers' logits (output.temporal_logits): "
+                     "the steps add them (training/temporal_mean.py)")
+  others = lambda b: [j for j in range(z.shape[0]) if j != b]
+  sg = jax.lax.stop_gradient
+  terms, ce_sum = _branch_cross_entropies(output, labels, members, weights)
+  ce_fused = cross_entropy(fused, labels, weights)
+  kl_sum = _kl_sum([(z[b], sg(fused)) for b in members], temperature, 0.0, weights)
+  kl_temporal = sum((_kl_sum([(z[b], sg(temporal[j])) for j in others(b)], temperature, 0.0,
+                             weights) / len(others(b)) for b in members),
+                    jnp.zeros((), jnp.float32))
+  weight = kl_weight(epoch, rampup_epochs) * kl_scale
+  loss = ce_fused + ce_sum + weight * (kl_sum + kl_temporal)
+  terms.update(ce_branches=ce_sum, ce_fused=ce_fused, kl=kl_sum, kl_temporal=kl_temporal,
                kl_weight=weight, loss=loss)
   return loss, terms
 

@@ -236,7 +236,57 @@ class Ffl(_Branches):
                            active_branches=self.spec.active_branches, weights=weights)
 
 
-Method = Any  # One | ClIlr | Okddip | Dml | Kdcl | Ffl | CrossEntropy: the docstring's interface
+@dataclasses.dataclass(frozen=True)
+class Pcl(_Branches):
+  """PCL (Wu & Gong, 2021): B peers on a shared trunk, each fed its own augmentation of the
+  batch (views = B), distilled from the peer-ensemble teacher (a fusion classifier on their
+  concatenated pooled features: 'fused') and from the other peers' temporal means
+  (losses.pcl_loss). The model's temporal mean (training/temporal_mean.py) is deployed: heads
+  'branch_b' and 'fused' (the live model), 'temporal_b' (each temporal-mean peer) and
+  'temporal_ensemble' (their logits' mean: deployed, picks the best checkpoint); derived, the
+  live peers' 'mean_branch' and the temporal-mean peers' 'mean_temporal'."""
+  spec: model_spec.ModelSpec
+  temperature: float = 3.0
+  rampup_epochs: float = 80.0
+  kl_scale: float = 1.0
+  max_decay: float = 0.999
+
+  ensemble_head = "fused"
+  deployed_head = "temporal_ensemble"
+
+  @property
+  def heads(self) -> Tuple[str, ...]:
+    temporal = tuple(f"temporal_{b}" for b in range(self.spec.num_branches))
+    return super().heads + temporal + (self.deployed_head, "mean_temporal")
+
+  @property
+  def views(self) -> int:
+    return self.spec.num_branches
+
+  def head_logits(self, output) -> Dict[str, jax.Array]:
+    named = super().head_logits(output)
+    temporal = output.temporal_logits
+    named.update({f"temporal_{b}": temporal[b] for b in range(self.spec.num_branches)})
+    named[self.deployed_head] = jax.numpy.einsum("nb,bnc->nc", output.gate, temporal)
+    return named
+
+  def with_derived(self, metrics: Dict[str, float], split: str) -> Dict[str, float]:
+    """Adds 'mean_branch' and '{split}/top{k}/mean_temporal' (the temporal-mean peers')."""
+    metrics = super().with_derived(metrics, split)
+    for k in ((1, 5) if split == "test" else (1,)):
+      keys = [f"{split}/top{k}/temporal_{b}" for b in range(self.spec.num_branches)]
+      if all(key in metrics for key in keys):
+        metrics[f"{split}/top{k}/mean_temporal"] = float(np.mean([metrics[x] for x in keys]))
+    return metrics
+
+  def loss(self, output, labels, epoch, weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    return losses.pcl_loss(output, labels, epoch=epoch, temperature=self.temperature,
+                           rampup_epochs=self.rampup_epochs, kl_scale=self.kl_scale,
+                           active_branches=self.spec.active_branches, weights=weights)
+
+
+Method = Any  # One | ClIlr | Okddip | Dml | Kdcl | Ffl | Pcl | CrossEntropy: the docstring's
+              # interface
 
 # config.method -> (its class, {its option: the config field that sets it}). ONE's fields keep
 # their historical names; every other method's carry its name (the shared ramp-up
@@ -255,13 +305,15 @@ METHODS = {
     "kdcl": (Kdcl, dict(temperature="kdcl_temperature", alpha="kdcl_alpha")),
     "ffl": (Ffl, dict(temperature="ffl_temperature", rampup_epochs="rampup_epochs",
                       kl_scale="ffl_kl_scale")),
+    "pcl": (Pcl, dict(temperature="pcl_temperature", rampup_epochs="rampup_epochs",
+                      kl_scale="pcl_kl_scale", max_decay="pcl_ema_decay")),
 }
 
 
 def deployed_head(method: Optional[str]) -> str:
   """The head a model of `method` deploys and picks its best checkpoint by: ONE's ensemble,
-  CL-ILR's, DML's and KDCL's peers' mean, OKDDip's leader, FFL's fused classifier, a
-  baseline's (method None) model."""
+  CL-ILR's, DML's and KDCL's peers' mean, OKDDip's leader, FFL's fused classifier, PCL's
+  temporal-mean peers' ensemble, a baseline's (method None) model."""
   return (CrossEntropy if method is None else METHODS[method][0]).deployed_head
 
 

@@ -17,7 +17,7 @@ from one_jax import parallel
 from one_jax.architectures import model_spec, models
 from one_jax.cpu import xla_options
 from one_jax.data import device_data
-from one_jax.training import methods, nonfinite, optimizer
+from one_jax.training import methods, nonfinite, optimizer, temporal_mean
 
 DATA = parallel.DATA_AXIS
 
@@ -41,9 +41,16 @@ def train_step_fn(method, model, tx, state, batch, epoch):
   Returns (new state, metrics, nonfinite.Flags). The update is applied whatever the flags say:
   the loop stops at a bad step before its state can be saved (training/nonfinite.py). The
   flags are the same on every device (the terms and gradients are averaged over 'data')."""
+  temporal, temporal_stats = None, None
+  if method.spec.temporal_mean:   # PCL's teacher: the temporal mean on the same views
+    temporal, temporal_stats = temporal_mean.forward(model, state["temporal_mean"],
+                                                     batch["image"], train=True)
+
   def loss_fn(params):
     variables = dict(models.variables_in(state), params=params)
     output, new_vars = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+    if temporal is not None:
+      output = output.replace(temporal_logits=temporal.branch_logits)
     loss, terms = method.loss(output, batch["label"], epoch)
     return loss, (output, terms, new_vars["batch_stats"])
 
@@ -60,6 +67,13 @@ def train_step_fn(method, model, tx, state, batch, epoch):
                                                          parts),
                    opt_state=optimizer.select_branches(opt_state, state["opt_state"], mask,
                                                        parts))
+  if temporal is not None:   # ... and their temporal means too
+    old = state["temporal_mean"]
+    new = temporal_mean.update(old, new_state["params"], temporal_stats, method.max_decay)
+    new_state["temporal_mean"] = dict(
+        new, params=optimizer.select_branches(new["params"], old["params"], mask, parts),
+        batch_stats=optimizer.select_branches(new["batch_stats"], old["batch_stats"], mask,
+                                              parts))
   metrics = {f"train/{k}": v for k, v in terms.items()}
   for head, logits in method.head_logits(output).items():
     metrics[f"train/top1/{head}"] = jnp.mean(topk_correct(logits, batch["label"], 1))
@@ -106,6 +120,10 @@ def dispatch_fn(method, model, tx, state, sums, batches, epoch, data=None):
 def eval_step_fn(method, model, variables, batch):
   """Sums (not means) of correct predictions and losses over this device's real examples."""
   output = model.apply(variables, batch["image"], train=False)
+  if method.spec.temporal_mean:
+    temporal, _ = temporal_mean.forward(model, variables["temporal_mean"], batch["image"],
+                                        train=False)
+    output = output.replace(temporal_logits=temporal.branch_logits)
   mask = batch["mask"]
   _, terms = method.loss(output, batch["label"], 1e9, weights=mask)
   count = jnp.sum(mask)

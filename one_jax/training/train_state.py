@@ -1,4 +1,5 @@
 """The training state: a plain dict of pytrees {'params', 'batch_stats', ['gate_offset'],
+['temporal_mean'],
 'opt_state'} (what checkpoints and surgery see), made fresh or fitted from a checkpoint."""
 import json
 from typing import Any, Dict
@@ -35,7 +36,7 @@ def state_from_checkpoint(raw: Dict[str, Any], template: Dict[str, Any], *, sour
   starts its own step counters (learning-rate schedule, gradient-ratio period) at zero.
   """
   state = {}
-  for key in ("params", "batch_stats", "gate_offset"):
+  for key in ("params", "batch_stats", "gate_offset", "temporal_mean"):
     if key not in template:
       continue
     if key not in raw:

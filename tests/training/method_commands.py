@@ -21,11 +21,13 @@ def surgery(*args):
 
 
 def train_resume_vote_inspect_extract(tmp_path, method, *, deployed, branch, describe,
-                                      first_args=()) -> Dict[str, object]:
+                                      first_args=(),
+                                      deployed_variables=lambda v: v) -> Dict[str, object]:
   """Trains one epoch, resumes for the second, votes, inspects and extracts `branch`; checks
   that each command succeeds, that summary.txt names the `deployed` head, that inspect says
-  `describe`, and that the extracted network's outputs equal the branch's. Returns the run's
-  paths and the commands' results ('run', 'vote', 'header', 'voted', 'inspect')."""
+  `describe`, and that the extracted network's outputs equal the branch's in the deployed
+  model (deployed_variables: of the checkpoint's variables; PCL's temporal mean). Returns the
+  run's paths and the commands' results ('run', 'vote', 'header', 'voted', 'inspect')."""
   run, vote, student = (str(tmp_path / name) for name in ("run", "vote", "student"))
   first = main(method, f"--workdir={run}", "--config.num_epochs=1", *first_args)
   assert first.returncode == 0, first.stderr
@@ -44,7 +46,8 @@ def train_resume_vote_inspect_extract(tmp_path, method, *, deployed, branch, des
   assert student_spec.kind == "cifar_resnet"
   images = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
   np.testing.assert_allclose(student_spec.build().apply(student_vars, images),
-                             spec.build().apply(variables, images).branch_logits[branch],
+                             spec.build().apply(deployed_variables(variables),
+                                                images).branch_logits[branch],
                              rtol=1e-5, atol=1e-5)
   header = open(f"{run}/metrics.csv").readline().strip().split(",")
   return {"run": run, "vote": vote, "header": header, "voted": voted, "inspect": inspect}

@@ -114,11 +114,11 @@ def test_surgery_keeps_the_fusion_module_or_refuses_to_merge_it():
                                 state["params"]["fusion"]["pw"]["kernel"])
   student, info = operations.extract(state, spec.to_dict(), branch=2)
   assert info["kind"] == "cifar_resnet" and "fusion" not in student["params"]
-  with pytest.raises(layout.SurgeryError, match="merge: an FFL model's fusion module"):
+  with pytest.raises(layout.SurgeryError, match="merge: an FFL model.s fusion part"):
     operations.merge([state, state], [spec.to_dict()] * 2)
   base = model_spec.ModelSpec("cifar_resnet", 8, C)
   base_state = jax.tree.map(np.asarray, dict(base.init(jax.random.key(2), (8, 8, 3))))
-  with pytest.raises(layout.SurgeryError, match="merge: an FFL model's fusion module"):
+  with pytest.raises(layout.SurgeryError, match="merge: an FFL model.s fusion part"):
     operations.merge([base_state] * 2, [base.to_dict()] * 2, method="ffl")
 
 

@@ -8,7 +8,7 @@ import pytest
 from configs import step1
 from one_jax.architectures import model_spec, models
 from one_jax.surgery import operations
-from one_jax.training import losses, methods
+from one_jax.training import losses, methods, temporal_mean
 
 ONE = model_spec.ModelSpec("one_resnet", 8, 5, 3)
 BASE = model_spec.ModelSpec("cifar_resnet", 8, 5)
@@ -75,7 +75,7 @@ def test_methods_configs_put_each_method_on_any_paper_row():
   assert smoke.dataset == "synthetic"
   model = model_spec.ModelSpec.from_config(smoke)
   assert model.method == "cl_ilr" and not model.has_gate
-  for bad in ("pcl", "cl_ilr:resnet20_cifar10"):
+  for bad in ("nope", "cl_ilr:resnet20_cifar10"):
     try:
       method_configs.get_config(bad)
     except ValueError as e:
@@ -101,14 +101,15 @@ def _family_config(family, method):
   return method_configs.get_config(FAMILY_ROWS[family].split(":", 1)[1].format(method))
 
 
-# KDCL's model is DML's (its views and loss are tested in test_kdcl.py): three models cover
-# every kind of method part.
-@pytest.mark.parametrize("method", ["okddip", "dml", "ffl"])
-@pytest.mark.parametrize("family", list(FAMILY_ROWS))
+# KDCL's model is DML's (its views and loss are tested in test_kdcl.py): four models cover
+# every kind of method part. PCL's views need an in-memory pipeline: not on ImageNet's.
+@pytest.mark.parametrize("family,method", [
+    (family, method) for method in ("okddip", "dml", "ffl", "pcl") for family in FAMILY_ROWS
+    if (family, method) != ("imagenet_resnet", "pcl")])
 def test_each_method_trains_on_every_family_and_extracts_its_branches(family, method):
   """On every family: the method's model takes a finite gradient step (every head finite) and
   `surgery extract` gives a plain network whose outputs equal its branch's (OKDDip's leader:
-  the last; DML's peer 0 with its own trunk)."""
+  the last; DML's peer 0 with its own trunk; PCL's from its views, with its temporal mean)."""
   config = _family_config(family, method)
   spec = model_spec.ModelSpec.from_config(config)
   assert spec.method == method and spec.independent == (method == "dml")
@@ -118,9 +119,14 @@ def test_each_method_trains_on_every_family_and_extracts_its_branches(family, me
   labels = jnp.arange(4) % spec.num_classes
   model, method_obj = spec.build(), methods.for_model(config, spec)
 
+  views = images if method_obj.views == 1 else jnp.stack([images] * method_obj.views, axis=1)
+
   def loss(params):
-    out, _ = model.apply(dict(variables, params=params), images, train=True,
+    out, _ = model.apply(dict(variables, params=params), views, train=True,
                          mutable=["batch_stats"])
+    if spec.temporal_mean:
+      teacher, _ = temporal_mean.forward(model, variables["temporal_mean"], views, train=True)
+      out = out.replace(temporal_logits=teacher.branch_logits)
     return method_obj.loss(out, labels, 1.0)[0]
 
   value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
@@ -129,7 +135,10 @@ def test_each_method_trains_on_every_family_and_extracts_its_branches(family, me
   if method == "okddip":   # the projections learn (through the targets)
     assert np.any(np.asarray(grads["attention"]["query"]["kernel"]) != 0)
   out = model.apply(variables, images)
-  assert set(method_obj.head_logits(out)) == set(method_obj.heads) - {"mean_branch"}
+  if spec.temporal_mean:
+    out = out.replace(temporal_logits=out.branch_logits)
+  assert set(method_obj.head_logits(out)) == set(method_obj.heads) - {"mean_branch",
+                                                                     "mean_temporal"}
   state = jax.tree.map(np.asarray, dict(variables))
   branch = spec.num_branches - 1 if method == "okddip" else 0
   student, info = operations.extract(state, spec.to_dict(), branch=branch)
