@@ -16,7 +16,8 @@ FIELDS = ("images_per_sec", "eval_images_per_sec", "step_ms", "eval_step_ms", "c
           "backend", "device_kind", "device_count", "flops_per_image", "gflops_per_sec",
           "model", "depth", "num_branches", "num_classes", "batch", "branch_impl",
           "cpu_conv_library", "conv_impl", "compute_dtype", "loss", "num_params",
-          "forward_flops_per_image", "image_size", "steps_per_dispatch", "data_placement")
+          "forward_flops_per_image", "image_size", "steps_per_dispatch", "data_placement",
+          "step_memory_mb")
 
 
 def test_bench_command_prints_json():
@@ -42,7 +43,7 @@ def test_bench_command_prints_json():
   # Every parameter of the timed model: trunk, 3 branches and gate of ONE-ResNet-8 (10 classes).
   assert result["num_params"] == model_spec.ModelSpec("one_resnet", 8, 10, 3).num_params()
   for field in ("images_per_sec", "eval_images_per_sec", "step_ms", "compile_s",
-                "flops_per_image", "gflops_per_sec", "forward_flops_per_image"):
+                "flops_per_image", "gflops_per_sec", "forward_flops_per_image", "step_memory_mb"):
     assert result[field] > 0 and math.isfinite(result[field]), field
   # images/s and step time describe the same median step.
   assert result["images_per_sec"] == pytest.approx(8 / (result["step_ms"] / 1e3), rel=1e-6)
@@ -70,6 +71,19 @@ def test_bench_times_the_configured_method():
   assert result["num_params"] == model_spec.ModelSpec(
       "one_resnet", 8, 10, 3, method="cl_ilr").num_params()
   assert result["num_params"] < model_spec.ModelSpec("one_resnet", 8, 10, 3).num_params()
+
+
+def test_bench_counts_every_view_of_a_pcl_step():
+  """PCL's step runs the trunk on a view per peer and the temporal mean's forward pass: its
+  FLOPs and memory are well above ONE's (the views are in the counted step, not one image)."""
+  from configs import step1  # pylint: disable=g-import-not-at-top
+  results = {}
+  for method in ("one", "pcl"):
+    config = step1.get_config("three_branch,smoke")
+    config.method = method
+    results[method] = bench.run_benchmark(config, steps=1, warmup=0, batch=8, eval_too=False)
+  assert results["pcl"]["flops_per_image"] > 2 * results["one"]["flops_per_image"]
+  assert results["pcl"]["step_memory_mb"] > results["one"]["step_memory_mb"]
 
 
 def test_image_size_follows_the_config():
