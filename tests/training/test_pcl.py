@@ -278,3 +278,26 @@ def test_train_resume_vote_inspect_extract(tmp_path):
   assert {"test/top1/fused", "test/top1/temporal_ensemble", "test/top1/temporal_2",
           "test/top1/mean_temporal", "train/kl_temporal", "train/ce_fused"} <= set(done["header"])
   assert "temporal mean: 8 updates" in done["inspect"].stdout
+
+
+def test_a_pcl_branch_exports_to_the_reference_names_after_extract():
+  """The whole model has no place in the reference names (one line); its extracted temporal
+  mean branch exports, and the reference ResNet loaded with it computes that branch's logits."""
+  from one_jax.interop import pytorch  # pylint: disable=g-import-not-at-top
+  spec = _spec()
+  state = _state(spec)
+  state["temporal_mean"]["params"] = jax.tree.map(lambda x: x * 0.9,
+                                                  state["temporal_mean"]["params"])
+  with pytest.raises(ValueError, match="a pcl model .* extract the branch you want"):
+    pytorch.export_torch_state_dict(spec, models.variables_in(state))
+  student, info = operations.extract(state, spec.to_dict(), branch=2)
+  exported = pytorch.export_torch_state_dict(model_spec.ModelSpec.from_dict(info),
+                                             models.variables_in(student))
+  reference = tr.ResNet(8, C)
+  reference.load_state_dict({k[len("module."):]: v for k, v in exported.items()})
+  reference.eval()
+  images = np.random.default_rng(4).normal(size=(4, 32, 32, 3)).astype(np.float32)
+  expected = spec.build().apply(temporal_mean.model_variables(state["temporal_mean"]),
+                                jnp.asarray(images)).branch_logits[2]
+  got = reference(torch.tensor(images.transpose(0, 3, 1, 2))).detach().numpy()
+  np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-4, atol=1e-4)
