@@ -46,7 +46,8 @@ from one_jax import cli, parallel, validate
 from one_jax.architectures import model_spec, models
 from one_jax.cpu import host_memory, kernels, xla_options
 from one_jax.data import device_data, in_memory, sources
-from one_jax.training import compile_cache, methods, optimizer, steps, train_state
+from one_jax.training import (compile_cache, methods, optimizer, program_cache, steps,
+                              train_state)
 
 IMAGE_SHAPE = (32, 32, 3)   # CIFAR's; a config with image_size (ImageNet: 224) sets its own
 
@@ -158,10 +159,16 @@ class StepTimer:
     options = compiler_options or {}  # XLA options, for experiments (benchmarks/NOTES.md)
 
     t0 = time.perf_counter()
-    step = steps.make_dispatch_step(config, self.spec, tx, self.mesh, on_device=data is not None)
+    step = steps.make_dispatch_step(
+        config, self.spec, tx, self.mesh, on_device=data is not None,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        program_dir=program_cache.directory(compile_cache.enabled_dir(config)))
+    args = (self.state, self.sums, self.inputs[0], self.epoch, *self._data)
     with compile_cache.Lookups() as lookups:
-      self.train_compiled = step.lower(self.state, self.sums, self.inputs[0], self.epoch,
-                                       *self._data).compile(options)
+      if isinstance(step, program_cache.CachedProgram):   # the traced program may be cached
+        self.train_compiled = step.compile(*args, compiler_options=options)
+      else:
+        self.train_compiled = step.lower(*args).compile(options)
     self.compile_s = time.perf_counter() - t0
     self.compile_cache = ("hit" if lookups.hits else "miss" if lookups.misses else "off")
     self.memory_bytes = compiled_memory_bytes(self.train_compiled)

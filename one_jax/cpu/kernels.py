@@ -24,6 +24,7 @@ CONV_IMPLS = ("auto", "kernel", "xla")
 SIMD_LEVELS = ("none", "avx2", "avx512")  # the library's levels 0, 1, 2
 _FORWARD = "one_jax_conv_forward"
 _WEIGHT_GRAD = "one_jax_conv_weight_grad"
+FFI_TARGETS = (_FORWARD, _WEIGHT_GRAD)   # the custom calls a program of ours may hold
 _LIBRARY_GLOB = "_conv_kernels*.so"
 
 

@@ -51,6 +51,13 @@ def enable(value: str) -> Optional[str]:
   return path
 
 
+def enabled_dir(config) -> Optional[str]:
+  """The cache directory of `config` where a command of this process enabled it (enable);
+  None otherwise (off, unusable, or a library call that enabled nothing)."""
+  path = resolve(config.get("compilation_cache_dir", "auto"))
+  return path if path and jax.config.jax_compilation_cache_dir == path else None
+
+
 class Lookups:
   """Counts the persistent cache's hits and misses while open (a context manager), to say
   whether a program came from the cache."""

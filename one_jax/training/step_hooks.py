@@ -66,8 +66,11 @@ class StepHooks:
     lookups.__exit__(None, None, None)
     self._done_first = True
     if self.run.is_main:
-      print(f"train step: {lookups.describe()}, first dispatch {time.perf_counter() - t0:.1f} s",
-            flush=True)
+      traced = {"cache": ", its traced program from the cache too",
+                "traced": ", its traced program now cached"}.get(
+                    getattr(self.run.dispatch_step, "source", None), "")
+      print(f"train step: {lookups.describe()}{traced}, first dispatch "
+            f"{time.perf_counter() - t0:.1f} s", flush=True)
 
   def stop_trace(self, state=None):
     if self.tracing:

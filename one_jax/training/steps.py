@@ -6,7 +6,8 @@ run's compiler options. They are built from the run's ModelSpec and its method
 (training/methods.py), which gives the loss, the heads and the update mask.
 """
 import functools
-from typing import Dict
+import json
+from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +16,9 @@ from jax.sharding import PartitionSpec as P
 
 from one_jax import parallel
 from one_jax.architectures import model_spec, models
-from one_jax.cpu import xla_options
+from one_jax.cpu import kernels, xla_options
 from one_jax.data import device_data
-from one_jax.training import methods, nonfinite, optimizer, temporal_mean
+from one_jax.training import methods, nonfinite, optimizer, program_cache, temporal_mean
 
 DATA = parallel.DATA_AXIS
 
@@ -108,13 +109,18 @@ def dispatch_fn(method, model, tx, state, sums, batches, epoch, data=None):
                                    guard["flags"])}
     return (state, sums, guard, index + 1), None
 
-  terms = [k[len("train/"):] for k in sums if not k.startswith("train/top")]
-  guard = {"first_bad": jnp.int32(n), "flags": nonfinite.Flags.clean(terms)}
+  guard = clean_guard(sums, n)
   # One step: no loop at all (a one-trip while loop still costs its carried copies, and XLA
   # optimises a loop body less than straight-line code: benchmarks/NOTES.md entries 2 and 14).
   (state, sums, guard, _), _ = jax.lax.scan(body, (state, sums, guard, jnp.int32(0)), batches,
                                             unroll=n == 1)
   return state, sums, guard
+
+
+def clean_guard(sums, n):
+  """A dispatch's guard before its first step (n: its steps): no bad step, every flag set."""
+  terms = [k[len("train/"):] for k in sums if not k.startswith("train/top")]
+  return {"first_bad": jnp.int32(n), "flags": nonfinite.Flags.clean(terms)}
 
 
 def eval_step_fn(method, model, variables, batch):
@@ -143,17 +149,44 @@ def make_train_step(config, spec: model_spec.ModelSpec, tx, mesh):
   return jax.jit(sharded, donate_argnums=0, compiler_options=_compiler_options(config, mesh))
 
 
-def make_dispatch_step(config, spec: model_spec.ModelSpec, tx, mesh, on_device: bool = False):
+def make_dispatch_step(config, spec: model_spec.ModelSpec, tx, mesh, on_device: bool = False,
+                       program_dir: Optional[str] = None, steps_per_epoch: int = 0):
   """jit(shard_map(dispatch_fn)): (state, sums, batches [n, ...], epoch[, data]) ->
   (state, sums, guard); batches split over 'data' along their second axis; state and sums
-  donated. on_device: the batches are plans and the last argument is device_data.put's set."""
+  donated. on_device: the batches are plans and the last argument is device_data.put's set.
+
+  program_dir: keep the traced program there (program_cache.CachedProgram: a later process
+  loads it instead of tracing; single-process runs), found by what determines it besides the
+  arguments (program_identity: the config, `steps_per_epoch` of tx's schedule, the model)."""
   step = functools.partial(dispatch_fn, methods.for_model(config, spec),
                            spec.build(axis_name=DATA), tx)
   in_specs = (P(), P(), P(None, DATA), P()) + ((P(),) if on_device else ())
   sharded = jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=(P(), P(), P()),
                           check_vma=False)
-  return jax.jit(sharded, donate_argnums=(0, 1),
-                 compiler_options=_compiler_options(config, mesh))
+  options = _compiler_options(config, mesh)
+  if program_dir and jax.process_count() == 1:
+    out_tree = lambda args: jax.tree.structure(
+        (args[0], args[1], clean_guard(args[1], 0)))
+    return program_cache.CachedProgram(
+        sharded, donate_argnums=(0, 1), compiler_options=options, out_tree=out_tree,
+        program_dir=program_dir, custom_calls=kernels.FFI_TARGETS,
+        identity=program_identity(config, spec, mesh, on_device, steps_per_epoch))
+  return jax.jit(sharded, donate_argnums=(0, 1), compiler_options=options)
+
+
+def program_identity(config, spec: model_spec.ModelSpec, mesh, on_device: bool,
+                     steps_per_epoch: int) -> str:
+  """What determines a dispatch program besides its arguments' signature: the whole config,
+  the optimizer's steps per epoch, the model as built (its implementations resolved for this
+  backend), where the data lives and the devices."""
+  platform = mesh.devices.flat[0].platform
+  return json.dumps({
+      "config": json.loads(config.to_json_best_effort()), "steps_per_epoch": steps_per_epoch,
+      "spec": repr(spec), "branch_impl": models.resolve_branch_impl(spec.branch_impl),
+      "conv_impl": kernels.conv_impl_on(spec.conv_impl, platform, spec.compute_dtype),
+      "options": _compiler_options(config, mesh), "on_device": bool(on_device),
+      "mesh": {str(k): int(v) for k, v in mesh.shape.items()},
+      "devices": [str(d) for d in mesh.devices.flat]}, sort_keys=True, default=str)
 
 
 def zero_sums(config, spec: model_spec.ModelSpec, tx, mesh, state,

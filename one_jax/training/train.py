@@ -24,8 +24,9 @@ from one_jax import parallel
 from one_jax.architectures import model_spec, models
 from one_jax.data import common, device_data, in_memory, sources
 from one_jax.storage import checkpoints, workdirs
-from one_jax.training import (config_checks, evaluation, methods, metric_writers, nonfinite,
-                              optimizer, preemption, step_hooks, steps, train_state, two_stage)
+from one_jax.training import (compile_cache, config_checks, evaluation, methods,
+                              metric_writers, nonfinite, optimizer, preemption, program_cache,
+                              step_hooks, steps, train_state, two_stage)
 
 def _host_info():
   return jax.process_index(), jax.process_count()
@@ -97,7 +98,9 @@ def _prepare(config, workdir: str) -> Tuple[_Run, Dict[str, Any]]:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     on_device = bool(multihost_utils.broadcast_one_to_all(np.int32(on_device)))
   run = _Run(config, workdir, spec, methods.for_model(config, spec), mesh, train_source, test_source, steps_per_epoch,
-             steps.make_dispatch_step(config, spec, tx, mesh, on_device),
+             steps.make_dispatch_step(
+                 config, spec, tx, mesh, on_device, steps_per_epoch=steps_per_epoch,
+                 program_dir=program_cache.directory(compile_cache.enabled_dir(config))),
              steps.make_eval_step(config, spec, mesh),
              process_index, process_count,
              device_data.put(train_source, mesh) if on_device else None,

@@ -70,5 +70,90 @@ def test_a_run_says_where_its_step_came_from(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
     assert done.returncode == 0, done.stderr
     lines.append([l for l in done.stdout.splitlines() if l.startswith("train step: ")])
-  assert lines[0][0].startswith("train step: compiled (now cached), first dispatch ")
-  assert lines[1][0].startswith("train step: from the compilation cache, first dispatch ")
+  assert lines[0][0].startswith("train step: compiled (now cached), its traced program now "
+                                "cached, first dispatch ")
+  assert lines[1][0].startswith("train step: from the compilation cache, its traced program "
+                                "from the cache too, first dispatch ")
+  assert len(os.listdir(os.path.join(cache, "programs"))) == 1
+
+
+def _program(tmp_path, identity="a run"):
+  """A CachedProgram of the smoke config's dispatch step and its arguments (one device)."""
+  from configs import step1  # pylint: disable=g-import-not-at-top
+  from one_jax import parallel  # pylint: disable=g-import-not-at-top
+  from one_jax.architectures import model_spec  # pylint: disable=g-import-not-at-top
+  from one_jax.data import in_memory  # pylint: disable=g-import-not-at-top
+  from one_jax.training import optimizer, program_cache, steps, train_state  # pylint: disable=g-import-not-at-top
+  config = step1.get_config("three_branch,smoke")
+  config.batch_size = 8
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  spec = model_spec.ModelSpec.from_config(config)
+  tx = optimizer.create_optimizer(config, 10, spec.abstract_variables()["params"])
+  fresh = train_state.initial_state(spec, tx, (32, 32, 3), jax.random.key(0))
+  source, _ = in_memory.synthetic_sources(16, 1, 10, 0, (32, 32, 3))
+  batches = steps.stack_steps(list(in_memory.train_batches(source, global_batch=8, seed=0,
+                                                           epoch=0))[:2], mesh)
+  sums = steps.zero_sums(config, spec, tx, mesh, fresh, (32, 32, 3))
+
+  def args():
+    return (parallel.replicate(fresh, mesh), parallel.replicate(sums, mesh), batches,
+            jax.numpy.float32(1.0))
+
+  step = steps.make_dispatch_step(config, spec, tx, mesh, steps_per_epoch=10,
+                                  program_dir=str(tmp_path / "programs"))
+  assert isinstance(step, program_cache.CachedProgram)
+  plain = steps.make_dispatch_step(config, spec, tx, mesh)
+  return step, plain, args
+
+
+def test_a_traced_program_is_kept_and_loaded_with_the_same_results(tmp_path):
+  """The second program object (a later process) loads the step instead of tracing it, and
+  both compute exactly what the plain jitted step computes."""
+  first, plain, args = _program(tmp_path)
+  expected = plain(*args())
+  got = first(*args())
+  assert first.source == "traced" and len(os.listdir(tmp_path / "programs")) == 1
+  second, _, _ = _program(tmp_path)
+  again = second(*args())
+  assert second.source == "cache"
+  for result in (got, again):
+    assert jax.tree.structure(result) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(expected)):
+      assert (jax.numpy.asarray(a) == jax.numpy.asarray(b)).all()
+
+
+def test_a_damaged_program_file_is_a_warning_then_traced(tmp_path, capsys):
+  first, _, args = _program(tmp_path)
+  first(*args())
+  (name,) = os.listdir(tmp_path / "programs")
+  (tmp_path / "programs" / name).write_bytes(b"not a program")
+  second, _, _ = _program(tmp_path)
+  second(*args())
+  err = capsys.readouterr().err
+  assert second.source == "traced" and err.startswith("warning: traced program ")
+  assert "tracing the step again" in err and err.count("\n") == 1
+  third, _, _ = _program(tmp_path)   # the damaged file was replaced by a good one
+  third(*args())
+  assert third.source == "cache"
+
+
+def test_a_program_is_found_by_what_determines_it(tmp_path):
+  """What the traced step holds besides its arguments (the config's learning rate, the steps
+  per epoch of the schedule) makes another program; the same run finds the same one."""
+  from configs import step1  # pylint: disable=g-import-not-at-top
+  from one_jax import parallel  # pylint: disable=g-import-not-at-top
+  from one_jax.architectures import model_spec  # pylint: disable=g-import-not-at-top
+  from one_jax.training import steps  # pylint: disable=g-import-not-at-top
+  config = step1.get_config("three_branch,smoke")
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  spec = model_spec.ModelSpec.from_config(config)
+  identity = lambda c, spe: steps.program_identity(c, spec, mesh, False, spe)
+  faster = step1.get_config("three_branch,smoke")
+  faster.lr = 0.5
+  assert identity(config, 10) == identity(step1.get_config("three_branch,smoke"), 10)
+  assert identity(config, 10) != identity(faster, 10)
+  assert identity(config, 10) != identity(config, 11)
+  step, _, args = _program(tmp_path)
+  leaves, tree = jax.tree.flatten(args())
+  assert step.key(leaves, tree) == _program(tmp_path)[0].key(leaves, tree)
+  assert step.key(leaves, tree) != step.key(leaves[:-1] + [jax.numpy.int32(1)], tree)

@@ -1,0 +1,165 @@
+"""Traced programs kept beside the compilation cache, so that a cache hit skips tracing too.
+
+XLA's persistent cache (training/compile_cache.py) stores compiled executables, but every
+process still traces and lowers the model before it can look one up: at ResNet-110 that is
+most of what a hit costs (benchmarks/NOTES.md entries 19, 21 and 25). A `CachedProgram` exports
+the dispatch step it traces (`jax.export`: its StableHLO, shardings and calling convention)
+into `<compilation cache>/programs/`, and a later process with the same program deserialises
+it instead of tracing; XLA's cache then gives it the executable.
+
+A program is found by what determines it: one_jax's own source files, the versions of jax,
+jaxlib, flax and optax, the backend, JAX's tracing settings (x64, matmul precision, dtype
+promotion), the caller's `identity` (the run's config, its steps per
+epoch, the model as built, the convolution implementation, the devices) and the arguments'
+structure, shapes, dtypes and shardings. Anything else that changes the traced program, such as
+a function patched inside the process, is not seen: a command enables the cache (main, bench),
+a library call never does. Only a single-process run uses it. A file that cannot be read,
+parsed or written is a warning, then the program is traced as without the cache.
+Deserialising parses data (flatbuffers, StableHLO); nothing in the file is run as Python.
+"""
+import functools
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import flax
+import jax
+import jaxlib
+import optax
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBDIR = "programs"
+SUFFIX = ".exported"
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+  """sha256 of every .py file of the one_jax package (paths and contents)."""
+  digest = hashlib.sha256()
+  for root, dirs, files in os.walk(PACKAGE_DIR):
+    dirs.sort()
+    for name in sorted(f for f in files if f.endswith(".py")):
+      path = os.path.join(root, name)
+      digest.update(os.path.relpath(path, PACKAGE_DIR).encode())
+      with open(path, "rb") as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+def directory(cache_dir: Optional[str]) -> Optional[str]:
+  """Where programs go for an enabled compilation cache directory (None: no cache)."""
+  return os.path.join(cache_dir, SUBDIR) if cache_dir else None
+
+
+def _describe_leaf(x) -> Tuple[Any, ...]:
+  return (tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", None)))
+
+
+class CachedProgram:
+  """`fn` (a shard_map'ed step taking pytrees), jitted with `donate_argnums` and
+  `compiler_options`, its traced program kept in `program_dir`.
+
+  out_tree(args) gives the structure of fn's output for these arguments without tracing it
+  (the dispatch step's: training/steps.py). compile(*args) returns a callable on arguments of
+  that signature (traced, or loaded from the directory; `source` says which); calling the
+  object compiles on first use per signature, as jax.jit does. custom_calls: the FFI targets
+  the program may call (one_jax's CPU kernels), which jax.export would otherwise refuse.
+  """
+
+  def __init__(self, fn: Callable, *, donate_argnums: Sequence[int], compiler_options,
+               out_tree: Callable, program_dir: str, identity: str,
+               custom_calls: Sequence[str] = ()):
+    self._fn, self._donate, self._options = fn, tuple(donate_argnums), compiler_options
+    self._out_tree, self._dir, self._identity = out_tree, program_dir, identity
+    self._custom_calls = tuple(custom_calls)
+    self._compiled: Dict[Any, Callable] = {}
+    self.source: Optional[str] = None   # 'cache' or 'traced': how the last program was made
+
+  def key(self, leaves, in_tree) -> str:
+    """The file name of the program for arguments of this signature."""
+    parts = {"source": source_digest(), "backend": jax.default_backend(),
+             "tracing": [jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
+                         jax.config.jax_numpy_dtype_promotion],
+             "versions": [jax.__version__, jaxlib.__version__, flax.__version__,
+                          optax.__version__],
+             "identity": self._identity, "in_tree": str(in_tree),
+             "leaves": [_describe_leaf(x) for x in leaves], "donate": self._donate}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+  def __call__(self, *args):
+    return self.compile(*args)(*args)
+
+  def compile(self, *args, compiler_options: Optional[Dict[str, Any]] = None) -> Callable:
+    leaves, in_tree = jax.tree.flatten(args)
+    signature = (in_tree, tuple(_describe_leaf(x) for x in leaves))
+    if signature in self._compiled and compiler_options is None:
+      return self._compiled[signature]
+    out_tree = self._out_tree(args)
+    path = os.path.join(self._dir, self.key(leaves, in_tree) + SUFFIX)
+    exported = self._load(path)
+    self.source = "cache" if exported is not None else "traced"
+    if exported is None:
+      exported = self._export(leaves, in_tree, out_tree)
+      self._save(exported, path)
+    first = [len(jax.tree.leaves(args[:i])) for i in range(len(args) + 1)]
+    donated = tuple(j for i in self._donate for j in range(first[i], first[i + 1]))
+    options = dict(self._options or {}, **(compiler_options or {}))
+    compiled = jax.jit(exported.call, donate_argnums=donated,
+                       compiler_options=options or None).lower(*leaves).compile()
+    self._compiled[signature] = Compiled(compiled, out_tree)
+    return self._compiled[signature]
+
+  def _export(self, leaves, in_tree, out_tree):
+    def flat(*xs):
+      out, tree = jax.tree.flatten(self._fn(*jax.tree.unflatten(in_tree, xs)))
+      if tree != out_tree:
+        raise AssertionError(f"the step returned {tree}, not the expected {out_tree}")
+      return out
+
+    checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in self._custom_calls]
+    return jax.export.export(jax.jit(flat), disabled_checks=checks)(*leaves)
+
+  def _load(self, path: str):
+    if not os.path.exists(path):
+      return None
+    try:
+      with open(path, "rb") as f:
+        return jax.export.deserialize(bytearray(f.read()))
+    except Exception as e:  # pylint: disable=broad-except  (any damage: trace instead)
+      _warn(f"traced program {path} cannot be read ({type(e).__name__}: {e}): tracing the step "
+            "again")
+      return None
+
+  def _save(self, exported, path: str) -> None:
+    blob, partial = exported.serialize(), None
+    try:
+      os.makedirs(self._dir, exist_ok=True)
+      with tempfile.NamedTemporaryFile(dir=self._dir, suffix=".tmp", delete=False) as f:
+        partial = f.name
+        f.write(blob)
+      os.replace(partial, path)   # whole or not at all
+    except OSError as e:
+      if partial is not None and os.path.exists(partial):
+        os.remove(partial)
+      _warn(f"traced program cannot be written to {self._dir} ({e.strerror or e}): the next "
+            "start traces the step again")
+
+
+class Compiled:
+  """A compiled program on flat arguments, called with the step's pytrees."""
+
+  def __init__(self, executable, out_tree):
+    self.executable, self._out_tree = executable, out_tree
+
+  def __call__(self, *args):
+    return jax.tree.unflatten(self._out_tree, self.executable(*jax.tree.leaves(args)))
+
+  def memory_analysis(self):
+    return self.executable.memory_analysis()
+
+
+def _warn(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr, flush=True)
