@@ -143,8 +143,8 @@ def test_merging_models_of_two_methods_is_refused():
   assert (info["method"], info["num_branches"]) == ("cl_ilr", 3) and "gate" not in merged["params"]
   np.testing.assert_array_equal(merged["params"]["branches"]["classifier"]["kernel"][2],
                                 base_state["params"]["branch"]["classifier"]["kernel"])
-  with pytest.raises(layout.SurgeryError, match="--method='pcl' is unknown"):
-    operations.merge([base_state], [base.to_dict()], method="pcl")
+  with pytest.raises(layout.SurgeryError, match="--method='nope' is unknown"):
+    operations.merge([base_state], [base.to_dict()], method="nope")
 
 
 def test_train_resume_vote_inspect_extract(tmp_path):
