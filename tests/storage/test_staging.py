@@ -143,8 +143,11 @@ def test_an_impossible_expansion_is_one_line(source, tmp_path):
   assert ("out of memory" in err or "branches" in err) and os.listdir(tmp_path) == []
 
 
+# The child starts with Python's own SIGINT handler: a process inherits an ignored SIGINT from
+# its parent (POSIX), and whether the test's worker ignores it depends on what ran there before.
 _SLOW_SAVE = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from one_jax.storage import checkpoints
     from one_jax.surgery import __main__ as surgery_cli
     save = checkpoints.save
