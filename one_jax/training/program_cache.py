@@ -58,6 +58,16 @@ def _describe_leaf(x) -> Tuple[Any, ...]:
   return (tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", None)))
 
 
+def _signature(leaves, in_tree) -> Tuple[Any, ...]:
+  """What picks a compiled program within one process: structure, shapes and dtypes.
+
+  Shardings are left out (the file's key has them): within a process the mesh fixes them, and
+  an argument placed otherwise is refused by the compiled program itself. Describing them as
+  text cost ~16 ms a dispatch at 2,000 leaves; this costs under 1 ms.
+  """
+  return in_tree, tuple((x.shape, x.dtype) for x in leaves)
+
+
 class CachedProgram:
   """`fn` (a shard_map'ed step taking pytrees), jitted with `donate_argnums` and
   `compiler_options`, its traced program kept in `program_dir`.
@@ -90,11 +100,13 @@ class CachedProgram:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
   def __call__(self, *args):
-    return self.compile(*args)(*args)
+    leaves, in_tree = jax.tree.flatten(args)   # once per dispatch: this is the hot path
+    compiled = self._compiled.get(_signature(leaves, in_tree)) or self.compile(*args)
+    return compiled.call_flat(leaves)
 
   def compile(self, *args, compiler_options: Optional[Dict[str, Any]] = None) -> Callable:
     leaves, in_tree = jax.tree.flatten(args)
-    signature = (in_tree, tuple(_describe_leaf(x) for x in leaves))
+    signature = _signature(leaves, in_tree)
     if signature in self._compiled and compiler_options is None:
       return self._compiled[signature]
     out_tree = self._out_tree(args)
@@ -155,7 +167,10 @@ class Compiled:
     self.executable, self._out_tree = executable, out_tree
 
   def __call__(self, *args):
-    return jax.tree.unflatten(self._out_tree, self.executable(*jax.tree.leaves(args)))
+    return self.call_flat(jax.tree.leaves(args))
+
+  def call_flat(self, leaves):
+    return jax.tree.unflatten(self._out_tree, self.executable(*leaves))
 
   def memory_analysis(self):
     return self.executable.memory_analysis()
