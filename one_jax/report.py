@@ -6,7 +6,8 @@
 
 Each RUN is a workdir of `python -m one_jax.main` (its config.json and metrics). Runs whose
 configs differ only by the seed (and by fields that do not change what is computed: the
-resume-safe ones and paths, `GROUPING_IGNORES`) form one group, one row of the table: the fields
+resume-safe ones and paths, `GROUPING_IGNORES`, and the options of methods other than the
+run's) form one group, one row of the table: the fields
 that tell the groups apart, then per head (each branch, the method's ensemble head, the
 branches' mean, and `deployed`: each run's deployed head, one column across methods) the mean
 +- sample sd over the group's runs and their number, of the final epoch's test accuracy
@@ -60,15 +61,28 @@ class Run:
     return len(self.rows) >= int(self.config.get("num_epochs", 0))
 
   @property
-  def deployed(self) -> str:
-    """The head this run deploys: its method's (methods.deployed_head)."""
+  def method(self) -> Optional[str]:
+    """The run's method (None: a baseline, which trains with cross-entropy)."""
     kind = model_spec.ARCHITECTURES.get(self.config.get("model"))
     method = None if kind is not None and not kind.branched else self.config.get("method", "one")
     if method is not None and method not in methods.METHODS:
       raise ReportError(f"{self.path} was trained with method {method!r}, which this one_jax "
                         f"does not know ({', '.join(methods.METHODS)}): report it with the "
                         "one_jax that trained it")
-    return methods.deployed_head(method)
+    return method
+
+  @property
+  def deployed(self) -> str:
+    """The head this run deploys: its method's (methods.deployed_head)."""
+    return methods.deployed_head(self.method)
+
+  @property
+  def compared_config(self) -> Dict[str, Any]:
+    """The config fields that can tell this run's results from another's: all but
+    GROUPING_IGNORES and the other methods' options (methods.unread_fields), which a run
+    never reads, and which a run recorded before a method existed does not even have."""
+    unread = GROUPING_IGNORES | methods.unread_fields(self.method)
+    return {k: v for k, v in self.config.items() if k not in unread}
 
   def value(self, head: str, metric: str, epoch: str) -> Optional[float]:
     """The run's test `metric` of `head` in percent: the last epoch's, or its best epoch's;
@@ -101,11 +115,11 @@ def _hashable(value):
 
 
 def group_runs(runs: Sequence[Run]) -> List[List[Run]]:
-  """Runs whose configs agree on every field but GROUPING_IGNORES, in first-seen order."""
+  """Runs whose configs agree on every compared field (Run.compared_config), in first-seen
+  order."""
   groups: Dict[Tuple, List[Run]] = {}
   for run in runs:
-    key = tuple(sorted((k, _hashable(v)) for k, v in run.config.items()
-                       if k not in GROUPING_IGNORES))
+    key = tuple(sorted((k, _hashable(v)) for k, v in run.compared_config.items()))
     groups.setdefault(key, []).append(run)
   for members in groups.values():
     by_seed: Dict[Any, Run] = {}
@@ -119,10 +133,11 @@ def group_runs(runs: Sequence[Run]) -> List[List[Run]]:
 
 
 def _label_fields(groups: Sequence[List[Run]]) -> List[str]:
-  configs = [g[0].config for g in groups]
-  differing = sorted({k for c in configs for k in c if k not in GROUPING_IGNORES
-                      and k not in LABEL_FIELDS
-                      and len({repr(cc.get(k)) for cc in configs}) > 1})
+  configs = [g[0].compared_config for g in groups]
+  # A field differs where two groups that read it disagree (a method's option is no column
+  # beside the rows of other methods, which do not have it).
+  differing = sorted({k for c in configs for k in c if k not in LABEL_FIELDS
+                      and len({repr(cc[k]) for cc in configs if k in cc}) > 1})
   return [f for f in LABEL_FIELDS if any(f in c for c in configs)] + differing
 
 
@@ -166,16 +181,16 @@ def table(runs: Sequence[Run], metric: str = "top1", epoch: str = "final"):
     status = "" if not unfinished else "unfinished: " + ", ".join(
         f"{os.path.basename(os.path.normpath(r.path))} {len(r.rows)}/"
         f"{r.config.get('num_epochs')} epochs" for r in unfinished)
-    rows.append(([_label(group[0].config, f) for f in fields], cells, status))
+    rows.append(([_label(group[0], f) for f in fields], cells, status))
   return fields, heads, rows
 
 
-def _label(config, field) -> str:
-  """A row's value of `field`; a baseline has no method (it trains with cross-entropy)."""
-  kind = model_spec.ARCHITECTURES.get(config.get("model"))
-  if field == "method" and kind is not None and not kind.branched:
-    return "-"
-  return _text(config.get(field))
+def _label(run: Run, field: str) -> str:
+  """A row's value of `field`: '-' where its runs do not read it (another method's option) or
+  have no method (a baseline trains with cross-entropy)."""
+  if field == "method":
+    return _text(run.method)
+  return _text(run.compared_config.get(field))
 
 
 def _text(value) -> str:
@@ -187,7 +202,8 @@ def protocol(metric: str, epoch: str) -> str:
   return (f"Test {metric.replace('top', 'top-')} accuracy (%), {which} per run; mean ± sample sd "
           "over the runs of a row (the seeds), their number in brackets; deployed: the head "
           "each run deploys (ONE's ensemble, OKDDip's leader, the peers' mean of CL-ILR, DML and "
-          "KDCL, a baseline's model).")
+          "KDCL, FFL's fused classifier, PCL's temporal-mean ensemble, a baseline's model); '-': "
+          "a field the row's runs do not read (another method's option) or a head they lack.")
 
 
 def render(runs: Sequence[Run], metric: str = "top1", epoch: str = "final",
@@ -241,7 +257,7 @@ def plot(runs: Sequence[Run], path: str, metric: str = "top1") -> None:
                         for row in r.rows[:epochs]] for r in group])
     mean, sd = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
     xs = np.arange(1, epochs + 1)
-    label = " ".join(_label(group[0].config, f) for f in fields) + f" [{head}, n={len(group)}]"
+    label = " ".join(_label(group[0], f) for f in fields) + f" [{head}, n={len(group)}]"
     ax.plot(xs, mean, label=label, linewidth=1.2)
     ax.fill_between(xs, mean - sd, mean + sd, alpha=0.2)
   ax.set_xlabel("epoch")

@@ -19,7 +19,7 @@ config fields that set them), and what its model has besides trunk and branches
 (architectures/models.py ENSEMBLES).
 """
 import dataclasses
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -308,6 +308,25 @@ METHODS = {
     "pcl": (Pcl, dict(temperature="pcl_temperature", rampup_epochs="rampup_epochs",
                       kl_scale="pcl_kl_scale", max_decay="pcl_ema_decay")),
 }
+
+
+# Config fields that a method's model reads (architectures/model_spec.py), besides its loss
+# options above.
+MODEL_FIELDS = {"cl_ilr": ("cl_ilr_backprop_scale",)}
+
+
+def config_fields(method: Optional[str]) -> FrozenSet[str]:
+  """The method-specific config fields that a run of `method` reads (None, a baseline: none)."""
+  if method is None:
+    return frozenset()
+  return frozenset(METHODS[method][1].values()) | frozenset(MODEL_FIELDS.get(method, ()))
+
+
+def unread_fields(method: Optional[str]) -> FrozenSet[str]:
+  """The other methods' config fields: whatever their values, a run of `method` computes the
+  same (a report neither groups nor labels its runs by them)."""
+  every = frozenset().union(*(config_fields(m) for m in METHODS))
+  return every - config_fields(method)
 
 
 def deployed_head(method: Optional[str]) -> str:

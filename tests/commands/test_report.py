@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from one_jax import report
-from one_jax.training import metric_writers, preemption
+from one_jax.training import methods, metric_writers, preemption
 from tests.reliability import runs
 
 REPORT = [sys.executable, "-m", "one_jax.report"]
@@ -80,6 +80,37 @@ def test_runs_of_two_variants_are_two_rows_even_with_equal_fields(smoke_runs, tm
   picked = [report.read_run(p) for p in (smoke_runs["one-s0"], str(renamed))]
   _, _, rows = report.table(picked)
   assert [labels[0] for labels, _, _ in rows] == ["three_branch", "other_variant"]
+
+
+def _copy_run(source, target, edit):
+  """A copy of run `source` (its config.json and metrics.csv) at `target`, the config edited."""
+  os.makedirs(target)
+  with open(os.path.join(source, "config.json")) as f:
+    config = json.load(f)
+  with open(os.path.join(target, "config.json"), "w") as f:
+    json.dump(edit(config), f)
+  with open(os.path.join(source, "metrics.csv")) as f, \
+      open(os.path.join(target, "metrics.csv"), "w") as g:
+    g.write(f.read())
+  return report.read_run(target)
+
+
+def test_other_methods_options_neither_split_nor_label_a_row(smoke_runs, tmp_path):
+  """A ONE run recorded before the other methods existed (no field of theirs) and one whose
+  PCL option differs are one row; CL-ILR's own option splits its runs, and is '-' for ONE's."""
+  theirs = methods.unread_fields("one")
+  assert "pcl_temperature" in theirs and "temperature" not in theirs
+  older = _copy_run(smoke_runs["one-s1"], str(tmp_path / "older"),
+                    lambda c: {k: v for k, v in c.items() if k not in theirs})
+  other_pcl = _copy_run(smoke_runs["one-s0"], str(tmp_path / "pcl5"),
+                        lambda c: dict(c, pcl_temperature=5.0))
+  cl_t5 = _copy_run(smoke_runs["cl-s0"], str(tmp_path / "cl_t5"),
+                    lambda c: dict(c, cl_ilr_temperature=5.0, seed=1))
+  picked = [other_pcl, older, report.read_run(smoke_runs["cl-s0"]), cl_t5]
+  fields, _, rows = report.table(picked)
+  assert [len(cells["deployed"].values) for _, cells, _ in rows] == [2, 1, 1]
+  assert fields[len(report.LABEL_FIELDS):] == ["cl_ilr_temperature"]
+  assert [labels[-1] for labels, _, _ in rows] == ["-", "3.0", "5.0"]
 
 
 def test_the_deployed_column_is_each_methods_deployed_head(smoke_runs):

@@ -33,6 +33,21 @@ def test_each_model_kind_has_its_method():
   assert base.epoch_metrics(5) == {"kl_weight": 0.0}
 
 
+def test_every_method_option_of_the_config_belongs_to_its_method():
+  """methods.config_fields knows each method's fields (a report compares runs by them): every
+  config field named after a method is that method's, and ONE's are its loss options."""
+  config = step1.get_config("three_branch")
+  for name in set(methods.METHODS) - {"one"}:   # ONE's fields keep their historical names
+    prefixed = {k for k in config if k.startswith(name + "_")}
+    assert prefixed and prefixed <= methods.config_fields(name), name
+    assert not prefixed & methods.config_fields(None)
+  assert {"temperature", "kl_scale", "rampup_epochs", "ensemble_ce",
+          "stop_gradient"} == methods.config_fields("one")
+  assert "rampup_epochs" in methods.unread_fields("dml")   # DML's is dml_rampup_epochs
+  assert methods.unread_fields(None) == frozenset().union(
+      *(methods.config_fields(m) for m in methods.METHODS))
+
+
 def test_the_one_method_computes_the_one_loss_and_names_its_heads():
   config = step1.get_config("three_branch")
   one = methods.for_model(config, ONE)
