@@ -36,6 +36,26 @@ _LOSS_WORDS = ("loss", "ce", "kl")
 _ACC_WORDS = ("top1", "top5", "acc")
 
 
+def _tensorboardx():
+  """tensorboardX, imported without PyTorch where PyTorch is installed but not yet loaded.
+
+  tensorboardX imports torch at import time, only to accept torch tensors in add_* calls: a
+  second or more of every run's start (the [torch] extra installs it). These writers log Python
+  floats, so torch is hidden for that one import (None in sys.modules makes `import torch`
+  raise ImportError, the path tensorboardX takes without PyTorch) and restored right after.
+  """
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return tensorboardX
+  sys.modules["torch"] = None
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    if sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+  return tensorboardX
+
+
 def _atomic_write(path: str, data, mode: str = "w"):
   """Writes via a temp file + os.replace, so a crash leaves the old file or the new one."""
   tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
@@ -158,7 +178,7 @@ class MetricWriter:
       self._write_csv()
       self._write_jsonl_all()
 
-    import tensorboardX  # pylint: disable=g-import-not-at-top
+    tensorboardX = _tensorboardx()
     tb_dir = os.path.join(workdir, TB_DIR)
     had_events = os.path.isdir(tb_dir) and any("tfevents" in n for n in os.listdir(tb_dir))
     # purge_step hides TensorBoard events from the dropped epochs, so curves do not double.
@@ -216,8 +236,7 @@ class MetricWriter:
     with open(self._steps_path, "a", encoding="utf-8") as f:
       f.write(json.dumps(row) + "\n")
     if self._steps_tb is None:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._steps_tb = tensorboardX.SummaryWriter(
+      self._steps_tb = _tensorboardx().SummaryWriter(
           logdir=os.path.join(self.workdir, TB_DIR, STEPS_TB_SUBDIR),
           purge_step=self._resume_step + 1 if self._resume_step else None,
           filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")

@@ -4,6 +4,8 @@ import glob
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -152,6 +154,24 @@ def test_tensorboard_scalars_per_metric_with_epoch_steps(tmp_path):
   scalars = _scalars(files[0][1])
   assert [(s, v) for s, t, v in scalars if t == "train/loss"] == [(1, 2.5), (2, 2.0), (3, 1.5)]
   assert [s for s, t, _ in scalars if t == "test/top1/ensemble"] == [2, 3]
+
+
+def test_tensorboard_writer_leaves_pytorch_unloaded_and_importable(tmp_path):
+  """tensorboardX imports PyTorch when it is installed (a second of every run's start); the
+  writer hides it for that import only, so a run does not load it and can still import it."""
+  script = (
+      "import importlib.util, sys\n"
+      "from one_jax.training.metric_writers import MetricWriter\n"
+      f"w = MetricWriter({str(tmp_path)!r})\n"
+      "w.write_epoch(1, {'train/loss': 1.0}); w.write_steps(10, {'train/loss': 1.0}); w.close()\n"
+      "assert 'torch' not in sys.modules, 'tensorboardX loaded torch'\n"
+      "if importlib.util.find_spec('torch') is not None:\n"
+      "  import torch; assert torch.zeros(2).sum().item() == 0\n"
+      "print('ok')\n")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       check=False)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+  assert [t for _, t, _ in _scalars(_tb_events(str(tmp_path))[0][1])] == ["train/loss"]
 
 
 def _history():
