@@ -149,8 +149,9 @@ class StepTimer:
                                     self.spec.abstract_variables(shape)["params"])
     fresh = train_state.initial_state(self.spec, tx, shape, jax.random.key(config.seed))
     self.state = parallel.replicate(fresh, self.mesh)
-    self.sums = parallel.replicate(steps.zero_sums(config, self.spec, tx, self.mesh, fresh, shape),
-                                   self.mesh)
+    program_dir = program_cache.directory(compile_cache.enabled_dir(config))
+    self.sums = parallel.replicate(
+        steps.zero_sums(config, self.spec, tx, self.mesh, fresh, shape, program_dir), self.mesh)
     self.inputs, data = self._inputs(shape)
     self.placement = "host" if data is None else "device"
     self._data = () if data is None else (data,)
@@ -161,8 +162,7 @@ class StepTimer:
     t0 = time.perf_counter()
     step = steps.make_dispatch_step(
         config, self.spec, tx, self.mesh, on_device=data is not None,
-        steps_per_epoch=STEPS_PER_EPOCH,
-        program_dir=program_cache.directory(compile_cache.enabled_dir(config)))
+        steps_per_epoch=STEPS_PER_EPOCH, program_dir=program_dir)
     args = (self.state, self.sums, self.inputs[0], self.epoch, *self._data)
     with compile_cache.Lookups() as lookups:
       if isinstance(step, program_cache.CachedProgram):   # the traced program may be cached

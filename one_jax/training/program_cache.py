@@ -28,11 +28,13 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import flax
 import jax
 import jaxlib
+import numpy as np
 import optax
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBDIR = "programs"
 SUFFIX = ".exported"
+SHAPES_SUFFIX = ".shapes.json"
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,6 +58,55 @@ def directory(cache_dir: Optional[str]) -> Optional[str]:
 
 def _describe_leaf(x) -> Tuple[Any, ...]:
   return (tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", None)))
+
+
+def _digest(**caller) -> str:
+  """sha256 of what every file here depends on (one_jax's source, the backend, JAX's tracing
+  settings, the versions) and of the caller's parts."""
+  parts = dict(caller, source=source_digest(), backend=jax.default_backend(),
+               tracing=[jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
+                        jax.config.jax_numpy_dtype_promotion],
+               versions=[jax.__version__, jaxlib.__version__, flax.__version__,
+                         optax.__version__])
+  return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _write(path: str, blob: bytes, what: str) -> None:
+  """Writes a whole file or none (a temporary file, then os.replace); failing is a warning."""
+  directory, partial = os.path.dirname(path), None
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as f:
+      partial = f.name
+      f.write(blob)
+    os.replace(partial, path)
+  except OSError as e:
+    if partial is not None and os.path.exists(partial):
+      os.remove(partial)
+    _warn(f"{what} cannot be written to {directory} ({e.strerror or e}): the next start "
+          "traces the step again")
+
+
+def cached_shapes(program_dir: Optional[str], identity: str,
+                  trace: Callable[[], Dict[str, Any]]) -> Dict[str, jax.ShapeDtypeStruct]:
+  """trace()'s dict of arrays' shapes and dtypes (e.g. a step's metrics, from jax.eval_shape),
+  kept in `program_dir` as JSON under what determines it (`identity`, as for a program), so a
+  later start reads it instead of tracing the step for it; program_dir None: trace()."""
+  if not program_dir:
+    return trace()
+  path = os.path.join(program_dir, _digest(identity=identity, kind="shapes") + SHAPES_SUFFIX)
+  if os.path.exists(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        return {str(k): jax.ShapeDtypeStruct(tuple(int(n) for n in shape), np.dtype(dtype))
+                for k, (shape, dtype) in json.load(f).items()}
+    except (OSError, ValueError, TypeError, AttributeError) as e:   # any damage: trace again
+      _warn(f"traced shapes {path} cannot be read ({type(e).__name__}: {e}): tracing the step "
+            "again")
+  shapes = trace()
+  _write(path, json.dumps({k: [list(v.shape), str(v.dtype)] for k, v in shapes.items()},
+                          sort_keys=True).encode(), "traced shapes")
+  return shapes
 
 
 def _signature(leaves, in_tree) -> Tuple[Any, ...]:
@@ -90,14 +141,8 @@ class CachedProgram:
 
   def key(self, leaves, in_tree) -> str:
     """The file name of the program for arguments of this signature."""
-    parts = {"source": source_digest(), "backend": jax.default_backend(),
-             "tracing": [jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
-                         jax.config.jax_numpy_dtype_promotion],
-             "versions": [jax.__version__, jaxlib.__version__, flax.__version__,
-                          optax.__version__],
-             "identity": self._identity, "in_tree": str(in_tree),
-             "leaves": [_describe_leaf(x) for x in leaves], "donate": self._donate}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return _digest(identity=self._identity, in_tree=str(in_tree),
+                   leaves=[_describe_leaf(x) for x in leaves], donate=self._donate)
 
   def __call__(self, *args):
     leaves, in_tree = jax.tree.flatten(args)   # once per dispatch: this is the hot path
@@ -146,18 +191,7 @@ class CachedProgram:
       return None
 
   def _save(self, exported, path: str) -> None:
-    blob, partial = exported.serialize(), None
-    try:
-      os.makedirs(self._dir, exist_ok=True)
-      with tempfile.NamedTemporaryFile(dir=self._dir, suffix=".tmp", delete=False) as f:
-        partial = f.name
-        f.write(blob)
-      os.replace(partial, path)   # whole or not at all
-    except OSError as e:
-      if partial is not None and os.path.exists(partial):
-        os.remove(partial)
-      _warn(f"traced program cannot be written to {self._dir} ({e.strerror or e}): the next "
-            "start traces the step again")
+    _write(path, exported.serialize(), "traced program")
 
 
 class Compiled:

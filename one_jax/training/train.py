@@ -97,14 +97,15 @@ def _prepare(config, workdir: str) -> Tuple[_Run, Dict[str, Any]]:
   if process_count > 1:  # one program for all: process 0's answer (its devices' memory)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     on_device = bool(multihost_utils.broadcast_one_to_all(np.int32(on_device)))
+  program_dir = program_cache.directory(compile_cache.enabled_dir(config))
   run = _Run(config, workdir, spec, methods.for_model(config, spec), mesh, train_source, test_source, steps_per_epoch,
              steps.make_dispatch_step(
                  config, spec, tx, mesh, on_device, steps_per_epoch=steps_per_epoch,
-                 program_dir=program_cache.directory(compile_cache.enabled_dir(config))),
+                 program_dir=program_dir),
              steps.make_eval_step(config, spec, mesh),
              process_index, process_count,
              device_data.put(train_source, mesh) if on_device else None,
-             steps.zero_sums(config, spec, tx, mesh, fresh, info.image_shape),
+             steps.zero_sums(config, spec, tx, mesh, fresh, info.image_shape, program_dir),
              optimizer.learning_rate_schedule(config, steps_per_epoch))
   if run.is_main:
     logging.info("train set %s; %d step(s) per dispatch", "on the device" if on_device

@@ -74,7 +74,8 @@ def test_a_run_says_where_its_step_came_from(tmp_path):
                                 "cached, first dispatch ")
   assert lines[1][0].startswith("train step: from the compilation cache, its traced program "
                                 "from the cache too, first dispatch ")
-  assert len(os.listdir(os.path.join(cache, "programs"))) == 1
+  kept = os.listdir(os.path.join(cache, "programs"))
+  assert sorted(n.split(".", 1)[1] for n in kept) == ["exported", "shapes.json"]   # one of each
 
 
 def _program(tmp_path, identity="a run"):
@@ -162,3 +163,40 @@ def test_a_program_is_found_by_what_determines_it(tmp_path):
   leaves, tree = jax.tree.flatten(args())
   assert step.key(leaves, tree) == _program(tmp_path)[0].key(leaves, tree)
   assert step.key(leaves, tree) != step.key(leaves[:-1] + [jax.numpy.int32(1)], tree)
+
+
+def _zero_sums(program_dir):
+  from configs import step1  # pylint: disable=g-import-not-at-top
+  from one_jax import parallel  # pylint: disable=g-import-not-at-top
+  from one_jax.architectures import model_spec  # pylint: disable=g-import-not-at-top
+  from one_jax.training import optimizer, steps, train_state  # pylint: disable=g-import-not-at-top
+  config = step1.get_config("three_branch,smoke")
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  spec = model_spec.ModelSpec.from_config(config)
+  tx = optimizer.create_optimizer(config, 10, spec.abstract_variables()["params"])
+  fresh = train_state.initial_state(spec, tx, (32, 32, 3), jax.random.key(0))
+  return steps.zero_sums(config, spec, tx, mesh, fresh, (32, 32, 3), program_dir)
+
+
+def test_the_metrics_keys_are_kept_so_a_later_start_does_not_trace_for_them(
+    tmp_path, monkeypatch, capsys):
+  """zero_sums traces the whole train step to learn its metrics; the cache keeps the answer."""
+  traced = _zero_sums(None)
+  assert {"train/loss", "train/top1/ensemble", "train/top1/branch_2"} <= set(traced)
+  programs = str(tmp_path / "programs")
+  assert _zero_sums(programs).keys() == traced.keys()
+  (name,) = os.listdir(programs)
+  assert name.endswith(".shapes.json")
+
+  def no_trace(*unused, **unused_kw):
+    raise AssertionError("the train step was traced for its metrics")
+  with monkeypatch.context() as m:
+    m.setattr(jax, "eval_shape", no_trace)
+    kept = _zero_sums(programs)
+  assert {k: (v.shape, v.dtype) for k, v in kept.items()} == {
+      k: (v.shape, v.dtype) for k, v in traced.items()}
+  (tmp_path / "programs" / name).write_text('{"train/loss": "not shapes"}')
+  assert _zero_sums(programs).keys() == traced.keys()   # damaged: a warning, traced again
+  err = capsys.readouterr().err
+  assert err.startswith("warning: traced shapes ") and err.count("\n") == 1
+  assert json.loads((tmp_path / "programs" / name).read_text()).keys() == traced.keys()
