@@ -145,11 +145,13 @@ class StepTimer:
     self.steps_per_call = validate.check_int(
         "config.steps_per_dispatch", config.get("steps_per_dispatch", 1), minimum=1)
     shape = image_shape(config)
-    tx = optimizer.create_optimizer(config, STEPS_PER_EPOCH,
-                                    self.spec.abstract_variables(shape)["params"])
-    fresh = train_state.initial_state(self.spec, tx, shape, jax.random.key(config.seed))
-    self.state = parallel.replicate(fresh, self.mesh)
     program_dir = program_cache.directory(compile_cache.enabled_dir(config))
+    variables = train_state.fresh_variables(self.spec, shape, jax.random.key(config.seed),
+                                            program_dir)
+    tx = optimizer.create_optimizer(config, STEPS_PER_EPOCH,
+                                    train_state.abstract(variables["params"]))
+    fresh = train_state.with_optimizer_state(variables, tx)
+    self.state = parallel.replicate(fresh, self.mesh)
     self.sums = parallel.replicate(
         steps.zero_sums(config, self.spec, tx, self.mesh, fresh, shape, program_dir), self.mesh)
     self.inputs, data = self._inputs(shape)

@@ -324,10 +324,18 @@ def _init_variables(spec: ModelSpec, model, rng, images):
 _INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
+def init_program(spec: ModelSpec):
+  """The model's init as a function of (rng, images), and the compiler options it is jitted
+  with on this backend: what ModelSpec.init runs, for a caller that keeps the traced program
+  (training/train_state.py)."""
+  options = _INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+  return functools.partial(_init_variables, spec, spec.build()), options
+
+
 @functools.lru_cache(maxsize=8)
 def _jitted_init(spec: ModelSpec):
-  options = _INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-  return jax.jit(functools.partial(_init_variables, spec, spec.build()), compiler_options=options)
+  fn, options = init_program(spec)
+  return jax.jit(fn, compiler_options=options)
 
 
 # ----------------------------------------------------------------------------- the registry

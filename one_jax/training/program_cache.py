@@ -5,7 +5,10 @@ process still traces and lowers the model before it can look one up: at ResNet-1
 most of what a hit costs (benchmarks/NOTES.md entries 19, 21 and 25). A `CachedProgram` exports
 the dispatch step it traces (`jax.export`: its StableHLO, shardings and calling convention)
 into `<compilation cache>/programs/`, and a later process with the same program deserialises
-it instead of tracing; XLA's cache then gives it the executable.
+it instead of tracing; XLA's cache then gives it the executable. `cached_call` does the same
+for a function run once (the model's init) and `cached_shapes` keeps what a trace was only
+needed for (the names and shapes of the step's metrics), so a start with a warm cache traces
+no part of the model.
 
 A program is found by what determines it: one_jax's own source files, the versions of jax,
 jaxlib, flax and optax, the backend, JAX's tracing settings (x64, matmul precision, dtype
@@ -109,6 +112,40 @@ def cached_shapes(program_dir: Optional[str], identity: str,
   return shapes
 
 
+def cached_call(program_dir: str, identity: str, fn: Callable, *args,
+                compiler_options: Optional[Dict[str, Any]] = None,
+                custom_calls: Sequence[str] = ()) -> Tuple[Any, str]:
+  """fn(*args) once (e.g. a model's init), its traced program kept in program_dir like a
+  step's, so that a later start loads it instead of tracing; the result comes from the
+  exported program whether traced or loaded, so both give the same bits. Returns (result,
+  'cache' or 'traced')."""
+  leaves, in_tree = jax.tree.flatten(args)
+  path = os.path.join(program_dir, _digest(
+      identity=identity, in_tree=str(in_tree), leaves=[_describe_leaf(x) for x in leaves],
+      donate=[]) + SUFFIX)
+  exported, source = _load(path, "it"), "cache"
+  if exported is None:
+    checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in custom_calls]
+    exported = jax.export.export(jax.jit(fn), disabled_checks=checks)(*args)
+    _write(path, exported.serialize(), "traced program")
+    source = "traced"
+  return jax.jit(exported.call, compiler_options=compiler_options)(*args), source
+
+
+def _load(path: str, what: str = "the step"):
+  """The exported program in `path`; None where there is none or it cannot be read (a
+  warning: `what` is traced again)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, "rb") as f:
+      return jax.export.deserialize(bytearray(f.read()))
+  except Exception as e:  # pylint: disable=broad-except  (any damage: trace instead)
+    _warn(f"traced program {path} cannot be read ({type(e).__name__}: {e}): tracing {what} "
+          "again")
+    return None
+
+
 def _signature(leaves, in_tree) -> Tuple[Any, ...]:
   """What picks a compiled program within one process: structure, shapes and dtypes.
 
@@ -156,11 +193,11 @@ class CachedProgram:
       return self._compiled[signature]
     out_tree = self._out_tree(args)
     path = os.path.join(self._dir, self.key(leaves, in_tree) + SUFFIX)
-    exported = self._load(path)
+    exported = _load(path)
     self.source = "cache" if exported is not None else "traced"
     if exported is None:
       exported = self._export(leaves, in_tree, out_tree)
-      self._save(exported, path)
+      _write(path, exported.serialize(), "traced program")
     first = [len(jax.tree.leaves(args[:i])) for i in range(len(args) + 1)]
     donated = tuple(j for i in self._donate for j in range(first[i], first[i + 1]))
     options = dict(self._options or {}, **(compiler_options or {}))
@@ -179,19 +216,6 @@ class CachedProgram:
     checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in self._custom_calls]
     return jax.export.export(jax.jit(flat), disabled_checks=checks)(*leaves)
 
-  def _load(self, path: str):
-    if not os.path.exists(path):
-      return None
-    try:
-      with open(path, "rb") as f:
-        return jax.export.deserialize(bytearray(f.read()))
-    except Exception as e:  # pylint: disable=broad-except  (any damage: trace instead)
-      _warn(f"traced program {path} cannot be read ({type(e).__name__}: {e}): tracing the step "
-            "again")
-      return None
-
-  def _save(self, exported, path: str) -> None:
-    _write(path, exported.serialize(), "traced program")
 
 
 class Compiled:

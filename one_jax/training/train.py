@@ -90,14 +90,16 @@ def _prepare(config, workdir: str) -> Tuple[_Run, Dict[str, Any]]:
   if config.get("steps_per_epoch", -1) > 0:
     steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
   spec = model_spec.ModelSpec.from_config(config)
+  program_dir = program_cache.directory(compile_cache.enabled_dir(config))
+  variables = train_state.fresh_variables(spec, info.image_shape, jax.random.key(config.seed),
+                                          program_dir)
   tx = optimizer.create_optimizer(config, steps_per_epoch,
-                                  spec.abstract_variables(info.image_shape)["params"])
-  fresh = train_state.initial_state(spec, tx, info.image_shape, jax.random.key(config.seed))
+                                  train_state.abstract(variables["params"]))
+  fresh = train_state.with_optimizer_state(variables, tx)
   on_device = device_data.use_device_data(config.get("data_on_device", "false"), train_source)
   if process_count > 1:  # one program for all: process 0's answer (its devices' memory)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     on_device = bool(multihost_utils.broadcast_one_to_all(np.int32(on_device)))
-  program_dir = program_cache.directory(compile_cache.enabled_dir(config))
   run = _Run(config, workdir, spec, methods.for_model(config, spec), mesh, train_source, test_source, steps_per_epoch,
              steps.make_dispatch_step(
                  config, spec, tx, mesh, on_device, steps_per_epoch=steps_per_epoch,

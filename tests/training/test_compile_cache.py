@@ -75,7 +75,8 @@ def test_a_run_says_where_its_step_came_from(tmp_path):
   assert lines[1][0].startswith("train step: from the compilation cache, its traced program "
                                 "from the cache too, first dispatch ")
   kept = os.listdir(os.path.join(cache, "programs"))
-  assert sorted(n.split(".", 1)[1] for n in kept) == ["exported", "shapes.json"]   # one of each
+  # the step and the init, and the step's metrics' shapes
+  assert sorted(n.split(".", 1)[1] for n in kept) == ["exported", "exported", "shapes.json"]
 
 
 def _program(tmp_path, identity="a run"):
@@ -200,3 +201,39 @@ def test_the_metrics_keys_are_kept_so_a_later_start_does_not_trace_for_them(
   err = capsys.readouterr().err
   assert err.startswith("warning: traced shapes ") and err.count("\n") == 1
   assert json.loads((tmp_path / "programs" / name).read_text()).keys() == traced.keys()
+
+
+def test_a_models_init_is_kept_and_loaded_with_the_plain_inits_bits(tmp_path, monkeypatch,
+                                                                    capsys):
+  """fresh_variables with a program directory: traced once, then loaded (no trace); the values
+  are the plain init's, bit for bit, traced or loaded (PCL: its temporal mean too)."""
+  from configs import step1  # pylint: disable=g-import-not-at-top
+  from one_jax.architectures import model_spec  # pylint: disable=g-import-not-at-top
+  from one_jax.training import train_state  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  config = step1.get_config("three_branch,smoke")
+  config.method = "pcl"
+  spec = model_spec.ModelSpec.from_config(config)
+  programs = str(tmp_path / "programs")
+  fresh = lambda d: train_state.fresh_variables(spec, (32, 32, 3), jax.random.key(3), d)
+
+  def same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b) and "temporal_mean" in a
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      assert x.dtype == y.dtype and np.array_equal(x, y)
+
+  plain = fresh(None)
+  assert not os.path.exists(programs)
+  same(fresh(programs), plain)
+  (name,) = os.listdir(programs)
+
+  def no_trace(*unused, **unused_kw):
+    raise AssertionError("the init was traced again")
+  with monkeypatch.context() as m:
+    m.setattr(jax.export, "export", no_trace)
+    same(fresh(programs), plain)
+  (tmp_path / "programs" / name).write_bytes(b"not a program")
+  same(fresh(programs), plain)
+  err = capsys.readouterr().err
+  assert err.startswith("warning: traced program ") and "tracing it again" in err
+  assert err.count("\n") == 1
