@@ -7,8 +7,8 @@ the dispatch step it traces (`jax.export`: its StableHLO, shardings and calling 
 into `<compilation cache>/programs/`, and a later process with the same program deserialises
 it instead of tracing; XLA's cache then gives it the executable. `cached_call` does the same
 for a function run once (the model's init) and `cached_shapes` keeps what a trace was only
-needed for (the names and shapes of the step's metrics), so a start with a warm cache traces
-neither the init nor the train step.
+needed for (the names and shapes of the steps' metrics), so a training run's start with a warm
+cache traces no part of the model (training/steps.py, training/train_state.py).
 
 A program is found by what determines it: one_jax's own source files, the versions of jax,
 jaxlib, flax and optax, the backend, JAX's tracing settings (x64, matmul precision, dtype

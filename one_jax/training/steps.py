@@ -212,13 +212,30 @@ def zero_sums(config, spec: model_spec.ModelSpec, tx, mesh, state, image_shape,
   return {k: np.zeros(v.shape, v.dtype) for k, v in shapes.items()}
 
 
-def make_eval_step(config, spec: model_spec.ModelSpec, mesh):
-  """jit(shard_map(eval step)): (variables, batch) -> sums over every device's real rows."""
+def make_eval_step(config, spec: model_spec.ModelSpec, mesh, program_dir: Optional[str] = None):
+  """jit(shard_map(eval step)): (variables, batch) -> sums over every device's real rows.
+
+  program_dir: keep the traced program there, as make_dispatch_step does (its output's keys,
+  the heads' metrics, kept beside it: program_cache.cached_shapes)."""
   step = functools.partial(eval_step_fn, methods.for_model(config, spec),
                            spec.build(axis_name=DATA))
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA)), out_specs=P(),
                           check_vma=False)
-  return jax.jit(sharded, compiler_options=_compiler_options(config, mesh))
+  options = _compiler_options(config, mesh)
+  if program_dir and jax.process_count() == 1:
+    identity = json.dumps({"eval_step_of": program_identity(config, spec, mesh, False, 0)})
+
+    def out_tree(args):
+      leaves, tree = jax.tree.flatten(args)
+      signature = json.dumps([identity, str(tree), [[list(x.shape), str(x.dtype)]
+                                                    for x in leaves]])
+      return jax.tree.structure(program_cache.cached_shapes(
+          program_dir, signature, lambda: jax.eval_shape(sharded, *args)))
+
+    return program_cache.CachedProgram(
+        sharded, donate_argnums=(), compiler_options=options, out_tree=out_tree,
+        program_dir=program_dir, custom_calls=kernels.FFI_TARGETS, identity=identity)
+  return jax.jit(sharded, compiler_options=options)
 
 
 def _compiler_options(config, mesh):

@@ -104,7 +104,7 @@ def _prepare(config, workdir: str) -> Tuple[_Run, Dict[str, Any]]:
              steps.make_dispatch_step(
                  config, spec, tx, mesh, on_device, steps_per_epoch=steps_per_epoch,
                  program_dir=program_dir),
-             steps.make_eval_step(config, spec, mesh),
+             steps.make_eval_step(config, spec, mesh, program_dir),
              process_index, process_count,
              device_data.put(train_source, mesh) if on_device else None,
              steps.zero_sums(config, spec, tx, mesh, fresh, info.image_shape, program_dir),

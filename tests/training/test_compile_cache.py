@@ -75,8 +75,8 @@ def test_a_run_says_where_its_step_came_from(tmp_path):
   assert lines[1][0].startswith("train step: from the compilation cache, its traced program "
                                 "from the cache too, first dispatch ")
   kept = os.listdir(os.path.join(cache, "programs"))
-  # the step and the init, and the step's metrics' shapes
-  assert sorted(n.split(".", 1)[1] for n in kept) == ["exported", "exported", "shapes.json"]
+  # the train step, the init and the evaluation step; the two steps' metrics' shapes
+  assert sorted(n.split(".", 1)[1] for n in kept) == ["exported"] * 3 + ["shapes.json"] * 2
 
 
 def _program(tmp_path, identity="a run"):
@@ -237,3 +237,34 @@ def test_a_models_init_is_kept_and_loaded_with_the_plain_inits_bits(tmp_path, mo
   err = capsys.readouterr().err
   assert err.startswith("warning: traced program ") and "tracing it again" in err
   assert err.count("\n") == 1
+
+
+def test_the_evaluation_step_is_kept_and_loaded_with_the_same_sums(tmp_path, monkeypatch):
+  from configs import step1  # pylint: disable=g-import-not-at-top
+  from one_jax import parallel  # pylint: disable=g-import-not-at-top
+  from one_jax.architectures import model_spec  # pylint: disable=g-import-not-at-top
+  from one_jax.data import in_memory  # pylint: disable=g-import-not-at-top
+  from one_jax.training import program_cache, steps  # pylint: disable=g-import-not-at-top
+  config = step1.get_config("three_branch,smoke")
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  spec = model_spec.ModelSpec.from_config(config)
+  variables = parallel.replicate(spec.init(jax.random.key(0)), mesh)
+  _, source = in_memory.synthetic_sources(8, 20, 10, 0, (32, 32, 3))
+  (batch,) = list(in_memory.eval_batches(source, global_batch=20))[:1]
+  batch = parallel.shard_batch(batch, mesh)
+  programs = str(tmp_path / "programs")
+  expected = steps.make_eval_step(config, spec, mesh)(variables, batch)
+  first = steps.make_eval_step(config, spec, mesh, programs)
+  assert isinstance(first, program_cache.CachedProgram)
+  got = first(variables, batch)
+  assert first.source == "traced"
+  with monkeypatch.context() as m:   # a later process: nothing of the step is traced
+    m.setattr(jax, "eval_shape", lambda *a, **k: (_ for _ in ()).throw(AssertionError("traced")))
+    second = steps.make_eval_step(config, spec, mesh, programs)
+    again = second(variables, batch)
+  assert second.source == "cache"
+  assert {"count", "test/loss", "test/top1/ensemble", "test/top5/branch_2"} <= set(expected)
+  for result in (got, again):
+    assert result.keys() == expected.keys()
+    for k in expected:
+      assert (jax.numpy.asarray(result[k]) == jax.numpy.asarray(expected[k])).all(), k
