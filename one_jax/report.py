@@ -8,7 +8,8 @@ Each RUN is a workdir of `python -m one_jax.main` (its config.json and metrics).
 configs differ only by the seed (and by fields that do not change what is computed: the
 resume-safe ones and paths, `GROUPING_IGNORES`, and the options of methods other than the
 run's) form one group, one row of the table: the fields
-that tell the groups apart, then per head (each branch, the method's ensemble head, the
+that tell the groups apart ('absent' on a row whose config lacks one: a run recorded before the
+field existed), then per head (each branch, the method's ensemble head, the
 branches' mean, and `deployed`: each run's deployed head, one column across methods) the mean
 +- sample sd over the group's runs and their number, of the final epoch's test accuracy
 (`--epoch=best`: each run's best epoch of that head). A run with fewer epochs than its config
@@ -18,6 +19,7 @@ means) is printed under the table.
 import csv
 import dataclasses
 import io
+import itertools
 import logging
 import math
 import os
@@ -44,6 +46,8 @@ FORMATS = ("markdown", "csv", "latex")
 # The last column: each run's deployed head (methods.deployed_head: ONE's ensemble, OKDDip's
 # leader, the others' peers' mean, a baseline's model), so that methods compare in one column.
 DEPLOYED = "deployed"
+# A row's label for a field its config does not have (a run recorded before the field existed).
+ABSENT = "absent"
 
 
 class ReportError(ValueError):
@@ -138,7 +142,15 @@ def _label_fields(groups: Sequence[List[Run]]) -> List[str]:
   # beside the rows of other methods, which do not have it).
   differing = sorted({k for c in configs for k in c if k not in LABEL_FIELDS
                       and len({repr(cc[k]) for cc in configs if k in cc}) > 1})
-  return [f for f in LABEL_FIELDS if any(f in c for c in configs)] + differing
+  fields = [f for f in LABEL_FIELDS if any(f in c for c in configs)] + differing
+  # Rows these columns cannot tell apart differ in which fields their configs have (a run
+  # recorded before a field existed): those fields are columns too, 'absent' where missing.
+  labels = [tuple(_label(g[0], f) for f in fields) for g in groups]
+  missing = set()
+  for i, j in itertools.combinations(range(len(groups)), 2):
+    if labels[i] == labels[j]:
+      missing |= set(configs[i]) ^ set(configs[j])
+  return fields + sorted(missing - set(fields))
 
 
 def _heads(groups) -> List[str]:
@@ -187,9 +199,12 @@ def table(runs: Sequence[Run], metric: str = "top1", epoch: str = "final"):
 
 def _label(run: Run, field: str) -> str:
   """A row's value of `field`: '-' where its runs do not read it (another method's option) or
-  have no method (a baseline trains with cross-entropy)."""
+  have no method (a baseline trains with cross-entropy); ABSENT where their config does not
+  have a field they would read."""
   if field == "method":
     return _text(run.method)
+  if field not in run.config and field not in methods.unread_fields(run.method):
+    return ABSENT
   return _text(run.compared_config.get(field))
 
 
@@ -197,13 +212,16 @@ def _text(value) -> str:
   return "-" if value is None else ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def protocol(metric: str, epoch: str) -> str:
+def protocol(metric: str, epoch: str, absent: bool = False) -> str:
+  """What the table's numbers are; absent: say what an ABSENT label means (it has one)."""
   which = "the final epoch's" if epoch == "final" else "each run's best epoch's"
   return (f"Test {metric.replace('top', 'top-')} accuracy (%), {which} per run; mean ± sample sd "
           "over the runs of a row (the seeds), their number in brackets; deployed: the head "
           "each run deploys (ONE's ensemble, OKDDip's leader, the peers' mean of CL-ILR, DML and "
           "KDCL, FFL's fused classifier, PCL's temporal-mean ensemble, a baseline's model); '-': "
-          "a field the row's runs do not read (another method's option) or a head they lack.")
+          "a field the row's runs do not read (another method's option) or a head they lack"
+          + (f"; '{ABSENT}': a field the row's config.json does not have (recorded before the "
+             "field existed, or by a config without it)" if absent else "") + ".")
 
 
 def render(runs: Sequence[Run], metric: str = "top1", epoch: str = "final",
@@ -211,6 +229,7 @@ def render(runs: Sequence[Run], metric: str = "top1", epoch: str = "final",
   """The table in markdown (with the protocol under it), CSV or LaTeX."""
   fields, heads, rows = table(runs, metric, epoch)
   status_column = any(status for _, _, status in rows)
+  absent = any(ABSENT in labels for labels, _, _ in rows)
   if fmt == "csv":
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -232,11 +251,11 @@ def render(runs: Sequence[Run], metric: str = "top1", epoch: str = "final",
     lines = [r"\begin{tabular}{" + "l" * len(fields) + "r" * (len(header) - len(fields)) + "}",
              r"\hline", " & ".join(escape(h) for h in header) + r" \\", r"\hline"]
     lines += [" & ".join(escape(c) for c in row) + r" \\" for row in body]
-    lines += [r"\hline", r"\end{tabular}", "% " + protocol(metric, epoch)]
+    lines += [r"\hline", r"\end{tabular}", "% " + protocol(metric, epoch, absent)]
     return "\n".join(lines) + "\n"
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(row) + " |" for row in body]
-  return "\n".join(lines) + "\n\n" + protocol(metric, epoch) + "\n"
+  return "\n".join(lines) + "\n\n" + protocol(metric, epoch, absent) + "\n"
 
 
 def plot(runs: Sequence[Run], path: str, metric: str = "top1") -> None:

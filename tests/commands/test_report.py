@@ -113,6 +113,21 @@ def test_other_methods_options_neither_split_nor_label_a_row(smoke_runs, tmp_pat
   assert [labels[-1] for labels, _, _ in rows] == ["-", "3.0", "5.0"]
 
 
+def test_a_field_an_older_record_lacks_is_a_column_that_tells_its_row_apart(smoke_runs,
+                                                                             tmp_path):
+  """A ONE run recorded before a field every method reads existed is a row of its own (its
+  default then may not be today's), and the field is the column that says why."""
+  older = _copy_run(smoke_runs["one-s1"], str(tmp_path / "older"),
+                    lambda c: {k: v for k, v in c.items() if k != "weight_decay"})
+  picked = [report.read_run(smoke_runs["one-s0"]), older, report.read_run(smoke_runs["cl-s0"])]
+  fields, _, rows = report.table(picked)
+  assert fields[len(report.LABEL_FIELDS):] == ["weight_decay"]
+  assert [labels[-1] for labels, _, _ in rows] == ["0.0001", "absent", "0.0001"]
+  text = report.render(picked)
+  assert "'absent': a field the row's config.json does not have" in text
+  assert "'absent'" not in report.render(picked[:1] + picked[2:])   # said only where used
+
+
 def test_the_deployed_column_is_each_methods_deployed_head(smoke_runs):
   picked = [report.read_run(smoke_runs[n]) for n in ("one-s0", "cl-s0", "base-s0")]
   assert [r.deployed for r in picked] == ["ensemble", "peers_mean", "model"]
