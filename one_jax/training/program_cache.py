@@ -114,22 +114,25 @@ def cached_shapes(program_dir: Optional[str], identity: str,
 
 def cached_call(program_dir: str, identity: str, fn: Callable, *args,
                 compiler_options: Optional[Dict[str, Any]] = None,
-                custom_calls: Sequence[str] = ()) -> Tuple[Any, str]:
+                custom_calls: Sequence[str] = ()) -> Any:
   """fn(*args) once (e.g. a model's init), its traced program kept in program_dir like a
   step's, so that a later start loads it instead of tracing; the result comes from the
-  exported program whether traced or loaded, so both give the same bits. Returns (result,
-  'cache' or 'traced')."""
+  exported program whether traced or loaded, so both give the same bits."""
   leaves, in_tree = jax.tree.flatten(args)
   path = os.path.join(program_dir, _digest(
       identity=identity, in_tree=str(in_tree), leaves=[_describe_leaf(x) for x in leaves],
       donate=[]) + SUFFIX)
-  exported, source = _load(path, "it"), "cache"
+  exported = _load(path, "it")
   if exported is None:
-    checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in custom_calls]
-    exported = jax.export.export(jax.jit(fn), disabled_checks=checks)(*args)
+    exported = _export(fn, args, custom_calls)
     _write(path, exported.serialize(), "traced program")
-    source = "traced"
-  return jax.jit(exported.call, compiler_options=compiler_options)(*args), source
+  return jax.jit(exported.call, compiler_options=compiler_options)(*args)
+
+
+def _export(fn: Callable, args: Sequence[Any], custom_calls: Sequence[str]):
+  """jax.export of jit(fn) on args, the FFI targets `custom_calls` allowed."""
+  checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in custom_calls]
+  return jax.export.export(jax.jit(fn), disabled_checks=checks)(*args)
 
 
 def _load(path: str, what: str = "the step"):
@@ -213,9 +216,7 @@ class CachedProgram:
         raise AssertionError(f"the step returned {tree}, not the expected {out_tree}")
       return out
 
-    checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in self._custom_calls]
-    return jax.export.export(jax.jit(flat), disabled_checks=checks)(*leaves)
-
+    return _export(flat, leaves, self._custom_calls)
 
 
 class Compiled:

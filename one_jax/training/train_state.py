@@ -35,7 +35,7 @@ def fresh_variables(spec: model_spec.ModelSpec, image_shape, rng,
   fn, options = model_spec.init_program(spec)
   impl = jax.random.key_impl(rng)
   images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  variables, _ = program_cache.cached_call(
+  variables = program_cache.cached_call(
       program_dir, json.dumps({"init": repr(spec), "key_impl": str(impl)}),
       lambda key_data, x: fn(jax.random.wrap_key_data(key_data, impl=impl), x),
       jax.random.key_data(rng), images, compiler_options=options,
