@@ -145,7 +145,7 @@ class StepTimer:
     self.steps_per_call = validate.check_int(
         "config.steps_per_dispatch", config.get("steps_per_dispatch", 1), minimum=1)
     shape = image_shape(config)
-    program_dir = program_cache.directory(compile_cache.enabled_dir(config))
+    program_dir = program_cache.directory_of(config)
     variables = train_state.fresh_variables(self.spec, shape, jax.random.key(config.seed),
                                             program_dir)
     tx = optimizer.create_optimizer(config, STEPS_PER_EPOCH,

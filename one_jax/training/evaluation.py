@@ -16,7 +16,8 @@ from one_jax import parallel
 from one_jax.architectures import model_spec
 from one_jax.data import in_memory, sources
 from one_jax.storage import checkpoints
-from one_jax.training import methods, metric_writers, steps, temporal_mean, voting
+from one_jax.training import (methods, metric_writers, program_cache, steps, temporal_mean,
+                              voting)
 
 
 def evaluate(method, eval_step, mesh, variables, test_source, *, batch_size: int,
@@ -38,11 +39,13 @@ def evaluate(method, eval_step, mesh, variables, test_source, *, batch_size: int
 
 def evaluate_checkpoint(config, spec: model_spec.ModelSpec, variables,
                         test_source) -> Dict[str, float]:
-  """Evaluate-only mode: test metrics of a restored model on this config's test set."""
+  """Evaluate-only mode: test metrics of a restored model on this config's test set (its
+  evaluation step kept with the run's compilation cache, as a training run's is)."""
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  eval_step = steps.make_eval_step(config, spec, mesh, program_cache.directory_of(config))
   # Each process feeds its rows of every batch.
-  return evaluate(methods.for_model(config, spec), steps.make_eval_step(config, spec, mesh), mesh,
+  return evaluate(methods.for_model(config, spec), eval_step, mesh,
                   parallel.replicate(jax.tree.map(np.asarray, variables), mesh), test_source,
                   batch_size=config.eval_batch_size, process_index=jax.process_index(),
                   process_count=jax.process_count())
@@ -79,8 +82,12 @@ def run_eval_only(config, workdir: str) -> Dict[str, float]:
   if config.vote:   # PCL votes with its deployed networks, the temporal-mean peers
     voters = (temporal_mean.model_variables(variables["temporal_mean"]) if spec.temporal_mean
               else variables)
-    vote_rows = voting.vote_accuracies(spec.build(), voters, in_memory.eval_batches(
-        test_source, global_batch=config.eval_batch_size), voting.rules_for(spec.has_gate))
+    forward = steps.make_vote_forward(config, spec, parallel.make_mesh(),
+                                      program_cache.directory_of(config))
+    vote_rows = voting.vote_accuracies(
+        spec.build(), jax.device_put(jax.tree.map(np.asarray, voters)),
+        in_memory.eval_batches(test_source, global_batch=config.eval_batch_size),
+        voting.rules_for(spec.has_gate), forward=forward)
     if jax.process_index() == 0:
       print(voting.format_vote_table(vote_rows))
       voting.write_vote_csv(vote_rows, os.path.join(workdir, "voting.csv"))

@@ -34,6 +34,8 @@ import jaxlib
 import numpy as np
 import optax
 
+from one_jax.training import compile_cache
+
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBDIR = "programs"
 SUFFIX = ".exported"
@@ -57,6 +59,12 @@ def source_digest() -> str:
 def directory(cache_dir: Optional[str]) -> Optional[str]:
   """Where programs go for an enabled compilation cache directory (None: no cache)."""
   return os.path.join(cache_dir, SUBDIR) if cache_dir else None
+
+
+def directory_of(config) -> Optional[str]:
+  """Where a command run with `config` keeps its programs: directory() of the compilation
+  cache it enabled (None where it enabled none)."""
+  return directory(compile_cache.enabled_dir(config))
 
 
 def _describe_leaf(x) -> Tuple[Any, ...]:

@@ -18,7 +18,8 @@ from one_jax import parallel
 from one_jax.architectures import model_spec, models
 from one_jax.cpu import kernels, xla_options
 from one_jax.data import device_data
-from one_jax.training import methods, nonfinite, optimizer, program_cache, temporal_mean
+from one_jax.training import (methods, nonfinite, optimizer, program_cache, temporal_mean,
+                              voting)
 
 DATA = parallel.DATA_AXIS
 
@@ -221,21 +222,42 @@ def make_eval_step(config, spec: model_spec.ModelSpec, mesh, program_dir: Option
                            spec.build(axis_name=DATA))
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA)), out_specs=P(),
                           check_vma=False)
-  options = _compiler_options(config, mesh)
-  if program_dir and jax.process_count() == 1:
-    identity = json.dumps({"eval_step_of": program_identity(config, spec, mesh, False, 0)})
+  return _kept_program(sharded, {"eval_step_of": program_identity(config, spec, mesh, False, 0)},
+                       _compiler_options(config, mesh), program_dir)
 
-    def out_tree(args):
-      leaves, tree = jax.tree.flatten(args)
-      signature = json.dumps([identity, str(tree), [[list(x.shape), str(x.dtype)]
-                                                    for x in leaves]])
-      return jax.tree.structure(program_cache.cached_shapes(
-          program_dir, signature, lambda: jax.eval_shape(sharded, *args)))
 
-    return program_cache.CachedProgram(
-        sharded, donate_argnums=(), compiler_options=options, out_tree=out_tree,
-        program_dir=program_dir, custom_calls=kernels.FFI_TARGETS, identity=identity)
-  return jax.jit(sharded, compiler_options=options)
+def make_vote_forward(config, spec: model_spec.ModelSpec, mesh,
+                      program_dir: Optional[str] = None):
+  """jit of (variables, images) -> {'branch_logits' [B, N, C], 'gate' [N, B]}: the outputs
+  voting.vote_accuracies scores, on one device; its traced program kept in program_dir as the
+  evaluation step's is."""
+  model = spec.build()
+
+  def forward(variables, images):
+    return voting.voted_outputs(model.apply(variables, images, train=False))
+
+  return _kept_program(forward, {"vote_forward_of": program_identity(config, spec, mesh, False, 0)},
+                       _compiler_options(config, mesh), program_dir)
+
+
+def _kept_program(fn, identity: Dict[str, str], options, program_dir: Optional[str]):
+  """jax.jit(fn), or with program_dir (one process) a program_cache.CachedProgram of it: a later
+  start loads the traced program instead of tracing `fn`, and reads its output's structure
+  (a dict of arrays) from the shapes kept beside it."""
+  if not program_dir or jax.process_count() != 1:
+    return jax.jit(fn, compiler_options=options)
+  identity = json.dumps(identity)
+
+  def out_tree(args):
+    leaves, tree = jax.tree.flatten(args)
+    signature = json.dumps([identity, str(tree), [[list(x.shape), str(x.dtype)]
+                                                  for x in leaves]])
+    return jax.tree.structure(program_cache.cached_shapes(
+        program_dir, signature, lambda: jax.eval_shape(fn, *args)))
+
+  return program_cache.CachedProgram(
+      fn, donate_argnums=(), compiler_options=options, out_tree=out_tree,
+      program_dir=program_dir, custom_calls=kernels.FFI_TARGETS, identity=identity)
 
 
 def _compiler_options(config, mesh):

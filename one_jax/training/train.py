@@ -24,7 +24,7 @@ from one_jax import parallel
 from one_jax.architectures import model_spec, models
 from one_jax.data import common, device_data, in_memory, sources
 from one_jax.storage import checkpoints, workdirs
-from one_jax.training import (compile_cache, config_checks, evaluation, methods,
+from one_jax.training import (config_checks, evaluation, methods,
                               metric_writers, nonfinite, optimizer, preemption, program_cache,
                               step_hooks, steps, train_state, two_stage)
 
@@ -90,7 +90,7 @@ def _prepare(config, workdir: str) -> Tuple[_Run, Dict[str, Any]]:
   if config.get("steps_per_epoch", -1) > 0:
     steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
   spec = model_spec.ModelSpec.from_config(config)
-  program_dir = program_cache.directory(compile_cache.enabled_dir(config))
+  program_dir = program_cache.directory_of(config)
   variables = train_state.fresh_variables(spec, info.image_shape, jax.random.key(config.seed),
                                           program_dir)
   tx = optimizer.create_optimizer(config, steps_per_epoch,

@@ -12,12 +12,12 @@ subsets for B = 5), three top-1 accuracies:
 A model without a gate (CL-ILR: its ensemble is the plain mean) has no 'gate' rule: it would
 repeat 'average' (rules_for).
 
-The model runs once per batch (a jitted apply in eval mode); every subset is scored from those
+The model runs once per batch (a jitted apply in eval mode, or the caller's kept program); every subset is scored from those
 outputs. Only real examples count (mask 1; padding rows have mask 0).
 """
 import csv
 import itertools
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -74,26 +74,36 @@ def subset_correct(branch_logits, gate, member, labels, mask):
   return jnp.sum(hits * (mask[None, None, :] > 0), axis=-1)
 
 
+def voted_outputs(output) -> Dict[str, Any]:
+  """What voting reads of a model's output (models.OneOutput)."""
+  return {"branch_logits": output.branch_logits, "gate": output.gate}
+
+
 def vote_accuracies(model, variables, batches: Iterable[Mapping[str, Any]],
-                    rules: Sequence[str] = RULES) -> List[Dict[str, Any]]:
+                    rules: Sequence[str] = RULES,
+                    forward: Optional[Callable] = None) -> List[Dict[str, Any]]:
   """One row per subset: {'branches': (0, 2), 'size': 2, then each of `rules` ('gate',
   'average', 'vote': fractions of the real examples), 'examples': their count}.
 
   model: a ONE model of any family, models.OneModel (or anything whose apply(variables,
   images, train=False) returns branch_logits [B, N, C] and gate [N, B]), without an
   axis_name; batches yield 'image', 'label' and 'mask' (mask optional: all real).
+  forward: (variables, images) -> {'branch_logits', 'gate'} in place of jitting model.apply
+  (steps.make_vote_forward: a program kept between runs).
   """
-  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  if forward is None:
+    forward = jax.jit(lambda v, x: voted_outputs(model.apply(v, x, train=False)))
   subsets, member, correct, examples = None, None, None, 0
   for batch in batches:
-    output = apply(variables, batch["image"])
+    output = forward(variables, batch["image"])
+    branch_logits, gate = output["branch_logits"], output["gate"]
     labels = jnp.asarray(batch["label"])
     mask = jnp.asarray(batch.get("mask", np.ones(labels.shape, np.float32)))
     if subsets is None:
-      subsets = branch_subsets(output.branch_logits.shape[0])
-      member = jnp.asarray(subset_matrix(subsets, output.branch_logits.shape[0]))
+      subsets = branch_subsets(branch_logits.shape[0])
+      member = jnp.asarray(subset_matrix(subsets, branch_logits.shape[0]))
       correct = np.zeros((len(RULES), len(subsets)), np.int64)
-    correct += np.asarray(subset_correct(output.branch_logits, output.gate, member, labels, mask))
+    correct += np.asarray(subset_correct(branch_logits, gate, member, labels, mask))
     examples += int(np.sum(np.asarray(mask) > 0))
   if subsets is None or examples == 0:
     raise ValueError("voting evaluation got no examples: the batches are empty or all padding")

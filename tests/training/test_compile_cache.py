@@ -268,3 +268,33 @@ def test_the_evaluation_step_is_kept_and_loaded_with_the_same_sums(tmp_path, mon
     assert result.keys() == expected.keys()
     for k in expected:
       assert (jax.numpy.asarray(result[k]) == jax.numpy.asarray(expected[k])).all(), k
+
+
+def test_the_vote_forward_is_kept_and_votes_as_the_plain_apply(tmp_path, monkeypatch):
+  from configs import step2  # pylint: disable=g-import-not-at-top
+  from one_jax import parallel  # pylint: disable=g-import-not-at-top
+  from one_jax.architectures import model_spec  # pylint: disable=g-import-not-at-top
+  from one_jax.data import in_memory  # pylint: disable=g-import-not-at-top
+  from one_jax.training import program_cache, steps, voting  # pylint: disable=g-import-not-at-top
+  config = step2.get_config("five_branch_vote,smoke")
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  spec = model_spec.ModelSpec.from_config(config)
+  variables = jax.device_put(spec.init(jax.random.key(0)))
+  _, source = in_memory.synthetic_sources(8, 24, 10, 0, (32, 32, 3))
+
+  def vote(forward=None):
+    return voting.vote_accuracies(spec.build(), variables,
+                                  in_memory.eval_batches(source, global_batch=16),
+                                  forward=forward)
+
+  expected = vote()
+  programs = str(tmp_path / "programs")
+  first = steps.make_vote_forward(config, spec, mesh, programs)
+  assert isinstance(first, program_cache.CachedProgram)
+  assert vote(first) == expected and first.source == "traced"
+  with monkeypatch.context() as m:   # a later process: nothing of the forward is traced
+    m.setattr(jax, "eval_shape", lambda *a, **k: (_ for _ in ()).throw(AssertionError("traced")))
+    second = steps.make_vote_forward(config, spec, mesh, programs)
+    assert vote(second) == expected
+  assert second.source == "cache"
+  assert len(expected) == 31 and expected[-1]["examples"] == 24
