@@ -78,25 +78,42 @@ def _flops(lowered) -> float:
   return float((analysis or {}).get("flops", float("nan")))
 
 
-def step_flops(config, spec: model_spec.ModelSpec, tx, mesh, state, batch, epoch) -> float:
+def step_flops(config, spec: model_spec.ModelSpec, tx, mesh, state, batch, epoch,
+               program_dir: Optional[str] = None) -> float:
   """The train step's arithmetic: XLA's cost analysis of the step written with XLA's own
   convolutions, before optimisation. Custom calls (one_jax's CPU kernels) are invisible to
-  the analysis, so this counts the same work whichever implementation runs."""
+  the analysis, so this counts the same work whichever implementation runs.
+
+  The count takes lowering the whole step (about 20 s at ResNet-110): with program_dir (the
+  command's, program_cache.directory_of) it is kept there beside the step's program."""
   xla_config = config.copy_and_resolve_references()
   with xla_config.unlocked():
     xla_config.conv_impl = "xla"
   xla_spec = dataclasses.replace(spec, conv_impl="xla")
-  return _flops(steps.make_train_step(xla_config, xla_spec, tx, mesh).lower(state, batch, epoch))
+  identity = json.dumps({
+      "step_flops_of": steps.program_identity(xla_config, xla_spec, mesh, False, STEPS_PER_EPOCH),
+      "arguments": _signature((state, batch, epoch))})
+  return program_cache.cached_number(program_dir, identity, lambda: _flops(
+      steps.make_train_step(xla_config, xla_spec, tx, mesh).lower(state, batch, epoch)))
 
 
-def forward_flops_per_image(spec: model_spec.ModelSpec, image_shape=IMAGE_SHAPE) -> float:
+def forward_flops_per_image(spec: model_spec.ModelSpec, image_shape=IMAGE_SHAPE,
+                            program_dir: Optional[str] = None) -> float:
   """One image's inference arithmetic (the eval forward of every branch and the gate): XLA's
   cost analysis of the model with XLA's own convolutions, before optimisation; nothing is
-  compiled or run (README's architecture table)."""
+  compiled or run (README's architecture table). program_dir: kept there, as step_flops'."""
   spec = dataclasses.replace(spec, conv_impl="xla")
   model = spec.build()
   images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
-  return _flops(jax.jit(model.apply).lower(spec.abstract_variables(image_shape), images))
+  identity = json.dumps({"forward_flops_of": repr(spec), "image_shape": list(image_shape)})
+  return program_cache.cached_number(program_dir, identity, lambda: _flops(
+      jax.jit(model.apply).lower(spec.abstract_variables(image_shape), images)))
+
+
+def _signature(args) -> str:
+  """The structure, shapes and dtypes of a step's arguments, as text."""
+  leaves, tree = jax.tree.flatten(args)
+  return json.dumps([str(tree), [[list(np.shape(x)), str(x.dtype)] for x in leaves]])
 
 
 def compiled_memory_bytes(compiled) -> Optional[int]:
@@ -180,12 +197,18 @@ class StepTimer:
                     np.repeat(host_batch["image"][:, None], views, axis=1))
     one_batch = parallel.shard_batch({"image": train_images, "label": host_batch["label"]},
                                      self.mesh)
-    self.flops = step_flops(config, self.spec, tx, self.mesh, self.state, one_batch, self.epoch)
+    self.flops = step_flops(config, self.spec, tx, self.mesh, self.state, one_batch, self.epoch,
+                            program_dir)
+    self.program_dir = program_dir
     self.eval_compiled = None
     if with_eval:
       self.eval_batch = parallel.shard_batch(host_batch, self.mesh)
-      self.eval_compiled = steps.make_eval_step(config, self.spec, self.mesh).lower(
-          self._variables(), self.eval_batch).compile(options)
+      eval_step = steps.make_eval_step(config, self.spec, self.mesh, program_dir)
+      if isinstance(eval_step, program_cache.CachedProgram):
+        self.eval_compiled = eval_step.compile(self._variables(), self.eval_batch,
+                                               compiler_options=options)
+      else:
+        self.eval_compiled = eval_step.lower(self._variables(), self.eval_batch).compile(options)
 
   def _inputs(self, shape):
     """([two dispatches' stacked inputs], the train set on the devices or None)."""
@@ -258,7 +281,8 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2, batch=None,
       device_count=jax.device_count(), model=timer.spec.kind, method=timer.spec.method,
       depth=timer.spec.depth, **timer.spec.options(), num_branches=timer.spec.num_branches,
       num_classes=timer.spec.num_classes, num_params=timer.spec.num_params(),
-      forward_flops_per_image=forward_flops_per_image(timer.spec, image_shape(c)),
+      forward_flops_per_image=forward_flops_per_image(timer.spec, image_shape(c),
+                                                      timer.program_dir),
       image_size=image_shape(c)[0], batch=batch_size,
       branch_impl=models.resolve_branch_impl(timer.spec.branch_impl),
       compute_dtype=timer.spec.compute_dtype,

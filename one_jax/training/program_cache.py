@@ -7,7 +7,7 @@ the dispatch step it traces (`jax.export`: its StableHLO, shardings and calling 
 into `<compilation cache>/programs/`, and a later process with the same program deserialises
 it instead of tracing; XLA's cache then gives it the executable. `cached_call` does the same
 for a function run once (the model's init) and `cached_shapes` keeps what a trace was only
-needed for (the names and shapes of the steps' metrics), so a training run's start with a warm
+needed for (the names and shapes of the steps' metrics; `cached_number`: bench's FLOP count), so a training run's start with a warm
 cache traces no part of the model (training/steps.py, training/train_state.py).
 
 A program is found by what determines it: one_jax's own source files, the versions of jax,
@@ -39,7 +39,6 @@ from one_jax.training import compile_cache
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBDIR = "programs"
 SUFFIX = ".exported"
-SHAPES_SUFFIX = ".shapes.json"
 
 
 @functools.lru_cache(maxsize=1)
@@ -103,21 +102,37 @@ def cached_shapes(program_dir: Optional[str], identity: str,
   """trace()'s dict of arrays' shapes and dtypes (e.g. a step's metrics, from jax.eval_shape),
   kept in `program_dir` as JSON under what determines it (`identity`, as for a program), so a
   later start reads it instead of tracing the step for it; program_dir None: trace()."""
+  return _kept_json(
+      program_dir, identity, "shapes", trace,
+      lambda shapes: {k: [list(v.shape), str(v.dtype)] for k, v in shapes.items()},
+      lambda kept: {str(k): jax.ShapeDtypeStruct(tuple(int(n) for n in shape), np.dtype(dtype))
+                    for k, (shape, dtype) in kept.items()},
+      "traced shapes")
+
+
+def cached_number(program_dir: Optional[str], identity: str,
+                  compute: Callable[[], float]) -> float:
+  """compute()'s number (e.g. bench's FLOP count of a step, a lowering of the whole step),
+  kept and read like cached_shapes' shapes; program_dir None: compute()."""
+  return _kept_json(program_dir, identity, "number", compute, float, float, "a kept number")
+
+
+def _kept_json(program_dir: Optional[str], identity: str, kind: str, compute: Callable[[], Any],
+               to_json: Callable[[Any], Any], from_json: Callable[[Any], Any], what: str) -> Any:
+  """compute()'s result kept as JSON (to_json / from_json) in program_dir, named by a hash of
+  `identity` and `kind` (`<hash>.<kind>.json`); a file that cannot be read is a warning and compute() again."""
   if not program_dir:
-    return trace()
-  path = os.path.join(program_dir, _digest(identity=identity, kind="shapes") + SHAPES_SUFFIX)
+    return compute()
+  path = os.path.join(program_dir, _digest(identity=identity, kind=kind) + f".{kind}.json")
   if os.path.exists(path):
     try:
       with open(path, encoding="utf-8") as f:
-        return {str(k): jax.ShapeDtypeStruct(tuple(int(n) for n in shape), np.dtype(dtype))
-                for k, (shape, dtype) in json.load(f).items()}
-    except (OSError, ValueError, TypeError, AttributeError) as e:   # any damage: trace again
-      _warn(f"traced shapes {path} cannot be read ({type(e).__name__}: {e}): tracing the step "
-            "again")
-  shapes = trace()
-  _write(path, json.dumps({k: [list(v.shape), str(v.dtype)] for k, v in shapes.items()},
-                          sort_keys=True).encode(), "traced shapes")
-  return shapes
+        return from_json(json.load(f))
+    except (OSError, ValueError, TypeError, AttributeError) as e:   # any damage: compute again
+      _warn(f"{what} {path} cannot be read ({type(e).__name__}: {e}): tracing the step again")
+  result = compute()
+  _write(path, json.dumps(to_json(result), sort_keys=True).encode(), what)
+  return result
 
 
 def cached_call(program_dir: str, identity: str, fn: Callable, *args,

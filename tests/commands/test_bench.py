@@ -141,3 +141,38 @@ def test_host_overhead_script_compares_dispatch_sizes():
     assert r["loop_step_ms"] > 0 and r["compute_step_ms"] > 0 and r["host_step_ms"] >= 0
     assert r["host_step_ms"] == pytest.approx(max(r["loop_step_ms"] - r["compute_step_ms"], 0))
   assert "| steps per dispatch |" in out
+
+
+def test_the_flop_counts_are_kept_and_read_back_without_lowering(tmp_path, monkeypatch):
+  """A warm start reads bench's FLOP counts (a lowering of the whole step each) from beside
+  its programs; a damaged file is counted again."""
+  from configs import step1  # pylint: disable=g-import-not-at-top
+  from one_jax import parallel  # pylint: disable=g-import-not-at-top
+  from one_jax.training import optimizer, train_state  # pylint: disable=g-import-not-at-top
+  config = step1.get_config("three_branch,smoke")
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  spec = model_spec.ModelSpec.from_config(config)
+  tx = optimizer.create_optimizer(config, bench.STEPS_PER_EPOCH,
+                                  spec.abstract_variables()["params"])
+  state = parallel.replicate(train_state.initial_state(spec, tx, (32, 32, 3),
+                                                       jax.random.key(0)), mesh)
+  batch = parallel.shard_batch({k: v for k, v in bench.synthetic_batch(config, 8).items()
+                                if k != "mask"}, mesh)
+  epoch = jax.numpy.float32(1.0)
+  programs = str(tmp_path / "programs")
+
+  def counts(program_dir):
+    return (bench.step_flops(config, spec, tx, mesh, state, batch, epoch, program_dir),
+            bench.forward_flops_per_image(spec, (32, 32, 3), program_dir))
+
+  expected = counts(None)
+  assert counts(programs) == expected and all(x > 0 for x in expected)
+  kept = sorted(os.listdir(programs))
+  assert len(kept) == 2 and all(n.endswith(".number.json") for n in kept)
+  with monkeypatch.context() as m:   # a later start: nothing is lowered for the counts
+    m.setattr(bench, "_flops", lambda lowered: pytest.fail("lowered again"))
+    assert counts(programs) == expected
+  with open(os.path.join(programs, kept[0]), "w") as f:
+    f.write("{not json")
+  assert counts(programs) == expected   # a warning, then counted and kept again
+  assert counts(programs) == expected
