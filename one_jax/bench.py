@@ -91,8 +91,9 @@ def step_flops(config, spec: model_spec.ModelSpec, tx, mesh, state, batch, epoch
     xla_config.conv_impl = "xla"
   xla_spec = dataclasses.replace(spec, conv_impl="xla")
   identity = json.dumps({
-      "step_flops_of": steps.program_identity(xla_config, xla_spec, mesh, False, STEPS_PER_EPOCH),
-      "arguments": _signature((state, batch, epoch))})
+      "step_flops_of": steps.program_identity(xla_config, xla_spec, mesh, False,
+                                              STEPS_PER_EPOCH),
+      "arguments": program_cache.describe((state, batch, epoch))})
   return program_cache.cached_number(program_dir, identity, lambda: _flops(
       steps.make_train_step(xla_config, xla_spec, tx, mesh).lower(state, batch, epoch)))
 
@@ -108,12 +109,6 @@ def forward_flops_per_image(spec: model_spec.ModelSpec, image_shape=IMAGE_SHAPE,
   identity = json.dumps({"forward_flops_of": repr(spec), "image_shape": list(image_shape)})
   return program_cache.cached_number(program_dir, identity, lambda: _flops(
       jax.jit(model.apply).lower(spec.abstract_variables(image_shape), images)))
-
-
-def _signature(args) -> str:
-  """The structure, shapes and dtypes of a step's arguments, as text."""
-  leaves, tree = jax.tree.flatten(args)
-  return json.dumps([str(tree), [[list(np.shape(x)), str(x.dtype)] for x in leaves]])
 
 
 def compiled_memory_bytes(compiled) -> Optional[int]:

@@ -7,8 +7,9 @@ the dispatch step it traces (`jax.export`: its StableHLO, shardings and calling 
 into `<compilation cache>/programs/`, and a later process with the same program deserialises
 it instead of tracing; XLA's cache then gives it the executable. `cached_call` does the same
 for a function run once (the model's init) and `cached_shapes` keeps what a trace was only
-needed for (the names and shapes of the steps' metrics; `cached_number`: bench's FLOP count), so a training run's start with a warm
-cache traces no part of the model (training/steps.py, training/train_state.py).
+needed for (the names and shapes of the steps' metrics; `cached_number`: bench's FLOP counts),
+so a start with a warm cache traces no part of the model (training/steps.py,
+training/train_state.py).
 
 A program is found by what determines it: one_jax's own source files, the versions of jax,
 jaxlib, flax and optax, the backend, JAX's tracing settings (x64, matmul precision, dtype
@@ -26,7 +27,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -64,6 +65,13 @@ def directory_of(config) -> Optional[str]:
   """Where a command run with `config` keeps its programs: directory() of the compilation
   cache it enabled (None where it enabled none)."""
   return directory(compile_cache.enabled_dir(config))
+
+
+def describe(args) -> List[Any]:
+  """The structure, shapes and dtypes of a pytree of arrays, as JSON-able lists: the part of a
+  kept result's identity that its arguments give (cached_shapes, cached_number)."""
+  leaves, tree = jax.tree.flatten(args)
+  return [str(tree), [[list(np.shape(x)), str(x.dtype)] for x in leaves]]
 
 
 def _describe_leaf(x) -> Tuple[Any, ...]:
@@ -120,7 +128,8 @@ def cached_number(program_dir: Optional[str], identity: str,
 def _kept_json(program_dir: Optional[str], identity: str, kind: str, compute: Callable[[], Any],
                to_json: Callable[[Any], Any], from_json: Callable[[Any], Any], what: str) -> Any:
   """compute()'s result kept as JSON (to_json / from_json) in program_dir, named by a hash of
-  `identity` and `kind` (`<hash>.<kind>.json`); a file that cannot be read is a warning and compute() again."""
+  `identity` and `kind` (`<hash>.<kind>.json`); a file that cannot be read is a warning and
+  compute() again."""
   if not program_dir:
     return compute()
   path = os.path.join(program_dir, _digest(identity=identity, kind=kind) + f".{kind}.json")
@@ -129,7 +138,7 @@ def _kept_json(program_dir: Optional[str], identity: str, kind: str, compute: Ca
       with open(path, encoding="utf-8") as f:
         return from_json(json.load(f))
     except (OSError, ValueError, TypeError, AttributeError) as e:   # any damage: compute again
-      _warn(f"{what} {path} cannot be read ({type(e).__name__}: {e}): tracing the step again")
+      _warn(f"{what} {path} cannot be read ({type(e).__name__}: {e}): computing it again")
   result = compute()
   _write(path, json.dumps(to_json(result), sort_keys=True).encode(), what)
   return result

@@ -207,8 +207,7 @@ def zero_sums(config, spec: model_spec.ModelSpec, tx, mesh, state, image_shape,
 
   identity = json.dumps({"metrics_of": program_identity(config, spec, mesh, False, 0),
                          "image_shape": list(image_shape),
-                         "state": [str(jax.tree.structure(state))] + [
-                             [list(x.shape), str(x.dtype)] for x in jax.tree.leaves(state)]})
+                         "state": program_cache.describe(state)})
   shapes = program_cache.cached_shapes(program_dir, identity, trace)
   return {k: np.zeros(v.shape, v.dtype) for k, v in shapes.items()}
 
@@ -222,8 +221,8 @@ def make_eval_step(config, spec: model_spec.ModelSpec, mesh, program_dir: Option
                            spec.build(axis_name=DATA))
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA)), out_specs=P(),
                           check_vma=False)
-  return _kept_program(sharded, {"eval_step_of": program_identity(config, spec, mesh, False, 0)},
-                       _compiler_options(config, mesh), program_dir)
+  identity = {"eval_step_of": program_identity(config, spec, mesh, False, 0)}
+  return _kept_program(sharded, identity, _compiler_options(config, mesh), program_dir)
 
 
 def make_vote_forward(config, spec: model_spec.ModelSpec, mesh,
@@ -236,8 +235,8 @@ def make_vote_forward(config, spec: model_spec.ModelSpec, mesh,
   def forward(variables, images):
     return voting.voted_outputs(model.apply(variables, images, train=False))
 
-  return _kept_program(forward, {"vote_forward_of": program_identity(config, spec, mesh, False, 0)},
-                       _compiler_options(config, mesh), program_dir)
+  identity = {"vote_forward_of": program_identity(config, spec, mesh, False, 0)}
+  return _kept_program(forward, identity, _compiler_options(config, mesh), program_dir)
 
 
 def _kept_program(fn, identity: Dict[str, str], options, program_dir: Optional[str]):
@@ -249,9 +248,7 @@ def _kept_program(fn, identity: Dict[str, str], options, program_dir: Optional[s
   identity = json.dumps(identity)
 
   def out_tree(args):
-    leaves, tree = jax.tree.flatten(args)
-    signature = json.dumps([identity, str(tree), [[list(x.shape), str(x.dtype)]
-                                                  for x in leaves]])
+    signature = json.dumps([identity, program_cache.describe(args)])
     return jax.tree.structure(program_cache.cached_shapes(
         program_dir, signature, lambda: jax.eval_shape(fn, *args)))
 

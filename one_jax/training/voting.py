@@ -12,8 +12,9 @@ subsets for B = 5), three top-1 accuracies:
 A model without a gate (CL-ILR: its ensemble is the plain mean) has no 'gate' rule: it would
 repeat 'average' (rules_for).
 
-The model runs once per batch (a jitted apply in eval mode, or the caller's kept program); every subset is scored from those
-outputs. Only real examples count (mask 1; padding rows have mask 0).
+The model runs once per batch (a jitted apply in eval mode, or the caller's kept program:
+steps.make_vote_forward); every subset is scored from those outputs. Only real examples count
+(mask 1; padding rows have mask 0).
 """
 import csv
 import itertools
